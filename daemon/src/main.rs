@@ -1,0 +1,2 @@
+//! caremsgd binary.
+fn main() {}

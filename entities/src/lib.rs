@@ -1,0 +1,1 @@
+//! caremsg entities.
