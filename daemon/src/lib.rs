@@ -1,1 +1,217 @@
-//! caremsgd.
+//! caremsgd: the patient messaging daemon, as a library.
+//!
+//! `main` parses the command line and calls [`run`]; the end-to-end tests call
+//! [`start`] and drive the returned [`Running`] daemon directly, so tests exercise the
+//! very code path production does.
+
+pub mod api;
+pub mod audit;
+pub mod bench;
+pub mod clock;
+pub mod db;
+pub mod metrics;
+pub mod notify;
+pub mod phi;
+pub mod phone;
+pub mod reload;
+pub mod state;
+pub mod writer;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use caremsg_config::Settings;
+use sea_orm::DatabaseConnection;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{SharedClock, SystemClock};
+use crate::metrics::Metrics;
+use crate::reload::{ConfigSource, LogFilterHook, ReloadOutcome, Reloader};
+use crate::state::{AppState, Shared};
+use crate::writer::{Writer, WriterOptions, WriterTask};
+
+/// How the daemon is started, beyond its settings.
+#[derive(Clone)]
+pub struct Options {
+    /// Where the settings came from, so a reload reads the same sources.
+    pub source: ConfigSource,
+    /// "Now".
+    pub clock: SharedClock,
+    /// Applies a new `log.level` on reload.
+    pub log_filter: Option<LogFilterHook>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            source: ConfigSource::default(),
+            clock: Arc::new(SystemClock),
+            log_filter: None,
+        }
+    }
+}
+
+/// The database options the settings describe.
+pub fn db_options(settings: &Settings) -> db::DbOptions {
+    db::DbOptions {
+        url: settings.database_url(),
+        max_connections: settings.database.max_connections,
+        busy_timeout: settings.database.busy_timeout,
+        connect_timeout: settings.database.connect_timeout,
+    }
+}
+
+/// Opens the database and applies pending migrations.
+pub async fn open_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
+    let db = db::connect(&db_options(settings)).await?;
+    db::migrate(&db).await?;
+    Ok(db)
+}
+
+/// A started daemon.
+pub struct Running {
+    // The address actually bound (tests bind port 0).
+    addr: SocketAddr,
+    // Shared with every handler.
+    state: Shared,
+    // Applies SIGHUP reloads.
+    reloader: Reloader,
+    // Stops accepting connections and lets in-flight requests finish.
+    http_stop: CancellationToken,
+    // Tells the writer to flush and stop, once HTTP is done.
+    writer_stop: CancellationToken,
+    // The HTTP server task.
+    server: JoinHandle<std::io::Result<()>>,
+    // The writer task.
+    writer: WriterTask,
+}
+
+/// Starts the daemon: database and migrations, the writer, the HTTP server. Returns
+/// once it is serving and systemd has been told so.
+pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Running> {
+    let db = open_database(&settings)
+        .await
+        .context("opening the database")?;
+    let metrics = Arc::new(Metrics::new());
+    let writer_stop = CancellationToken::new();
+    let (writer, writer_task) = Writer::start(
+        db.clone(),
+        WriterOptions {
+            max_batch_units: settings.writer.max_batch_units,
+            queue_depth: settings.writer.queue_depth,
+        },
+        metrics.clone(),
+        writer_stop.clone(),
+    );
+    let listener = tokio::net::TcpListener::bind(settings.server.listen)
+        .await
+        .with_context(|| format!("binding {}", settings.server.listen))?;
+    let addr = listener.local_addr()?;
+    let backend = db::backend_name(&db);
+    let settings = Arc::new(ArcSwap::from_pointee(settings));
+    let state: Shared = Arc::new(AppState {
+        db,
+        writer,
+        settings: settings.clone(),
+        clock: options.clock.clone(),
+        metrics: metrics.clone(),
+    });
+    let http_stop = CancellationToken::new();
+    let app = api::router(state.clone());
+    let stop = http_stop.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    });
+    let reloader = Reloader {
+        source: options.source,
+        settings,
+        metrics,
+        log_filter: options.log_filter,
+    };
+    tracing::info!(%addr, database = backend, "caremsgd is serving.");
+    notify::ready("Serving");
+    Ok(Running {
+        addr,
+        state,
+        reloader,
+        http_stop,
+        writer_stop,
+        server,
+        writer: writer_task,
+    })
+}
+
+impl Running {
+    /// The address the HTTP server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The shared state (tests read the database through it).
+    pub fn state(&self) -> &Shared {
+        &self.state
+    }
+
+    /// Reloads the configuration, as SIGHUP does.
+    pub fn reload(&self) -> ReloadOutcome {
+        self.reloader.reload()
+    }
+
+    /// Stops gracefully: no new connections, in-flight requests finish (for at most
+    /// `server.shutdown_timeout`), then the writer commits everything it accepted.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        notify::stopping();
+        tracing::info!("caremsgd is stopping.");
+        self.http_stop.cancel();
+        let grace = self.state.settings.load().server.shutdown_timeout;
+        let mut server = self.server;
+        match tokio::time::timeout(grace, &mut server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(err))) => {
+                tracing::error!(error = %err, "The HTTP server failed while stopping.")
+            }
+            Ok(Err(err)) => tracing::error!(error = %err, "The HTTP server task ended abnormally."),
+            Err(_) => {
+                tracing::warn!(
+                    grace_ms = grace.as_millis() as u64,
+                    "Requests were still running at the end of the grace period; they were cut off."
+                );
+                server.abort();
+            }
+        }
+        self.writer_stop.cancel();
+        self.writer.join().await;
+        let db = self.state.db.clone();
+        drop(self.state);
+        if let Err(err) = db.close().await {
+            tracing::warn!(error = %err, "The database pool did not close cleanly.");
+        }
+        tracing::info!("caremsgd has stopped.");
+        Ok(())
+    }
+}
+
+/// Runs the daemon until `shutdown` completes; SIGHUP reloads the configuration.
+pub async fn run(
+    settings: Settings,
+    options: Options,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let running = start(settings, options).await?;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = hangup.recv() => { running.reload(); }
+        }
+    }
+    running.shutdown().await
+}

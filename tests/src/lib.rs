@@ -1,1 +1,300 @@
-//! Test harness.
+//! The end-to-end test harness: starts the real daemon in-process on `127.0.0.1:0`
+//! with a fresh database — a SQLite file in a temporary directory, or, when
+//! `DATABASE_URL` names a PostgreSQL server, a new database on it — and an injected
+//! clock.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use caremsgd::clock::ManualClock;
+use caremsgd::reload::ConfigSource;
+use caremsgd::{Options, Running};
+use chrono::{DateTime, Utc};
+use reqwest::{Method, StatusCode};
+use sea_orm::{ConnectionTrait, Database};
+use serde_json::Value;
+
+/// The development tokens of `config/caremsg.toml`.
+pub const ADMIN_TOKEN: &str = "dev-admin-token";
+/// Staff application token.
+pub const STAFF_TOKEN: &str = "dev-staff-token";
+/// Portal backend token.
+pub const PORTAL_TOKEN: &str = "dev-portal-token";
+
+/// Where the test's database lives.
+#[derive(Debug, Clone)]
+pub enum TestDb {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A database created on the PostgreSQL server for this test.
+    Postgres {
+        /// The server's URL for administrative statements.
+        admin_url: String,
+        /// The new database's name.
+        name: String,
+    },
+}
+
+impl TestDb {
+    /// A fresh database: PostgreSQL when `DATABASE_URL` says so, else SQLite in `dir`.
+    pub async fn create(dir: &Path) -> anyhow::Result<Self> {
+        match std::env::var("DATABASE_URL") {
+            Ok(url) if url.starts_with("postgres") => {
+                let name = format!("caremsg_t_{}", uuid::Uuid::new_v4().simple());
+                let admin = Database::connect(&url)
+                    .await
+                    .context("connecting to DATABASE_URL")?;
+                admin
+                    .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                    .await?;
+                admin.close().await?;
+                Ok(Self::Postgres {
+                    admin_url: url,
+                    name,
+                })
+            }
+            _ => Ok(Self::Sqlite(dir.join("caremsg.db"))),
+        }
+    }
+
+    /// The URL the daemon connects with.
+    pub fn url(&self) -> String {
+        match self {
+            Self::Sqlite(path) => format!("sqlite://{}?mode=rwc", path.display()),
+            Self::Postgres { admin_url, name } => {
+                let base = admin_url
+                    .rsplit_once('/')
+                    .map_or(admin_url.as_str(), |(b, _)| b);
+                format!("{base}/{name}")
+            }
+        }
+    }
+
+    /// Drops a PostgreSQL test database (a SQLite file goes with its directory).
+    pub async fn drop_database(&self) {
+        if let Self::Postgres { admin_url, name } = self
+            && let Ok(admin) = Database::connect(admin_url).await
+        {
+            let _ = admin
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+            let _ = admin.close().await;
+        }
+    }
+}
+
+/// A running daemon and what a test needs to talk to it.
+pub struct TestDaemon {
+    /// The daemon; `None` once stopped.
+    pub running: Option<Running>,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// An HTTP client.
+    pub http: reqwest::Client,
+    /// The injected clock.
+    pub clock: ManualClock,
+    /// The config file the daemon was started with (tests edit it and reload).
+    pub config_path: PathBuf,
+    /// The database.
+    pub db: TestDb,
+    /// The state directory (removed on drop).
+    pub dir: tempfile::TempDir,
+}
+
+/// The config text a test daemon starts with: the embedded default, with the state
+/// directory and listen address of this test. (The database URL is given as the
+/// `CAREMSG__DATABASE__URL` override, as an operator's environment would.)
+pub fn test_config(dir: &Path) -> String {
+    caremsg_config::EMBEDDED_DEFAULT
+        .replace(
+            "state_dir = \"state\"",
+            &format!("state_dir = {:?}", dir.display().to_string()),
+        )
+        .replace("listen = \"127.0.0.1:8680\"", "listen = \"127.0.0.1:0\"")
+}
+
+/// The default start time of the injected clock.
+pub fn epoch() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-03-02T15:00:00Z")
+        .map(|t| t.to_utc())
+        .unwrap_or_else(|_| Utc::now())
+}
+
+impl TestDaemon {
+    /// Starts a daemon on the embedded default config.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|text| text).await
+    }
+
+    /// Starts a daemon on the embedded default config as changed by `edit`.
+    pub async fn start_with(edit: impl FnOnce(String) -> String) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let db = TestDb::create(dir.path()).await?;
+        let config_path = dir.path().join("caremsg.toml");
+        std::fs::write(&config_path, edit(test_config(dir.path())))?;
+        let clock = ManualClock::new(epoch());
+        let running = Self::boot(&config_path, &db, clock.clone()).await?;
+        let base = format!("http://{}", running.local_addr());
+        Ok(Self {
+            running: Some(running),
+            base,
+            http: reqwest::Client::new(),
+            clock,
+            config_path,
+            db,
+            dir,
+        })
+    }
+
+    async fn boot(config_path: &Path, db: &TestDb, clock: ManualClock) -> anyhow::Result<Running> {
+        let env = vec![("CAREMSG__DATABASE__URL".to_owned(), db.url())];
+        let settings = caremsg_config::load_with_env(Some(config_path), env.clone())?;
+        let options = Options {
+            source: ConfigSource {
+                path: Some(config_path.to_owned()),
+                env,
+            },
+            clock: Arc::new(clock),
+            log_filter: None,
+        };
+        caremsgd::start(settings, options).await
+    }
+
+    /// Stops the daemon gracefully and starts it again on the same database and
+    /// clock (a restart).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await?;
+        }
+        let running = Self::boot(&self.config_path, &self.db, self.clock.clone()).await?;
+        self.base = format!("http://{}", running.local_addr());
+        self.running = Some(running);
+        Ok(())
+    }
+
+    /// The running daemon.
+    pub fn daemon(&self) -> &Running {
+        self.running.as_ref().expect("the daemon is running")
+    }
+
+    /// Stops the daemon and drops a PostgreSQL test database.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await?;
+        }
+        self.db.drop_database().await;
+        Ok(())
+    }
+
+    /// Sends a request with a token (and a JSON body), returning status and JSON.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> (StatusCode, Value) {
+        self.call_as(method, path, token, None, body).await
+    }
+
+    /// Like [`TestDaemon::call`], acting as a staff user.
+    pub async fn call_as(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        user: Option<&str>,
+        body: Option<&Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(user) = user {
+            request = request.header("X-Caremsg-User", user);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.expect("the daemon answers");
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let json = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, json)
+    }
+
+    /// `PUT` as the admin client.
+    pub async fn admin_put(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::PUT, path, Some(ADMIN_TOKEN), Some(&body))
+            .await
+    }
+
+    /// Creates a practice `id` (US, SMS and portal on, one loopback number).
+    pub async fn practice(&self, id: &str) {
+        let (status, body) = self
+            .admin_put(&format!("/v1/admin/practices/{id}"), practice_body(id))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    /// Creates a program of a practice.
+    pub async fn program(&self, practice: &str, id: &str) {
+        let (status, body) = self
+            .admin_put(
+                &format!("/v1/admin/practices/{practice}/programs/{id}"),
+                serde_json::json!({"name": id}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    /// Creates a user of a practice, restricted from `restricted` programs.
+    pub async fn user(&self, practice: &str, id: &str, restricted: &[&str]) {
+        let (status, body) = self
+            .admin_put(
+                &format!("/v1/admin/users/{id}"),
+                serde_json::json!({"practice_id": practice, "name": format!("User {id}"),
+                    "email": format!("{id}@clinic.example"), "restricted_programs": restricted}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    /// Creates a patient of a practice.
+    pub async fn patient(&self, practice: &str, id: &str, programs: &[&str], care_team: &[&str]) {
+        let (status, body) = self
+            .admin_put(
+                &format!("/v1/admin/patients/{id}"),
+                patient_body(practice, programs, care_team),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+}
+
+/// A valid practice body, with a sending number of its own (555-01xx, fictional).
+pub fn practice_body(id: &str) -> Value {
+    let n = id
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+        % 100;
+    serde_json::json!({
+        "name": format!("Clinic {id}"), "sms_enabled": true, "portal_enabled": true,
+        "country": "US", "timezone": "America/New_York",
+        "sms_numbers": [{"number": format!("+1201555{:04}", 100 + n), "gateway": "loopback"}],
+    })
+}
+
+/// A valid patient body.
+pub fn patient_body(practice: &str, programs: &[&str], care_team: &[&str]) -> Value {
+    serde_json::json!({
+        "practice_id": practice, "first_name": "Pat", "last_name": "Example",
+        "date_of_birth": "1950-04-07", "mobile_phone": "(201) 555-0123",
+        "portal_enrolled": true, "programs": programs, "care_team": care_team,
+    })
+}

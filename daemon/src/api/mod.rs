@@ -1,0 +1,123 @@
+//! The HTTP API: routes, credentials, the error contract and the OpenAPI document.
+//!
+//! **Architecture Invariant:** only `daemon/src/api` knows HTTP and JSON; the rest of
+//! the daemon speaks in entities, write units and typed errors.
+
+pub mod admin;
+pub mod error;
+pub mod extract;
+pub mod ops;
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use tower_http::catch_panic::CatchPanicLayer;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+
+use self::error::ApiError;
+use crate::metrics::HttpLabels;
+use crate::state::Shared;
+
+/// The OpenAPI document, generated from the handlers' annotations.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "caremsg", description = "Patient messaging daemon: admin sync, staff, portal and gateway APIs."),
+    paths(
+        admin::put_practice, admin::delete_practice, admin::put_program,
+        admin::put_user, admin::delete_user, admin::put_patient, admin::delete_patient,
+        ops::healthz, ops::readyz, ops::metrics,
+    ),
+    modifiers(&BearerAuth),
+    tags((name = "admin", description = "Platform sync (scope admin)"),
+         (name = "ops", description = "Health, readiness, metrics (no token)"))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Every route of the daemon.
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .merge(admin::routes())
+        .merge(ops::routes())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(CatchPanicLayer::custom(|_| {
+            tracing::error!(
+                "A request handler panicked; the request failed and the daemon goes on."
+            );
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "The server failed; see its log.",
+            )
+            .into_response()
+        }))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such path.")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "This path does not take that method.",
+    )
+}
+
+/// Counts requests in flight and responses, and bounds the time a handler may take
+/// (the reloadable `server.request_timeout`; a streamed body is not counted once its
+/// headers are out).
+async fn observe(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let method = request.method().to_string();
+    let started = Instant::now();
+    state.metrics.http_in_flight.inc();
+    let limit = state.settings.load().server.request_timeout;
+    let response = match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(
+                timeout_ms = limit.as_millis() as u64,
+                "A request took too long and was cut off."
+            );
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                "The request took too long; try again.",
+            )
+            .into_response()
+        }
+    };
+    state.metrics.http_in_flight.dec();
+    let status = format!("{}xx", response.status().as_u16() / 100);
+    state
+        .metrics
+        .http_responses
+        .get_or_create(&HttpLabels { method, status })
+        .inc();
+    tracing::debug!(
+        status = response.status().as_u16(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "Request handled."
+    );
+    response
+}

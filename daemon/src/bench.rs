@@ -1,0 +1,273 @@
+//! Benchmarks, run as `caremsgd bench <which>`: each prints its figures and the ratio
+//! against its baseline measured in the same run, on this machine.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use caremsg_entities::{conversation, message, patient, practice};
+use chrono::{NaiveDate, Utc};
+use sea_orm::ActiveValue::Set;
+use sea_orm::{DatabaseConnection, EntityTrait, TransactionTrait};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::writer::{WriteUnit, Writer, WriterOptions};
+
+/// Which benchmark to run.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Which {
+    /// The write path: one transaction per write vs the group-commit writer vs the
+    /// multi-row INSERT ceiling, on SQLite.
+    Write {
+        /// Message rows to write in each variant.
+        #[arg(long, default_value_t = 50_000)]
+        rows: usize,
+        /// Concurrent writing tasks.
+        #[arg(long, default_value_t = 64)]
+        tasks: usize,
+    },
+}
+
+/// Runs one benchmark and prints its report.
+pub async fn run(which: Which) -> anyhow::Result<()> {
+    match which {
+        Which::Write { rows, tasks } => {
+            let report = write(rows, tasks).await?;
+            println!("{report}");
+            Ok(())
+        }
+    }
+}
+
+/// Figures of the write benchmark.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteReport {
+    /// Rows written per variant.
+    pub rows: usize,
+    /// Concurrent tasks.
+    pub tasks: usize,
+    /// (a) one transaction per row, rows/s.
+    pub per_transaction: f64,
+    /// (b) the group-commit writer, rows/s.
+    pub group_commit: f64,
+    /// (c) one task, 1,000-row INSERT statements, one per transaction, rows/s.
+    pub ceiling: f64,
+}
+
+impl std::fmt::Display for WriteReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let speedup = self.group_commit / self.per_transaction;
+        let of_ceiling = self.group_commit / self.ceiling;
+        writeln!(
+            f,
+            "write benchmark: SQLite (WAL, synchronous=FULL), {} message rows, {} tasks",
+            self.rows, self.tasks
+        )?;
+        writeln!(
+            f,
+            "  (a) one transaction per write      {:>10.0} rows/s",
+            self.per_transaction
+        )?;
+        writeln!(
+            f,
+            "  (b) group-commit writer            {:>10.0} rows/s",
+            self.group_commit
+        )?;
+        writeln!(
+            f,
+            "  (c) ceiling: 1,000-row INSERTs     {:>10.0} rows/s",
+            self.ceiling
+        )?;
+        writeln!(
+            f,
+            "  b/a = {speedup:.1}x   (target >= 10x: {})",
+            verdict(speedup >= 10.0)
+        )?;
+        write!(
+            f,
+            "  b/c = {:.0}%   (target >= 25%: {})",
+            of_ceiling * 100.0,
+            verdict(of_ceiling >= 0.25)
+        )
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
+}
+
+const PATIENT: &str = "bench-patient";
+
+/// Measures the three write variants, each on a fresh SQLite file.
+pub async fn write(rows: usize, tasks: usize) -> anyhow::Result<WriteReport> {
+    let dir = std::env::temp_dir().join(format!("caremsg-bench-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).context("creating the benchmark directory")?;
+    let result = async {
+        let per_transaction = {
+            let db = fresh_db(&dir, "a").await?;
+            let seq = Arc::new(AtomicI64::new(0));
+            let started = Instant::now();
+            let mut handles = Vec::new();
+            for t in 0..tasks {
+                let (db, seq) = (db.clone(), seq.clone());
+                let share = rows / tasks + usize::from(t < rows % tasks);
+                handles.push(tokio::spawn(async move {
+                    for _ in 0..share {
+                        let txn = db.begin().await?;
+                        message::Entity::insert(message(seq.fetch_add(1, Ordering::Relaxed) + 1))
+                            .exec_without_returning(&txn)
+                            .await?;
+                        txn.commit().await?;
+                    }
+                    Ok::<_, sea_orm::DbErr>(())
+                }));
+            }
+            for handle in handles {
+                handle.await??;
+            }
+            rate(rows, started.elapsed())
+        };
+        let group_commit = {
+            let db = fresh_db(&dir, "b").await?;
+            let stop = CancellationToken::new();
+            let (writer, task) = Writer::start(
+                db.clone(),
+                WriterOptions {
+                    max_batch_units: 1024,
+                    queue_depth: 8192,
+                },
+                Arc::new(Metrics::new()),
+                stop.clone(),
+            );
+            let seq = Arc::new(AtomicI64::new(0));
+            let started = Instant::now();
+            let mut handles = Vec::new();
+            for t in 0..tasks {
+                let (writer, seq) = (writer.clone(), seq.clone());
+                let share = rows / tasks + usize::from(t < rows % tasks);
+                handles.push(tokio::spawn(async move {
+                    for _ in 0..share {
+                        let row = message(seq.fetch_add(1, Ordering::Relaxed) + 1);
+                        writer.write(WriteUnit::new().insert(row)).await?;
+                    }
+                    Ok::<_, crate::writer::WriteError>(())
+                }));
+            }
+            for handle in handles {
+                handle.await??;
+            }
+            let took = started.elapsed();
+            stop.cancel();
+            task.join().await;
+            rate(rows, took)
+        };
+        let ceiling = {
+            let db = fresh_db(&dir, "c").await?;
+            let started = Instant::now();
+            let mut next = 1;
+            while next <= rows as i64 {
+                let end = (next + 1000).min(rows as i64 + 1);
+                let txn = db.begin().await?;
+                message::Entity::insert_many((next..end).map(message))
+                    .exec_without_returning(&txn)
+                    .await?;
+                txn.commit().await?;
+                next = end;
+            }
+            rate(rows, started.elapsed())
+        };
+        Ok(WriteReport {
+            rows,
+            tasks,
+            per_transaction,
+            group_commit,
+            ceiling,
+        })
+    }
+    .await;
+    if let Err(err) = std::fs::remove_dir_all(&dir) {
+        tracing::warn!(error = %err, "The benchmark directory could not be removed.");
+    }
+    result
+}
+
+fn rate(rows: usize, took: Duration) -> f64 {
+    rows as f64 / took.as_secs_f64().max(1e-9)
+}
+
+async fn fresh_db(dir: &std::path::Path, name: &str) -> anyhow::Result<DatabaseConnection> {
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.join(format!("{name}.db")).display()
+    );
+    let options = crate::db::DbOptions {
+        url,
+        max_connections: 8,
+        busy_timeout: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(10),
+    };
+    let db = crate::db::connect(&options).await?;
+    crate::db::migrate(&db).await?;
+    let now = Utc::now();
+    practice::Entity::insert(practice::ActiveModel {
+        id: Set("bench-practice".into()),
+        name: Set("Bench Clinic".into()),
+        sms_enabled: Set(true),
+        portal_enabled: Set(true),
+        country: Set("US".into()),
+        timezone: Set("America/New_York".into()),
+        sign_outbound_sms: Set(false),
+        active: Set(true),
+        created_at: Set(now),
+        updated_at: Set(now),
+    })
+    .exec_without_returning(&db)
+    .await?;
+    patient::Entity::insert(patient::ActiveModel {
+        id: Set(PATIENT.into()),
+        practice_id: Set("bench-practice".into()),
+        first_name: Set("Bench".into()),
+        last_name: Set("Patient".into()),
+        search_name: Set("bench patient".into()),
+        date_of_birth: Set(NaiveDate::from_ymd_opt(1950, 1, 1).unwrap_or_default()),
+        mobile_phone: Set(None),
+        portal_enrolled: Set(true),
+        sms_status: Set(caremsg_entities::SmsStatus::None),
+        sms_status_reason: Set(None),
+        last_activity_at: Set(None),
+        active: Set(true),
+        created_at: Set(now),
+        updated_at: Set(now),
+    })
+    .exec_without_returning(&db)
+    .await?;
+    conversation::Entity::insert(conversation::ActiveModel {
+        patient_id: Set(PATIENT.into()),
+        practice_id: Set("bench-practice".into()),
+        last_seq: Set(0),
+        last_message_at: Set(None),
+        created_at: Set(now),
+    })
+    .exec_without_returning(&db)
+    .await?;
+    Ok(db)
+}
+
+fn message(seq: i64) -> message::ActiveModel {
+    message::ActiveModel {
+        id: Set(uuid::Uuid::now_v7().to_string()),
+        patient_id: Set(PATIENT.into()),
+        seq: Set(seq),
+        direction: Set(caremsg_entities::Direction::FromPatient),
+        channel: Set(caremsg_entities::Channel::Portal),
+        author_user_id: Set(None),
+        body: Set("A benchmark message of ordinary length, about one line.".into()),
+        client_txn_key: Set(None),
+        gateway: Set(None),
+        provider_message_id: Set(None),
+        possible_opt_out: Set(false),
+        created_at: Set(Utc::now()),
+    }
+}

@@ -1,0 +1,106 @@
+//! The database of record: connecting (SQLite or PostgreSQL, chosen by the URL) and
+//! migrating.
+//!
+//! SQLite is opened in WAL mode with `synchronous=FULL`, foreign keys on and a busy
+//! timeout, so that an acknowledged write survives a power cut and concurrent readers
+//! never see a half-written batch.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use caremsg_migration::{Migrator, MigratorTrait};
+use sea_orm::{DatabaseConnection, DbBackend, SqlxPostgresConnector, SqlxSqliteConnector};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+/// Why the database could not be opened or migrated.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL names no back end caremsg supports.
+    #[error("unsupported database URL scheme (use sqlite:// or postgres://)")]
+    UnsupportedScheme,
+    /// The URL could not be parsed.
+    #[error("invalid database URL: {0}")]
+    InvalidUrl(String),
+    /// The state directory for the SQLite file could not be created.
+    #[error("cannot create the directory for the SQLite file: {0}")]
+    StateDir(std::io::Error),
+    /// The driver refused to connect.
+    #[error("cannot connect to the database: {0}")]
+    Connect(sqlx::Error),
+    /// A migration failed; the transaction was rolled back.
+    #[error("database migration failed: {0}")]
+    Migrate(sea_orm::DbErr),
+}
+
+/// How to open the database.
+#[derive(Debug, Clone)]
+pub struct DbOptions {
+    /// `sqlite://path?mode=rwc` or `postgres://...`.
+    pub url: String,
+    /// Pool size.
+    pub max_connections: u32,
+    /// How long SQLite waits for a lock before failing.
+    pub busy_timeout: Duration,
+    /// How long to wait for a connection.
+    pub connect_timeout: Duration,
+}
+
+/// Opens the pool for `options.url`.
+pub async fn connect(options: &DbOptions) -> Result<DatabaseConnection, DbError> {
+    let url = options.url.as_str();
+    if url.starts_with("sqlite:") {
+        let connect = SqliteConnectOptions::from_str(url)
+            .map_err(|e| DbError::InvalidUrl(e.to_string()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(options.busy_timeout);
+        if let Some(parent) = connect.get_filename().parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent).map_err(DbError::StateDir)?;
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.connect_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(DbError::Connect)?;
+        Ok(SqlxSqliteConnector::from_sqlx_sqlite_pool(pool))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let connect =
+            PgConnectOptions::from_str(url).map_err(|e| DbError::InvalidUrl(e.to_string()))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.connect_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(DbError::Connect)?;
+        Ok(SqlxPostgresConnector::from_sqlx_postgres_pool(pool))
+    } else {
+        Err(DbError::UnsupportedScheme)
+    }
+}
+
+/// Applies every pending migration. Each runs in a transaction on both back ends
+/// (PostgreSQL and SQLite both have transactional DDL), so a failure leaves no
+/// half-applied schema.
+pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbError> {
+    Migrator::up(db, None).await.map_err(DbError::Migrate)
+}
+
+/// Whether every known migration has been applied.
+pub async fn migrations_applied(db: &DatabaseConnection) -> Result<bool, sea_orm::DbErr> {
+    Ok(Migrator::get_pending_migrations(db).await?.is_empty())
+}
+
+/// A short name of the back end, for logs and metrics.
+pub fn backend_name(db: &DatabaseConnection) -> &'static str {
+    match db.get_database_backend() {
+        DbBackend::Sqlite => "sqlite",
+        DbBackend::Postgres => "postgres",
+        _ => "other",
+    }
+}

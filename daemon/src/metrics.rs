@@ -1,0 +1,128 @@
+//! Prometheus metrics, served in the text format at `/metrics`.
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of an HTTP response.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// The request method.
+    pub method: String,
+    /// The status class: 2xx, 4xx, 5xx.
+    pub status: String,
+}
+
+/// Labels of a configuration reload.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `applied`, `unchanged` or `refused`.
+    pub outcome: String,
+}
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    // The registry renders the text format; the handles below update it.
+    registry: Registry,
+    /// Responses by method and status class.
+    pub http_responses: Family<HttpLabels, Counter>,
+    /// Requests being handled now.
+    pub http_in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Write units per committed batch.
+    pub writer_batch_units: Histogram,
+    /// Seconds from the start of a batch to its commit.
+    pub writer_commit_seconds: Histogram,
+    /// Units committed or failed by the writer.
+    pub writer_units: Counter<u64, AtomicU64>,
+    /// Configuration reloads by outcome.
+    pub reloads: Family<ReloadLabels, Counter>,
+}
+
+impl Metrics {
+    /// A fresh set of metrics, all zero.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("caremsg");
+        let http_responses = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_responses",
+            "HTTP responses by method and status class",
+            http_responses.clone(),
+        );
+        let http_in_flight = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "http_requests_in_flight",
+            "HTTP requests being handled now",
+            http_in_flight.clone(),
+        );
+        let writer_batch_units = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        registry.register(
+            "writer_batch_units",
+            "Write units per group-committed transaction",
+            writer_batch_units.clone(),
+        );
+        let writer_commit_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "writer_commit_seconds",
+            "Seconds from the start of a write batch to its commit",
+            writer_commit_seconds.clone(),
+        );
+        let writer_units = Counter::default();
+        registry.register(
+            "writer_units",
+            "Write units handled by the writer",
+            writer_units.clone(),
+        );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by outcome",
+            reloads.clone(),
+        );
+        Self {
+            registry,
+            http_responses,
+            http_in_flight,
+            writer_batch_units,
+            writer_commit_seconds,
+            writer_units,
+            reloads,
+        }
+    }
+
+    /// Records one committed batch.
+    pub fn writer_batch(&self, units: usize, took: Duration) {
+        self.writer_batch_units.observe(units as f64);
+        self.writer_commit_seconds.observe(took.as_secs_f64());
+        self.writer_units.inc_by(units as u64);
+    }
+
+    /// Records one reload.
+    pub fn reload(&self, outcome: &str) {
+        self.reloads
+            .get_or_create(&ReloadLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %err, "Metrics could not be encoded.");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

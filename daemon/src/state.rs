@@ -1,0 +1,29 @@
+//! What every part of the running daemon shares: the database, the writer, the live
+//! settings, the clock and the metrics.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use caremsg_config::Settings;
+use sea_orm::DatabaseConnection;
+
+use crate::clock::SharedClock;
+use crate::metrics::Metrics;
+use crate::writer::Writer;
+
+/// Shared state of the running daemon.
+pub struct AppState {
+    /// Reads go straight to the pool; writes go through [`AppState::writer`].
+    pub db: DatabaseConnection,
+    /// The single, group-committed write path.
+    pub writer: Writer,
+    /// The live settings; a reload swaps them atomically.
+    pub settings: Arc<ArcSwap<Settings>>,
+    /// "Now", injected.
+    pub clock: SharedClock,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The handle request handlers receive.
+pub type Shared = Arc<AppState>;

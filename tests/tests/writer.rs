@@ -1,0 +1,207 @@
+//! The group-commit writer against a real database: batching, isolation of a failing
+//! unit, and answers given only after commit.
+
+use std::sync::Arc;
+
+use caremsg_entities::{Channel, Direction, SmsStatus, conversation, message, patient, practice};
+use caremsg_tests::TestDb;
+use caremsgd::metrics::Metrics;
+use caremsgd::writer::{Expect, WriteError, WriteUnit, Writer, WriterOptions};
+use chrono::Utc;
+use sea_orm::ActiveValue::Set;
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ColumnTrait, Database, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QueryTrait,
+};
+use tokio_util::sync::CancellationToken;
+
+async fn setup() -> (tempfile::TempDir, TestDb, DatabaseConnection) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::create(dir.path()).await.unwrap();
+    let options = caremsgd::db::DbOptions {
+        url: db.url(),
+        max_connections: 4,
+        busy_timeout: std::time::Duration::from_secs(5),
+        connect_timeout: std::time::Duration::from_secs(5),
+    };
+    let conn = caremsgd::db::connect(&options).await.unwrap();
+    caremsgd::db::migrate(&conn).await.unwrap();
+    let now = Utc::now();
+    let unit = WriteUnit::new()
+        .insert(practice::ActiveModel {
+            id: Set("p".into()),
+            name: Set("Clinic".into()),
+            sms_enabled: Set(true),
+            portal_enabled: Set(true),
+            country: Set("US".into()),
+            timezone: Set("UTC".into()),
+            sign_outbound_sms: Set(false),
+            active: Set(true),
+            created_at: Set(now),
+            updated_at: Set(now),
+        })
+        .insert(patient::ActiveModel {
+            id: Set("pat".into()),
+            practice_id: Set("p".into()),
+            first_name: Set("A".into()),
+            last_name: Set("B".into()),
+            search_name: Set("a b".into()),
+            date_of_birth: Set(chrono::NaiveDate::from_ymd_opt(1950, 1, 1).unwrap()),
+            mobile_phone: Set(None),
+            portal_enrolled: Set(true),
+            sms_status: Set(SmsStatus::None),
+            sms_status_reason: Set(None),
+            last_activity_at: Set(None),
+            active: Set(true),
+            created_at: Set(now),
+            updated_at: Set(now),
+        })
+        .insert(conversation::ActiveModel {
+            patient_id: Set("pat".into()),
+            practice_id: Set("p".into()),
+            last_seq: Set(0),
+            last_message_at: Set(None),
+            created_at: Set(now),
+        });
+    let (writer, task, stop) = start(&conn);
+    writer.write(unit).await.unwrap();
+    stop.cancel();
+    task.join().await;
+    (dir, db, conn)
+}
+
+fn start(conn: &DatabaseConnection) -> (Writer, caremsgd::writer::WriterTask, CancellationToken) {
+    let stop = CancellationToken::new();
+    let (writer, task) = Writer::start(
+        conn.clone(),
+        WriterOptions {
+            max_batch_units: 512,
+            queue_depth: 1024,
+        },
+        Arc::new(Metrics::new()),
+        stop.clone(),
+    );
+    (writer, task, stop)
+}
+
+fn message(seq: i64) -> message::ActiveModel {
+    message::ActiveModel {
+        id: Set(format!("m{seq}-{}", uuid::Uuid::new_v4())),
+        patient_id: Set("pat".into()),
+        seq: Set(seq),
+        direction: Set(Direction::FromPatient),
+        channel: Set(Channel::Portal),
+        author_user_id: Set(None),
+        body: Set("hello".into()),
+        client_txn_key: Set(None),
+        gateway: Set(None),
+        provider_message_id: Set(None),
+        possible_opt_out: Set(false),
+        created_at: Set(Utc::now()),
+    }
+}
+
+#[tokio::test]
+async fn a_failing_unit_does_not_fail_its_batch_mates() {
+    let (_dir, db, conn) = setup().await;
+    let (writer, task, stop) = start(&conn);
+    writer
+        .write(WriteUnit::new().insert(message(1)))
+        .await
+        .unwrap();
+
+    // Queue ten units while the writer is paused, so they share one batch: seq 1 is
+    // taken, so unit 5 violates (patient_id, seq); unit 7 fails its precondition.
+    writer.pause();
+    let mut handles = Vec::new();
+    for i in 2..=11_i64 {
+        let writer = writer.clone();
+        let unit = match i {
+            5 => WriteUnit::new().insert(message(1)),
+            7 => WriteUnit::new().insert(message(7)).exec(
+                conversation::Entity::update_many()
+                    .col_expr(conversation::Column::LastSeq, Expr::value(99))
+                    .filter(conversation::Column::PatientId.eq("nobody"))
+                    .into_query(),
+                Expect::Exactly(1),
+                "conversation exists",
+            ),
+            _ => WriteUnit::new().insert(message(i)),
+        };
+        handles.push(tokio::spawn(async move { (i, writer.write(unit).await) }));
+    }
+    while writer.queued() < 10 {
+        tokio::task::yield_now().await;
+    }
+    writer.resume();
+    for handle in handles {
+        let (i, result) = handle.await.unwrap();
+        match i {
+            5 => assert!(
+                matches!(result, Err(WriteError::Conflict(_))),
+                "unit 5: {result:?}"
+            ),
+            7 => assert_eq!(result, Err(WriteError::Precondition("conversation exists"))),
+            _ => assert_eq!(result, Ok(()), "unit {i}"),
+        }
+    }
+    let stored = message::Entity::find().count(&conn).await.unwrap();
+    assert_eq!(
+        stored, 9,
+        "seq 1 plus the eight good units; neither failing unit left a row"
+    );
+    let seven = message::Entity::find()
+        .filter(message::Column::Seq.eq(7))
+        .count(&conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        seven, 0,
+        "the failing unit's own insert was rolled back with it"
+    );
+    stop.cancel();
+    task.join().await;
+    conn.close().await.unwrap();
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn callers_are_answered_only_after_commit() {
+    let (_dir, db, conn) = setup().await;
+    let (writer, task, stop) = start(&conn);
+    let other = Database::connect(db.url()).await.unwrap();
+    let mut handles = Vec::new();
+    for seq in 1..=64_i64 {
+        let writer = writer.clone();
+        let url = db.url();
+        handles.push(tokio::spawn(async move {
+            let row = message(seq);
+            let id = match &row.id {
+                sea_orm::ActiveValue::Set(id) => id.clone(),
+                _ => unreachable!(),
+            };
+            writer.write(WriteUnit::new().insert(row)).await.unwrap();
+            (id, url)
+        }));
+    }
+    for handle in handles {
+        let (id, _) = handle.await.unwrap();
+        // A separate connection, not the writer's pool, sees the row the moment the
+        // caller is answered.
+        let found = message::Entity::find_by_id(id).one(&other).await.unwrap();
+        assert!(
+            found.is_some(),
+            "an acknowledged write is visible to another connection"
+        );
+    }
+    stop.cancel();
+    task.join().await;
+    // After the writer stopped, a write is refused rather than lost.
+    assert_eq!(
+        writer.write(WriteUnit::new().insert(message(100))).await,
+        Err(WriteError::Closed)
+    );
+    other.close().await.unwrap();
+    conn.close().await.unwrap();
+    db.drop_database().await;
+}
