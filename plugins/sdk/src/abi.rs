@@ -581,6 +581,7 @@ impl Slice {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::*;
 

@@ -588,6 +588,7 @@ unsafe extern "C" fn stop<G: Gateway>(instance_ptr: *mut c_void) -> u32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::*;
     use std::time::Duration;

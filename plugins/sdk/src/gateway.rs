@@ -547,6 +547,7 @@ impl HttpResponse {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::*;
 

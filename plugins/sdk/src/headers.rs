@@ -97,6 +97,7 @@ fn parse_line(line: &[u8]) -> Option<(&str, &[u8])> {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::*;
 

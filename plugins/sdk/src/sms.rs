@@ -102,6 +102,7 @@ fn pack(
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::Encoding::{Gsm7, Ucs2};
     use super::*;
