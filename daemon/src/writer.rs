@@ -7,10 +7,10 @@
 //!
 //! Committing is cheap; statements are not (about 0.15 ms each through sqlx on
 //! SQLite). So the batch's inserts are first merged across units into multi-row
-//! `INSERT` statements, inside one savepoint. If anything in that merged attempt
-//! fails, the savepoint is rolled back and the batch is replayed unit by unit, each
-//! in its own savepoint: a failing unit is rolled back alone and its caller gets its
-//! own error while its batch-mates commit.
+//! `INSERT` statements, in one transaction. If anything in that merged attempt
+//! fails, it is rolled back and the batch is replayed unit by unit in a new
+//! transaction, each unit in its own savepoint: a failing unit is rolled back alone
+//! and its caller gets its own error while its batch-mates commit.
 //!
 //! **Architecture Invariant:** a caller that got `Ok(())` from [`Writer::write`] can
 //! read its rows back from any other connection.
@@ -121,7 +121,7 @@ enum Statement {
 enum Op {
     Insert(InsertRow),
     Exec {
-        statement: Statement,
+        statement: Box<Statement>,
         expect: Expect,
         what: &'static str,
     },
@@ -194,7 +194,7 @@ impl WriteUnit {
         what: &'static str,
     ) -> Self {
         self.ops.push(Op::Exec {
-            statement: statement.into().0,
+            statement: Box::new(statement.into().0),
             expect,
             what,
         });
@@ -393,45 +393,52 @@ async fn try_commit(
     db: &DatabaseConnection,
     batch: &[Job],
 ) -> Result<Vec<Result<(), WriteError>>, DbErr> {
+    // First, optimistically, the whole batch merged in one transaction: no savepoint
+    // statements on the common path, where nothing fails.
     let txn = db.begin().await?;
-    let merged = txn.begin().await?;
-    let results = match run_merged(&merged, batch).await {
-        Ok(()) => {
-            merged.commit().await?;
-            vec![Ok(()); batch.len()]
-        }
-        Err(_) => {
-            merged.rollback().await?;
-            let mut results = Vec::with_capacity(batch.len());
-            for job in batch {
-                let savepoint = txn.begin().await?;
-                match run_unit(&savepoint, &job.unit).await {
-                    Ok(()) => {
-                        savepoint.commit().await?;
-                        results.push(Ok(()));
-                    }
-                    Err(err) => {
-                        savepoint.rollback().await?;
-                        results.push(Err(err));
-                    }
-                }
+    if run_merged(&txn, batch).await.is_ok() {
+        txn.commit().await?;
+        return Ok(vec![Ok(()); batch.len()]);
+    }
+    txn.rollback().await?;
+    // Something failed: replay unit by unit, each in its own savepoint, so only the
+    // failing units are rolled back.
+    let txn = db.begin().await?;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        let savepoint = txn.begin().await?;
+        match run_unit(&savepoint, &job.unit).await {
+            Ok(()) => {
+                savepoint.commit().await?;
+                results.push(Ok(()));
             }
-            results
+            Err(err) => {
+                savepoint.rollback().await?;
+                results.push(Err(err));
+            }
         }
-    };
+    }
     txn.commit().await?;
     Ok(results)
 }
 
-/// Every unit's inserts merged by table and shape, then every other statement in
-/// unit order. Tables are inserted in the order they first appear, so a unit that
-/// inserts a parent before its child keeps foreign keys satisfied.
+/// The first stretch of every unit — its inserts up to its first other statement —
+/// merged by table and shape; then the rest of every unit in its own order. Merged
+/// tables are inserted in the schema's creation order (parents before children).
+/// Within a unit nothing is reordered: a unit that deletes links and then inserts
+/// new ones has its inserts run after its delete.
 async fn run_merged(conn: &impl ConnectionTrait, batch: &[Job]) -> Result<(), WriteError> {
     type GroupKey = (&'static str, Vec<&'static str>, Conflict);
     let mut order: Vec<GroupKey> = Vec::new();
     let mut groups: HashMap<GroupKey, Vec<&[Value]>> = HashMap::new();
+    let mut rests: Vec<&[Op]> = Vec::with_capacity(batch.len());
     for job in batch {
-        for op in &job.unit.ops {
+        let ops = &job.unit.ops;
+        let split = ops
+            .iter()
+            .position(|op| !matches!(op, Op::Insert(_)))
+            .unwrap_or(ops.len());
+        for op in &ops[..split] {
             if let Op::Insert(row) = op {
                 let key = (row.table, row.columns.clone(), row.conflict.clone());
                 let rows = groups.entry(key.clone()).or_insert_with(|| {
@@ -441,7 +448,16 @@ async fn run_merged(conn: &impl ConnectionTrait, batch: &[Job]) -> Result<(), Wr
                 rows.push(&row.values);
             }
         }
+        rests.push(&ops[split..]);
     }
+    // Parents before children, whatever order the units named them in.
+    let rank = |table: &str| {
+        caremsg_entities::all_tables()
+            .iter()
+            .position(|t| *t == table)
+            .unwrap_or(usize::MAX)
+    };
+    order.sort_by_key(|key| rank(key.0));
     for key in &order {
         let rows = &groups[key];
         let per_statement =
@@ -453,24 +469,19 @@ async fn run_merged(conn: &impl ConnectionTrait, batch: &[Job]) -> Result<(), Wr
                 .map_err(|e| WriteError::from_db(&e))?;
         }
     }
-    for job in batch {
-        for op in &job.unit.ops {
-            if let Op::Exec {
-                statement,
-                expect,
-                what,
-            } = op
-            {
-                exec(conn, statement, *expect, what).await?;
-            }
-        }
+    for rest in rests {
+        run_ops(conn, rest).await?;
     }
     Ok(())
 }
 
 /// One unit's operations, in order.
 async fn run_unit(conn: &impl ConnectionTrait, unit: &WriteUnit) -> Result<(), WriteError> {
-    for op in &unit.ops {
+    run_ops(conn, &unit.ops).await
+}
+
+async fn run_ops(conn: &impl ConnectionTrait, ops: &[Op]) -> Result<(), WriteError> {
+    for op in ops {
         match op {
             Op::Insert(row) => {
                 let statement =

@@ -3,6 +3,8 @@
 //! `DATABASE_URL` names a PostgreSQL server, a new database on it — and an injected
 //! clock.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test harness: a panic is a failed test.
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

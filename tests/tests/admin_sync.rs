@@ -1,6 +1,8 @@
 //! Admin sync through the real HTTP server: upserts, validation that names the field
 //! (one case per rule), deletes, reactivation and the audit log.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is a failed test.
+
 use caremsg_tests::{ADMIN_TOKEN, STAFF_TOKEN, TestDaemon, patient_body, practice_body};
 use caremsgd::clock::Clock;
 use reqwest::{Method, StatusCode};
@@ -312,6 +314,31 @@ async fn upserts_normalise_and_deletes_deactivate_with_history_kept() {
     assert_eq!(body["mobile_phone"], "+12015550123", "stored as E.164");
     assert_eq!(body["sms_status"], "none");
 
+    // The same PUT again keeps the links it names (a unit's deletes and inserts are
+    // never reordered by the writer's batching).
+    let (status, _) = d
+        .admin_put(
+            "/v1/admin/patients/pat1",
+            patient_body("p1", &["ccm"], &["u1"]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    d.user("p1", "u1", &["ccm"]).await;
+    let db = &d.daemon().state().db;
+    let programs = caremsg_entities::patient_program::Entity::find()
+        .count(db)
+        .await
+        .unwrap();
+    let restrictions = caremsg_entities::user_program_restriction::Entity::find()
+        .count(db)
+        .await
+        .unwrap();
+    let members = caremsg_entities::care_team_member::Entity::find()
+        .count(db)
+        .await
+        .unwrap();
+    assert_eq!((programs, restrictions, members), (1, 1, 1));
+
     // Upsert again: same id, changed fields, no duplicate.
     let mut changed = patient_body("p1", &[], &[]);
     changed["last_name"] = json!("Changed");
@@ -364,7 +391,10 @@ async fn upserts_normalise_and_deletes_deactivate_with_history_kept() {
         .count(db)
         .await
         .unwrap();
-    assert_eq!(audit, 3, "two upserts and a delete, kept after the delete");
+    assert_eq!(
+        audit, 4,
+        "three upserts and a delete, kept after the delete"
+    );
 
     // Re-PUT reactivates.
     let (status, _) = d

@@ -1,6 +1,8 @@
 //! The daemon as an operator sees it: health, readiness, metrics, the OpenAPI
 //! document, configuration reload, and graceful shutdown.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is a failed test.
+
 use caremsg_tests::{ADMIN_TOKEN, TestDaemon, practice_body};
 use caremsgd::reload::ReloadOutcome;
 use reqwest::{Method, StatusCode};

@@ -1,6 +1,8 @@
 //! The group-commit writer against a real database: batching, isolation of a failing
 //! unit, and answers given only after commit.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is a failed test.
+
 use std::sync::Arc;
 
 use caremsg_entities::{Channel, Direction, SmsStatus, conversation, message, patient, practice};

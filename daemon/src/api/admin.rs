@@ -698,9 +698,7 @@ pub async fn put_patient(
         .map(|m| (m.user_id.clone(), m))
         .collect();
     let search_name = format!("{} {}", first_name, last_name).to_lowercase();
-    let sms_status = existing
-        .as_ref()
-        .map_or(SmsStatus::None, |p| p.sms_status.clone());
+    let sms_status = existing.as_ref().map_or(SmsStatus::None, |p| p.sms_status);
     let row = patient::ActiveModel {
         id: Set(patient_id.clone()),
         practice_id: Set(practice.id.clone()),
@@ -710,7 +708,7 @@ pub async fn put_patient(
         date_of_birth: Set(date_of_birth),
         mobile_phone: Set(mobile_phone.clone()),
         portal_enrolled: Set(input.portal_enrolled),
-        sms_status: Set(sms_status.clone()),
+        sms_status: Set(sms_status),
         sms_status_reason: Set(existing.as_ref().and_then(|p| p.sms_status_reason.clone())),
         last_activity_at: Set(existing.as_ref().and_then(|p| p.last_activity_at)),
         active: Set(true),

@@ -1,0 +1,191 @@
+//! The `caremsgd` binary as systemd and an operator run it: `check-config`, `migrate`,
+//! and `run` with `NOTIFY_SOCKET` (READY, the reload sequence on SIGHUP, STOPPING on
+//! SIGTERM, exit status 0).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is a failed test.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_caremsgd");
+
+fn config_with(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let text = caremsg_config::EMBEDDED_DEFAULT
+        .replace(
+            "state_dir = \"state\"",
+            &format!("state_dir = {:?}", dir.display().to_string()),
+        )
+        .replace("listen = \"127.0.0.1:8680\"", "listen = \"127.0.0.1:0\"");
+    let path = dir.join("caremsg.toml");
+    std::fs::write(&path, format!("{text}\n{extra}")).unwrap();
+    path
+}
+
+#[test]
+fn check_config_accepts_good_files_and_names_what_is_wrong() {
+    let out = Command::new(BIN)
+        .args(["check-config", "../config/caremsg.toml"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = Command::new(BIN)
+        .args(["check-config", "../config/caremsg.production.toml"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[server]\nlisten = \"nowhere\"\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("listen"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    std::fs::write(&bad, "[sms_auth]\nmax_attempts = 0\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sms_auth.max_attempts"));
+}
+
+#[test]
+fn migrate_creates_the_schema_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(dir.path(), "");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("migrate")
+        .env_remove("NOTIFY_SOCKET")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.path().join("caremsg.db").exists());
+}
+
+/// Reads notifications until one contains `wanted`; returns everything read.
+fn read_until(socket: &UnixDatagram, wanted: &str) -> String {
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains(wanted) {
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no {wanted:?} from the daemon ({e}); got {seen:?}"));
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        seen.push('\n');
+    }
+    seen
+}
+
+#[test]
+fn run_tells_systemd_about_start_reload_and_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_with(dir.path(), "");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+
+    let started = read_until(&socket, "READY=1");
+    assert!(started.contains("STATUS=Serving"), "{started}");
+
+    // A valid reload: RELOADING=1 with MONOTONIC_USEC, then READY=1 and a STATUS line.
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("level = \"info\"", "level = \"debug\""),
+    )
+    .unwrap();
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let reload = read_until(&socket, "READY=1");
+    assert!(reload.contains("RELOADING=1"), "{reload}");
+    assert!(reload.contains("MONOTONIC_USEC="), "{reload}");
+    assert!(
+        reload.contains("STATUS=Serving; configuration reloaded"),
+        "{reload}"
+    );
+
+    // A non-reloadable change is refused and the daemon keeps serving.
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("127.0.0.1:0", "127.0.0.1:1"),
+    )
+    .unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let refused = read_until(&socket, "READY=1");
+    assert!(refused.contains("reload refused"), "{refused}");
+
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let stopping = read_until(&socket, "STOPPING=1");
+    assert!(stopping.contains("STOPPING=1"));
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+    let logs = logs.join().unwrap().join("\n");
+    assert!(
+        logs.contains("server.listen"),
+        "the refusal names the field: {logs}"
+    );
+    assert!(logs.contains("caremsgd has stopped"), "{logs}");
+}
