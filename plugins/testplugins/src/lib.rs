@@ -8,6 +8,9 @@
 //!   `panic = "abort"`. Cargo cannot set `panic` per package, so it is really built
 //!   with unwinding and its declaration clears the unwind flag by hand; the host
 //!   judges by the flag, so this exercises exactly the refusal path.
+//! - `caremsg-testplugin-http-status`: a working plugin that sends through the
+//!   host's `http` service and maps HTTP statuses to send results (for the
+//!   testkit's send-mapping checks against its loopback fake).
 //!
 //! A crate's cdylib is built next to the test executables (`target/<profile>/deps`)
 //! when a test crate depends on it, and uplifted to `target/<profile>` by a plain
@@ -21,6 +24,8 @@ pub const BROKEN_PANICS: &str = "caremsg-testplugin-broken-panics";
 pub const WRONG_ABI: &str = "caremsg-testplugin-wrong-abi";
 /// The package name of the plugin that declares a `panic = "abort"` build.
 pub const PANIC_ABORT: &str = "caremsg-testplugin-panic-abort";
+/// The package name of the plugin that sends through the host's HTTP service.
+pub const HTTP_STATUS: &str = "caremsg-testplugin-http-status";
 /// The package name of the development SMS gateway.
 pub const SMS_LOOPBACK: &str = "caremsg-sms-loopback";
 
