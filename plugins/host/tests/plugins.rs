@@ -247,3 +247,29 @@ fn a_file_that_is_not_a_library_is_refused_naming_it() {
     assert!(matches!(error, LoadError::Open { .. }), "{error:?}");
     assert!(error.to_string().contains("libnot_a_plugin.so"), "{error}");
 }
+
+#[test]
+fn handles_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<caremsg_plugin_host::Plugin>();
+    assert_send_sync::<caremsg_plugin_host::Instance>();
+    assert_send_sync::<caremsg_plugin_host::HyperHttp>();
+    let instance = load(&path(SMS_LOOPBACK))
+        .expect("loads")
+        .start(
+            "shared",
+            &serde_json::json!({ "outbox": tempfile::tempdir().expect("tempdir").path().join("o.jsonl") }).to_string(),
+            Arc::new(Recorder::default()),
+        )
+        .expect("starts");
+    let instance = Arc::new(instance);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let instance = instance.clone();
+            std::thread::spawn(move || instance.health())
+        })
+        .collect();
+    for thread in threads {
+        assert!(thread.join().expect("joined").is_ok());
+    }
+}

@@ -47,7 +47,9 @@ impl Gateway for HttpStatus {
         let response = match self.host.http(&request) {
             Ok(response) => response,
             Err(error) => {
-                return SendResult::retryable(format!("The provider could not be reached: {error}"));
+                return SendResult::retryable(format!(
+                    "The provider could not be reached: {error}"
+                ));
             }
         };
         match response.status {
