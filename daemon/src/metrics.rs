@@ -26,6 +26,13 @@ pub struct ReloadLabels {
     pub outcome: String,
 }
 
+/// Labels of the build-information gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// The daemon's version (`Cargo.toml`).
+    pub version: String,
+}
+
 /// Every metric the daemon exports.
 pub struct Metrics {
     // The registry renders the text format; the handles below update it.
@@ -42,6 +49,14 @@ pub struct Metrics {
     pub writer_units: Counter<u64, AtomicU64>,
     /// Configuration reloads by outcome.
     pub reloads: Family<ReloadLabels, Counter>,
+    /// Seconds a watchdog heartbeat took through the writer (queue wait and commit).
+    pub writer_heartbeat_seconds: Histogram,
+    /// Times the watchdog withheld a ping because a heartbeat was overdue.
+    pub watchdog_stalls: Counter<u64, AtomicU64>,
+    /// Always 1, labelled with the running version.
+    pub build_info: Family<BuildLabels, Gauge>,
+    /// Conversation messages stored (any author, any channel).
+    pub messages_stored: Counter<u64, AtomicU64>,
 }
 
 impl Metrics {
@@ -84,7 +99,37 @@ impl Metrics {
             "Configuration reloads by outcome",
             reloads.clone(),
         );
+        let writer_heartbeat_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "writer_heartbeat_seconds",
+            "Seconds a watchdog heartbeat took through the writer's queue and commit",
+            writer_heartbeat_seconds.clone(),
+        );
+        let watchdog_stalls = Counter::default();
+        registry.register(
+            "watchdog_stalls",
+            "Times the systemd watchdog ping was withheld because the writer made no progress",
+            watchdog_stalls.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "The running caremsgd version (the value is always 1)",
+            build_info.clone(),
+        );
+        let messages_stored = Counter::default();
+        registry.register(
+            "messages_stored",
+            "Conversation messages stored",
+            messages_stored.clone(),
+        );
         Self {
+            messages_stored,
             registry,
             http_responses,
             http_in_flight,
@@ -92,6 +137,9 @@ impl Metrics {
             writer_commit_seconds,
             writer_units,
             reloads,
+            writer_heartbeat_seconds,
+            watchdog_stalls,
+            build_info,
         }
     }
 

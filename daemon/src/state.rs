@@ -7,7 +7,11 @@ use arc_swap::ArcSwap;
 use caremsg_config::Settings;
 use sea_orm::DatabaseConnection;
 
+use tokio_util::sync::CancellationToken;
+
+use crate::actors::Conversations;
 use crate::clock::SharedClock;
+use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::writer::Writer;
 
@@ -23,6 +27,14 @@ pub struct AppState {
     pub clock: SharedClock,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// Live events for the server-sent event streams.
+    pub events: Events,
+    /// The conversation actors, one per patient, started on demand.
+    pub conversations: Conversations,
+    /// The main runtime, where actors send their database work.
+    pub runtime: tokio::runtime::Handle,
+    /// Cancelled when the daemon stops serving: event streams end with it.
+    pub shutdown: CancellationToken,
 }
 
 /// The handle request handlers receive.

@@ -30,6 +30,9 @@ pub struct Model {
     pub provider_message_id: Option<String>,
     /// The text looked like an opt-out without being an exact keyword.
     pub possible_opt_out: bool,
+    /// When the patient marked the conversation read past this message (staff
+    /// messages only; set once).
+    pub read_by_patient_at: Option<DateTimeUtc>,
     pub created_at: DateTimeUtc,
 }
 

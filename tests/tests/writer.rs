@@ -99,6 +99,7 @@ fn message(seq: i64) -> message::ActiveModel {
         gateway: Set(None),
         provider_message_id: Set(None),
         possible_opt_out: Set(false),
+        read_by_patient_at: Set(None),
         created_at: Set(Utc::now()),
     }
 }

@@ -4,9 +4,12 @@
 //! the daemon speaks in entities, write units and typed errors.
 
 pub mod admin;
+pub mod conversation;
 pub mod error;
 pub mod extract;
 pub mod ops;
+pub mod portal;
+pub mod staff;
 
 use std::time::Instant;
 
@@ -30,10 +33,15 @@ use crate::state::Shared;
     paths(
         admin::put_practice, admin::delete_practice, admin::put_program,
         admin::put_user, admin::delete_user, admin::put_patient, admin::delete_patient,
+        staff::my_patients, staff::search, staff::open_conversation, staff::send,
+        staff::mark_read, staff::care_team, staff::notify_me, staff::stop_notifying_me, staff::events,
+        portal::conversation, portal::send, portal::mark_read, portal::events,
         ops::healthz, ops::readyz, ops::metrics,
     ),
     modifiers(&BearerAuth),
     tags((name = "admin", description = "Platform sync (scope admin)"),
+         (name = "staff", description = "The staff application (scope staff, X-Caremsg-User)"),
+         (name = "portal", description = "The portal backend (scope portal)"),
          (name = "ops", description = "Health, readiness, metrics (no token)"))
 )]
 pub struct ApiDoc;
@@ -54,6 +62,8 @@ impl utoipa::Modify for BearerAuth {
 pub fn router(state: Shared) -> Router {
     Router::new()
         .merge(admin::routes())
+        .merge(staff::routes())
+        .merge(portal::routes())
         .merge(ops::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

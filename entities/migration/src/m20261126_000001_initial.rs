@@ -300,6 +300,7 @@ fn tables() -> Vec<TableCreateStatement> {
             .col(string_null(Messages::Gateway))
             .col(string_null(Messages::ProviderMessageId))
             .col(boolean(Messages::PossibleOptOut))
+            .col(timestamp_with_time_zone_null(Messages::ReadByPatientAt))
             .col(timestamp_with_time_zone(Messages::CreatedAt))
             .foreign_key(&mut fk(
                 Messages::Table,
@@ -765,6 +766,7 @@ enum Messages {
     Gateway,
     ProviderMessageId,
     PossibleOptOut,
+    ReadByPatientAt,
     CreatedAt,
 }
 

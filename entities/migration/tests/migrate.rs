@@ -315,6 +315,7 @@ async fn round_trip_every_entity(db: &DatabaseConnection) -> Result<()> {
             gateway: None,
             provider_message_id: None,
             possible_opt_out: false,
+            read_by_patient_at: None,
             created_at: at(10)?,
         },
     )
@@ -492,6 +493,7 @@ fn message_like(change: impl FnOnce(&mut message::Model)) -> Result<message::Act
         gateway: Some("twilio-main".into()),
         provider_message_id: Some("SM500".into()),
         possible_opt_out: false,
+        read_by_patient_at: None,
         created_at: at(20)?,
     };
     change(&mut model);

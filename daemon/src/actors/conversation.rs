@@ -1,0 +1,630 @@
+//! `ConversationActor`: one per patient, the only writer of that patient's
+//! conversation. It assigns gapless sequence numbers, stores messages with their
+//! deliveries (the outbox) in one write unit, moves read markers forward, and
+//! publishes live events after the commit.
+//!
+//! Every handler runs as an atomic response: the actor takes its next message only
+//! when the previous one is committed, which is what makes sequence numbers gapless
+//! and idempotency checks race-free.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use caremsg_config::GatewayKind;
+use caremsg_entities::{
+    Channel, DeliveryChannel, DeliveryPurpose, DeliveryStatus, Direction, SmsStatus, conversation,
+    delivery, message, patient, practice, practice_sms_number, read_marker, user,
+};
+use chrono::{DateTime, Utc};
+use sea_orm::ActiveValue::Set;
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QueryTrait};
+
+use super::{Live, forget, on_main};
+use crate::audit::AuditEntry;
+use crate::events::{Event, MessageEvent};
+use crate::phi::Phi;
+use crate::state::Shared;
+use crate::writer::{Expect, WriteError, WriteUnit};
+
+// ----- Messages ---------------------------------------------------------------
+
+/// Who writes a message.
+#[derive(Debug, Clone)]
+pub enum Author {
+    /// A staff user, through the staff application.
+    Staff(user::Model),
+    /// The patient, through the portal backend.
+    Patient,
+    /// The patient, by a text that a gateway received (the routing decided it is a
+    /// conversation message: the patient's SMS status is enabled and it is no keyword).
+    PatientSms {
+        /// The gateway instance it came through.
+        gateway: String,
+        /// The provider's message id: a provider's retry is stored once.
+        provider_message_id: String,
+    },
+}
+
+/// Stores a message written by staff or by the patient (portal), once per
+/// `client_txn_id`, with a delivery per channel the patient can be reached on.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Stored, SendError>")]
+pub struct SendMessage {
+    /// The writer.
+    pub author: Author,
+    /// The API client (for the audit log).
+    pub client: String,
+    /// The text.
+    pub body: Phi<String>,
+    /// The client's transaction id, scoped to the author.
+    pub client_txn_id: Option<String>,
+}
+
+impl SendMessage {
+    /// A text from the patient that a gateway received (the inbound SMS entry point,
+    /// "ReceiveSms"): stored as a `from_patient` message on channel `sms`, once per
+    /// (gateway, provider message id) — a provider's retry returns the stored message
+    /// with `replayed` set.
+    pub fn inbound_sms(gateway: &str, provider_message_id: &str, body: Phi<String>) -> Self {
+        Self {
+            author: Author::PatientSms {
+                gateway: gateway.to_owned(),
+                provider_message_id: provider_message_id.to_owned(),
+            },
+            client: format!("gateway:{gateway}"),
+            body,
+            client_txn_id: None,
+        }
+    }
+}
+
+/// Who read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reader {
+    /// A staff user.
+    User(String),
+    /// The patient (portal).
+    Patient,
+}
+
+impl Reader {
+    fn key(&self) -> String {
+        match self {
+            Self::User(id) => read_marker::Model::user_reader(id),
+            Self::Patient => read_marker::READER_PATIENT.to_owned(),
+        }
+    }
+}
+
+/// Moves `reader`'s read marker forward to `up_to` (never back); returns the marker.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<i64, SendError>")]
+pub struct MarkRead {
+    /// Who read.
+    pub reader: Reader,
+    /// The newest sequence number read; `None`: the conversation's newest message.
+    pub up_to: Option<i64>,
+}
+
+/// A message as stored, with its deliveries.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// The message.
+    pub message: message::Model,
+    /// One per channel it goes out on.
+    pub deliveries: Vec<delivery::Model>,
+    /// This is the stored result of an earlier request with the same transaction id.
+    pub replayed: bool,
+}
+
+/// Why a message was not stored.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum SendError {
+    /// The patient is gone (deleted, or the actor's patient no longer exists).
+    #[error("no such patient")]
+    NotFound,
+    /// Neither SMS nor portal reaches the patient.
+    #[error("the patient cannot be reached on any channel")]
+    Unreachable,
+    /// The practice has no portal chat.
+    #[error("the practice has no portal chat")]
+    PortalDisabled,
+    /// The patient is not enrolled in the portal.
+    #[error("the patient is not enrolled in the portal")]
+    PortalNotEnrolled,
+    /// Empty or whitespace only.
+    #[error("the body is empty")]
+    EmptyBody,
+    /// Longer than the channel allows.
+    #[error("the body is longer than {limit} characters")]
+    TooLong {
+        /// The limit, in characters.
+        limit: usize,
+    },
+    /// The transaction id is too long or malformed.
+    #[error("client_txn_id must be 1 to 128 characters")]
+    BadTxnId,
+    /// The transaction id was used before with another body.
+    #[error("client_txn_id was already used with a different body")]
+    TxnReused,
+    /// The database or writer failed.
+    #[error("storage failed: {0}")]
+    Storage(String),
+}
+
+impl From<DbErr> for SendError {
+    fn from(err: DbErr) -> Self {
+        Self::Storage(err.to_string())
+    }
+}
+
+impl From<WriteError> for SendError {
+    fn from(err: WriteError) -> Self {
+        Self::Storage(err.to_string())
+    }
+}
+
+// ----- The actor ----------------------------------------------------------------
+
+/// The actor of one patient's conversation.
+pub struct ConversationActor {
+    // Whose conversation.
+    patient_id: String,
+    // Identifies this incarnation in the registry (see `forget`).
+    generation: u64,
+    // The daemon's state: database, writer, settings, clock, events.
+    state: Shared,
+    // The registry's map, to remove this actor when it passivates.
+    live: Arc<Mutex<HashMap<String, Live>>>,
+    // The conversation's newest sequence number, once read from the database.
+    last_seq: Option<i64>,
+    // When the actor last handled a message (for passivation).
+    last_used: Instant,
+}
+
+impl ConversationActor {
+    pub(super) fn new(
+        patient_id: String,
+        generation: u64,
+        state: Shared,
+        live: Arc<Mutex<HashMap<String, Live>>>,
+    ) -> Self {
+        Self {
+            patient_id,
+            generation,
+            state,
+            live,
+            last_seq: None,
+            last_used: Instant::now(),
+        }
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        self.state.settings.load().conversations.idle_timeout
+    }
+
+    /// Checks for idleness after the configured idle time; stops when idle.
+    fn arm_passivation(&self, ctx: &mut Context<Self>) {
+        let wait = self.idle_timeout().saturating_sub(self.last_used.elapsed());
+        ctx.run_later(wait, |actor, ctx| {
+            if actor.last_used.elapsed() >= actor.idle_timeout() {
+                forget(&actor.live, &actor.patient_id, actor.generation);
+                ctx.stop();
+            } else {
+                actor.arm_passivation(ctx);
+            }
+        });
+    }
+}
+
+impl Actor for ConversationActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.arm_passivation(ctx);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        // Whatever stopped it, the registry must not keep a dead address.
+        forget(&self.live, &self.patient_id, self.generation);
+    }
+}
+
+/// Sends `message`: see [`SendMessage`].
+impl Handler<SendMessage> for ConversationActor {
+    type Result = AtomicResponse<Self, Result<Stored, SendError>>;
+
+    fn handle(&mut self, msg: SendMessage, _ctx: &mut Context<Self>) -> Self::Result {
+        self.last_used = Instant::now();
+        let state = self.state.clone();
+        let patient_id = self.patient_id.clone();
+        let last_seq = self.last_seq;
+        let work = on_main(&state.runtime.clone(), async move {
+            send(&state, &patient_id, last_seq, msg).await
+        });
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(|outcome, actor, _| {
+            let (last_seq, result) =
+                outcome.unwrap_or((None, Err(SendError::Storage("the send task failed".into()))));
+            actor.last_seq = last_seq;
+            result
+        })))
+    }
+}
+
+/// Moves a read marker: see [`MarkRead`].
+impl Handler<MarkRead> for ConversationActor {
+    type Result = AtomicResponse<Self, Result<i64, SendError>>;
+
+    fn handle(&mut self, msg: MarkRead, _ctx: &mut Context<Self>) -> Self::Result {
+        self.last_used = Instant::now();
+        let state = self.state.clone();
+        let patient_id = self.patient_id.clone();
+        let work = on_main(&state.runtime.clone(), async move {
+            mark_read(&state, &patient_id, msg).await
+        });
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(|outcome, _, _| {
+            outcome.unwrap_or(Err(SendError::Storage("the mark-read task failed".into())))
+        })))
+    }
+}
+
+// ----- The work, on the main runtime --------------------------------------------
+
+/// Longest client transaction id.
+const MAX_TXN_ID: usize = 128;
+
+async fn send(
+    state: &Shared,
+    patient_id: &str,
+    last_seq: Option<i64>,
+    msg: SendMessage,
+) -> (Option<i64>, Result<Stored, SendError>) {
+    match try_send(state, patient_id, last_seq, msg).await {
+        Ok((seq, stored)) => (Some(seq), Ok(stored)),
+        // After a storage failure the next message re-reads the sequence.
+        Err(err @ SendError::Storage(_)) => (None, Err(err)),
+        Err(err) => (last_seq, Err(err)),
+    }
+}
+
+async fn try_send(
+    state: &Shared,
+    patient_id: &str,
+    last_seq: Option<i64>,
+    msg: SendMessage,
+) -> Result<(i64, Stored), SendError> {
+    let db = &state.db;
+    let patient = patient::Entity::find_by_id(patient_id.to_owned())
+        .one(db)
+        .await?
+        .filter(|p| p.active)
+        .ok_or(SendError::NotFound)?;
+    let practice = practice::Entity::find_by_id(patient.practice_id.clone())
+        .one(db)
+        .await?
+        .filter(|p| p.active)
+        .ok_or(SendError::NotFound)?;
+    if matches!(msg.author, Author::Patient) {
+        if !practice.portal_enabled {
+            return Err(SendError::PortalDisabled);
+        }
+        if !patient.portal_enrolled {
+            return Err(SendError::PortalNotEnrolled);
+        }
+    }
+    if let Author::PatientSms {
+        gateway,
+        provider_message_id,
+    } = &msg.author
+        && let Some(earlier) = message::Entity::find()
+            .filter(message::Column::Gateway.eq(gateway.clone()))
+            .filter(message::Column::ProviderMessageId.eq(provider_message_id.clone()))
+            .one(db)
+            .await?
+    {
+        let seq = match last_seq {
+            Some(seq) => seq,
+            None => current_last_seq(state, patient_id).await?,
+        };
+        return Ok((
+            seq,
+            Stored {
+                message: earlier,
+                deliveries: Vec::new(),
+                replayed: true,
+            },
+        ));
+    }
+    let author_key = match &msg.author {
+        Author::Staff(user) => format!("user:{}", user.id),
+        Author::Patient | Author::PatientSms { .. } => "patient".to_owned(),
+    };
+    let txn_key = match &msg.client_txn_id {
+        None => None,
+        Some(txn)
+            if txn.is_empty()
+                || txn.chars().count() > MAX_TXN_ID
+                || txn.chars().any(char::is_control) =>
+        {
+            return Err(SendError::BadTxnId);
+        }
+        Some(txn) => Some(format!("{author_key}/{txn}")),
+    };
+    let current_seq = match last_seq {
+        Some(seq) => seq,
+        None => current_last_seq(state, patient_id).await?,
+    };
+    if let Some(key) = &txn_key
+        && let Some(earlier) = message::Entity::find()
+            .filter(message::Column::PatientId.eq(patient_id))
+            .filter(message::Column::ClientTxnKey.eq(key.clone()))
+            .one(db)
+            .await?
+    {
+        if earlier.body != *msg.body.expose() {
+            return Err(SendError::TxnReused);
+        }
+        let deliveries = delivery::Entity::find()
+            .filter(delivery::Column::MessageId.eq(earlier.id.clone()))
+            .order_by_asc(delivery::Column::Channel)
+            .all(db)
+            .await?;
+        return Ok((
+            current_seq,
+            Stored {
+                message: earlier,
+                deliveries,
+                replayed: true,
+            },
+        ));
+    }
+    if msg.body.expose().trim().is_empty() {
+        return Err(SendError::EmptyBody);
+    }
+    let settings = state.settings.load();
+    let now = state.clock.now();
+    let seq = current_seq + 1;
+    let message_id = uuid::Uuid::now_v7().to_string();
+    let mut deliveries = Vec::new();
+    let (direction, channel) = match &msg.author {
+        Author::Staff(user) => {
+            let sms_number = if practice.sms_enabled
+                && patient.sms_status == SmsStatus::Enabled
+                && patient.mobile_phone.is_some()
+            {
+                practice_sms_number::Entity::find()
+                    .filter(practice_sms_number::Column::PracticeId.eq(practice.id.clone()))
+                    .order_by_asc(practice_sms_number::Column::Number)
+                    .one(db)
+                    .await?
+            } else {
+                None
+            };
+            let portal = practice.portal_enabled && patient.portal_enrolled;
+            if sms_number.is_none() && !portal {
+                return Err(SendError::Unreachable);
+            }
+            let limit = if sms_number.is_some() {
+                settings.conversations.sms_body_max_chars
+            } else {
+                settings.conversations.portal_body_max_chars
+            };
+            if msg.body.expose().chars().count() > limit {
+                return Err(SendError::TooLong { limit });
+            }
+            let delivery = |channel, gateway: Option<String>| delivery::Model {
+                id: uuid::Uuid::now_v7().to_string(),
+                message_id: Some(message_id.clone()),
+                notification_id: None,
+                patient_id: Some(patient.id.clone()),
+                practice_id: practice.id.clone(),
+                channel,
+                purpose: DeliveryPurpose::Message,
+                gateway,
+                recipient: None,
+                from_number: None,
+                subject: None,
+                body: None,
+                status: DeliveryStatus::Queued,
+                attempts: 0,
+                next_attempt_at: now,
+                claimed_at: None,
+                provider_message_id: None,
+                error_code: None,
+                error_reason: None,
+                created_at: now,
+                updated_at: now,
+            };
+            if let Some(number) = sms_number {
+                let mut text = msg.body.expose().clone();
+                if practice.sign_outbound_sms {
+                    text = format!("{text}\n- {}", user.name);
+                }
+                deliveries.push(delivery::Model {
+                    recipient: patient.mobile_phone.clone(),
+                    from_number: Some(number.number.clone()),
+                    body: Some(text),
+                    ..delivery(DeliveryChannel::Sms, Some(number.gateway.clone()))
+                });
+            }
+            if portal {
+                let gateway = settings
+                    .gateways
+                    .iter()
+                    .find(|g| g.kind == GatewayKind::Portal)
+                    .map(|g| g.name.clone());
+                deliveries.push(delivery(DeliveryChannel::Portal, gateway));
+            }
+            let channel = if deliveries.iter().any(|d| d.channel == DeliveryChannel::Sms) {
+                Channel::Sms
+            } else {
+                Channel::Portal
+            };
+            (Direction::ToPatient, channel)
+        }
+        Author::Patient => {
+            let limit = settings.conversations.portal_body_max_chars;
+            if msg.body.expose().chars().count() > limit {
+                return Err(SendError::TooLong { limit });
+            }
+            (Direction::FromPatient, Channel::Portal)
+        }
+        // What a carrier delivered is stored whatever its length.
+        Author::PatientSms { .. } => (Direction::FromPatient, Channel::Sms),
+    };
+    let author_user_id = match &msg.author {
+        Author::Staff(user) => Some(user.id.clone()),
+        Author::Patient | Author::PatientSms { .. } => None,
+    };
+    let (gateway, provider_message_id) = match &msg.author {
+        Author::PatientSms {
+            gateway,
+            provider_message_id,
+        } => (Some(gateway.clone()), Some(provider_message_id.clone())),
+        _ => (None, None),
+    };
+    let possible_opt_out = matches!(msg.author, Author::PatientSms { .. } | Author::Patient)
+        && crate::sms::keywords::mentions_opt_out(msg.body.expose());
+    let stored = message::Model {
+        id: message_id,
+        patient_id: patient.id.clone(),
+        seq,
+        direction,
+        channel,
+        author_user_id: author_user_id.clone(),
+        body: msg.body.expose().clone(),
+        client_txn_key: txn_key,
+        gateway,
+        provider_message_id,
+        possible_opt_out,
+        read_by_patient_at: None,
+        created_at: now,
+    };
+    let mut unit = WriteUnit::new().insert(message::ActiveModel::from(stored.clone()));
+    for d in &deliveries {
+        unit = unit.insert(delivery::ActiveModel::from(d.clone()));
+    }
+    unit = unit
+        .exec(
+            conversation::Entity::update_many()
+                .col_expr(conversation::Column::LastSeq, Expr::value(seq))
+                .col_expr(conversation::Column::LastMessageAt, Expr::value(now))
+                .filter(conversation::Column::PatientId.eq(patient.id.clone()))
+                .filter(conversation::Column::LastSeq.eq(current_seq))
+                .into_query(),
+            Expect::Exactly(1),
+            "conversation sequence",
+        )
+        .exec(
+            patient::Entity::update_many()
+                .col_expr(patient::Column::LastActivityAt, Expr::value(now))
+                .filter(patient::Column::Id.eq(patient.id.clone()))
+                .into_query(),
+            Expect::Any,
+            "patient activity",
+        );
+    // Sending marks the conversation read for its author (a text arriving by SMS is
+    // not a sign the patient read the portal).
+    match &msg.author {
+        Author::Staff(user) => {
+            unit = unit.merge(read_unit(
+                &patient.id,
+                &Reader::User(user.id.clone()),
+                seq,
+                now,
+            ))
+        }
+        Author::Patient => unit = unit.merge(read_unit(&patient.id, &Reader::Patient, seq, now)),
+        Author::PatientSms { .. } => {}
+    }
+    let audit = AuditEntry {
+        client: &msg.client,
+        actor_user_id: author_user_id.as_deref(),
+        patient_id: Some(&patient.id),
+        action: match msg.author {
+            Author::Staff(_) => "message.send",
+            Author::Patient => "portal.message.send",
+            Author::PatientSms { .. } => "sms.message.receive",
+        },
+        detail: Some(format!("seq={seq}")),
+    };
+    state.writer.write(audit.add_to(unit, now)).await?;
+    state.metrics.messages_stored.inc();
+    state.events.publish(Event::Message(Arc::new(MessageEvent {
+        patient_id: patient.id.clone(),
+        practice_id: practice.id.clone(),
+        seq,
+        direction,
+        channel,
+        body: msg.body.clone(),
+    })));
+    Ok((
+        seq,
+        Stored {
+            message: stored,
+            deliveries,
+            replayed: false,
+        },
+    ))
+}
+
+async fn current_last_seq(state: &Shared, patient_id: &str) -> Result<i64, SendError> {
+    Ok(conversation::Entity::find_by_id(patient_id.to_owned())
+        .one(&state.db)
+        .await?
+        .ok_or(SendError::NotFound)?
+        .last_seq)
+}
+
+/// The unit that moves `reader`'s marker to `seq` (callers check it moves forward);
+/// for the patient it also stamps the staff messages it covers as read.
+fn read_unit(patient_id: &str, reader: &Reader, seq: i64, now: DateTime<Utc>) -> WriteUnit {
+    let mut unit = WriteUnit::new().upsert(
+        read_marker::ActiveModel {
+            patient_id: Set(patient_id.to_owned()),
+            reader: Set(reader.key()),
+            last_read_seq: Set(seq),
+            read_at: Set(now),
+        },
+        &[read_marker::Column::PatientId, read_marker::Column::Reader],
+    );
+    if *reader == Reader::Patient {
+        unit = unit.exec(
+            message::Entity::update_many()
+                .col_expr(message::Column::ReadByPatientAt, Expr::value(now))
+                .filter(message::Column::PatientId.eq(patient_id))
+                .filter(message::Column::Direction.eq(Direction::ToPatient))
+                .filter(message::Column::Seq.lte(seq))
+                .filter(message::Column::ReadByPatientAt.is_null())
+                .into_query(),
+            Expect::Any,
+            "messages read by the patient",
+        );
+    }
+    unit
+}
+
+async fn mark_read(state: &Shared, patient_id: &str, msg: MarkRead) -> Result<i64, SendError> {
+    let db = &state.db;
+    let newest = conversation::Entity::find_by_id(patient_id.to_owned())
+        .one(db)
+        .await?
+        .ok_or(SendError::NotFound)?
+        .last_seq;
+    let up_to = msg.up_to.unwrap_or(newest).clamp(0, newest);
+    let current = read_marker::Entity::find_by_id((patient_id.to_owned(), msg.reader.key()))
+        .one(db)
+        .await?
+        .map_or(0, |m| m.last_read_seq);
+    if up_to <= current {
+        return Ok(current);
+    }
+    state
+        .writer
+        .write(read_unit(patient_id, &msg.reader, up_to, state.clock.now()))
+        .await?;
+    Ok(up_to)
+}

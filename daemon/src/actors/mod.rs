@@ -1,0 +1,226 @@
+//! The actor system: actix actors on their own thread, and the registry that starts
+//! a [`ConversationActor`](conversation::ConversationActor) per patient on demand and
+//! forgets it when it passivates.
+//!
+//! **Architecture Invariant:** no actor keeps state that is not also in the database.
+//! An actor is a serialiser and a cache: stopping it (passivation, a crash, a
+//! restart) loses nothing; the next one rebuilds from the database.
+//!
+//! **Architecture Invariant:** actors do their database work on the main tokio
+//! runtime ([`on_main`]), never on the actor thread, so every pooled connection
+//! belongs to one runtime and outlives the actor system at shutdown.
+
+pub mod conversation;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use actix::{Actor, Addr, ArbiterHandle, Handler, MailboxError, Message, System};
+
+use self::conversation::ConversationActor;
+use crate::state::AppState;
+
+/// The actix system, running on a thread of its own.
+pub struct ActorSystem {
+    // Stops the system's event loop.
+    system: System,
+    // Where actors are started.
+    arbiter: ArbiterHandle,
+    // The thread running the system; joined at shutdown.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ActorSystem {
+    /// Starts the actor thread.
+    pub fn start() -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("caremsg-actors".into())
+            .spawn(move || {
+                let runner = System::new();
+                runner.block_on(async {
+                    let _ = tx.send((System::current(), actix::Arbiter::current()));
+                });
+                if let Err(err) = runner.run() {
+                    tracing::error!(error = %err, "The actor system ended with an error.");
+                }
+            })?;
+        let (system, arbiter) = rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the actor thread did not start"))?;
+        Ok(Self {
+            system,
+            arbiter,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops every actor and the thread.
+    pub fn stop(&mut self) {
+        self.system.stop();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("The actor thread panicked while stopping.");
+        }
+    }
+}
+
+impl Drop for ActorSystem {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// Why a message could not be handled by its actor.
+#[derive(Debug, thiserror::Error)]
+pub enum ActorError {
+    /// The actor system is stopping.
+    #[error("the actor system is stopped")]
+    Stopped,
+}
+
+/// A live conversation actor and the generation that identifies it.
+struct Live {
+    generation: u64,
+    addr: Addr<ConversationActor>,
+}
+
+/// Starts, finds and forgets conversation actors.
+pub struct Conversations {
+    // Where actors run.
+    system: Mutex<ActorSystem>,
+    // The live actors by patient id. Shared with the actors, which remove themselves.
+    live: Arc<Mutex<HashMap<String, Live>>>,
+    // Tells a passivating actor whether the registry still points at it.
+    generation: AtomicU64,
+    // The daemon's state, for new actors (weak: the state owns this registry).
+    state: Weak<AppState>,
+}
+
+impl Conversations {
+    /// A registry starting its actors on `system`.
+    pub fn new(system: ActorSystem, state: Weak<AppState>) -> Self {
+        Self {
+            system: Mutex::new(system),
+            live: Arc::default(),
+            generation: AtomicU64::new(1),
+            state,
+        }
+    }
+
+    /// How many conversation actors are live.
+    pub fn live(&self) -> usize {
+        self.live.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
+    /// Sends `message` to the actor of `patient_id`, starting it if needed. An actor
+    /// that passivated between lookup and send is replaced and the message sent again.
+    pub async fn send<M>(&self, patient_id: &str, message: M) -> Result<M::Result, ActorError>
+    where
+        M: Message + Send + Clone + 'static,
+        M::Result: Send,
+        ConversationActor: Handler<M>,
+    {
+        for _ in 0..4 {
+            let addr = self.addr(patient_id)?;
+            match addr.send(message.clone()).await {
+                Ok(result) => return Ok(result),
+                Err(MailboxError::Closed) => {
+                    self.forget_closed(patient_id);
+                    continue;
+                }
+                Err(MailboxError::Timeout) => continue,
+            }
+        }
+        Err(ActorError::Stopped)
+    }
+
+    fn addr(&self, patient_id: &str) -> Result<Addr<ConversationActor>, ActorError> {
+        let mut live = self.live.lock().map_err(|_| ActorError::Stopped)?;
+        if let Some(entry) = live.get(patient_id)
+            && entry.addr.connected()
+        {
+            return Ok(entry.addr.clone());
+        }
+        let state = self.state.upgrade().ok_or(ActorError::Stopped)?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let arbiter = self
+            .system
+            .lock()
+            .map_err(|_| ActorError::Stopped)?
+            .arbiter
+            .clone();
+        let actor =
+            ConversationActor::new(patient_id.to_owned(), generation, state, self.live.clone());
+        let addr = ConversationActor::start_in_arbiter(&arbiter, move |_| actor);
+        live.insert(
+            patient_id.to_owned(),
+            Live {
+                generation,
+                addr: addr.clone(),
+            },
+        );
+        Ok(addr)
+    }
+
+    fn forget_closed(&self, patient_id: &str) {
+        if let Ok(mut live) = self.live.lock()
+            && live.get(patient_id).is_some_and(|l| !l.addr.connected())
+        {
+            live.remove(patient_id);
+        }
+    }
+
+    /// Stops every actor (shutdown).
+    pub fn stop(&self) {
+        if let Ok(mut live) = self.live.lock() {
+            live.clear();
+        }
+        if let Ok(mut system) = self.system.lock() {
+            system.stop();
+        }
+    }
+}
+
+/// Removes the actor of `patient_id` from the registry if it is still generation
+/// `generation`; returns whether it was.
+fn forget(live: &Mutex<HashMap<String, Live>>, patient_id: &str, generation: u64) -> bool {
+    let Ok(mut live) = live.lock() else {
+        return false;
+    };
+    if live
+        .get(patient_id)
+        .is_some_and(|l| l.generation == generation)
+    {
+        live.remove(patient_id);
+        true
+    } else {
+        false
+    }
+}
+
+/// Runs `work` on the main runtime and waits for it from the actor thread.
+pub fn on_main<T, F>(
+    handle: &tokio::runtime::Handle,
+    work: F,
+) -> impl Future<Output = Option<T>> + use<T, F>
+where
+    F: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let task = handle.spawn(work);
+    async move {
+        match task.await {
+            Ok(value) => Some(value),
+            Err(err) => {
+                tracing::error!(error = %err, "Actor work on the main runtime failed.");
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! What the staff and portal APIs share: the message as returned everywhere, a page of
+//! a conversation, sending through the patient's actor, and the server-sent event
+//! stream plumbing.
+
+use std::convert::Infallible;
+
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use caremsg_entities::{delivery, message};
+use chrono::{DateTime, Utc};
+use futures::{Stream, StreamExt};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use serde::{Deserialize, Serialize};
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, ApiResult};
+use crate::actors::conversation::{SendError, Stored};
+use crate::events::{Event, MessageEvent};
+use crate::state::Shared;
+
+/// Default and largest page of a conversation.
+const DEFAULT_PAGE: u64 = 50;
+const MAX_PAGE: u64 = 200;
+
+/// A delivery of a message on one channel.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DeliveryOut {
+    /// `sms`, `portal` or `email`.
+    pub channel: String,
+    /// `queued`, `sending`, `sent`, `delivered`, `failed`, `undelivered`, `reconcile`, `refused`.
+    pub status: String,
+    /// The provider's reason, when it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A message as returned anywhere.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct MessageOut {
+    /// Position in the conversation, from 1, gapless.
+    pub seq: i64,
+    /// `from_patient`, `to_patient` or `system`.
+    pub direction: String,
+    /// Where a patient message arrived; for a staff message `sms` when an SMS delivery
+    /// exists, else `portal`; `system` for system events.
+    pub channel: String,
+    /// The staff author of a staff message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub author_user_id: Option<String>,
+    /// The text.
+    pub body: String,
+    /// When it was stored.
+    pub created_at: DateTime<Utc>,
+    /// One per channel the message goes out on.
+    pub deliveries: Vec<DeliveryOut>,
+    /// For staff messages: when the patient marked the conversation read past it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_by_patient_at: Option<DateTime<Utc>>,
+    /// The patient's text mentions an opt-out word without being the keyword.
+    pub possible_opt_out: bool,
+}
+
+impl MessageOut {
+    /// The message with its deliveries.
+    pub fn new(message: message::Model, deliveries: &[delivery::Model]) -> Self {
+        let mut deliveries: Vec<DeliveryOut> = deliveries
+            .iter()
+            .filter(|d| d.message_id.as_deref() == Some(message.id.as_str()))
+            .map(|d| DeliveryOut {
+                channel: d.channel.as_str().to_owned(),
+                status: d.status.as_str().to_owned(),
+                error: d.error_reason.clone(),
+            })
+            .collect();
+        deliveries.sort_by(|a, b| a.channel.cmp(&b.channel));
+        Self {
+            seq: message.seq,
+            direction: message.direction.as_str().to_owned(),
+            channel: message.channel.as_str().to_owned(),
+            author_user_id: message.author_user_id,
+            body: message.body,
+            created_at: message.created_at,
+            deliveries,
+            read_by_patient_at: message.read_by_patient_at,
+            possible_opt_out: message.possible_opt_out,
+        }
+    }
+
+    /// The message just stored (or stored before, for a repeated transaction id).
+    pub fn stored(stored: Stored) -> Self {
+        Self::new(stored.message, &stored.deliveries)
+    }
+}
+
+/// `?before=&limit=` of a conversation page.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    /// Only messages with a lower sequence number (the `next_cursor` of the newer page).
+    pub before: Option<i64>,
+    /// At most this many messages (default 50, at most 200).
+    pub limit: Option<u64>,
+}
+
+/// A page of a conversation, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Page {
+    /// Messages in ascending `seq`.
+    pub messages: Vec<MessageOut>,
+    /// The `before` of the next older page; null at the beginning.
+    pub next_cursor: Option<i64>,
+    /// The conversation's newest sequence number (what opening it marks read).
+    pub last_seq: i64,
+}
+
+/// Reads one page of `patient_id`'s conversation: the newest `limit` messages before
+/// `before`, returned oldest first.
+pub async fn page(state: &Shared, patient_id: &str, query: &PageQuery) -> ApiResult<Page> {
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::invalid(
+            "limit",
+            format!("Must be between 1 and {MAX_PAGE}."),
+        ));
+    }
+    if query.before.is_some_and(|b| b < 1) {
+        return Err(ApiError::invalid(
+            "before",
+            "Must be a sequence number of at least 1.",
+        ));
+    }
+    let mut select = message::Entity::find().filter(message::Column::PatientId.eq(patient_id));
+    if let Some(before) = query.before {
+        select = select.filter(message::Column::Seq.lt(before));
+    }
+    let mut messages = select
+        .order_by_desc(message::Column::Seq)
+        .limit(limit + 1)
+        .all(&state.db)
+        .await?;
+    let more = messages.len() as u64 > limit;
+    messages.truncate(limit as usize);
+    messages.reverse();
+    let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
+    let deliveries = if ids.is_empty() {
+        Vec::new()
+    } else {
+        delivery::Entity::find()
+            .filter(delivery::Column::MessageId.is_in(ids))
+            .order_by_asc(delivery::Column::Channel)
+            .all(&state.db)
+            .await?
+    };
+    let next_cursor = if more {
+        messages.first().map(|m| m.seq)
+    } else {
+        None
+    };
+    let last_seq = caremsg_entities::conversation::Entity::find_by_id(patient_id.to_owned())
+        .one(&state.db)
+        .await?
+        .map_or(0, |c| c.last_seq);
+    Ok(Page {
+        messages: messages
+            .into_iter()
+            .map(|m| MessageOut::new(m, &deliveries))
+            .collect(),
+        next_cursor,
+        last_seq,
+    })
+}
+
+/// `{body, client_txn_id}` of a send.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SendIn {
+    /// The text. Not empty; at most 1,600 characters when it goes out by SMS, else
+    /// the configured portal limit (default 10,000).
+    pub body: String,
+    /// Optional idempotency key, scoped to the conversation and author: a retry with
+    /// the same id returns the first result; with another body it is 409 `txn_id_reused`.
+    #[serde(default)]
+    pub client_txn_id: Option<String>,
+}
+
+impl From<SendError> for ApiError {
+    fn from(err: SendError) -> Self {
+        match err {
+            SendError::NotFound => ApiError::not_found("patient"),
+            SendError::Unreachable => ApiError::conflict(
+                "patient_unreachable",
+                "The patient can be reached neither by SMS nor through the portal; nothing was stored.",
+            ),
+            SendError::PortalDisabled => {
+                ApiError::conflict("portal_disabled", "The practice has no portal chat.")
+            }
+            SendError::PortalNotEnrolled => ApiError::conflict(
+                "portal_not_enrolled",
+                "The patient is not enrolled in the portal.",
+            ),
+            SendError::EmptyBody => {
+                ApiError::invalid("body", "Must not be empty or only white space.")
+                    .with_code("empty_body")
+            }
+            SendError::TooLong { limit } => ApiError::invalid(
+                "body",
+                format!("Must be at most {limit} characters on this channel."),
+            )
+            .with_code("body_too_long"),
+            SendError::BadTxnId => {
+                ApiError::invalid("client_txn_id", "Must be 1 to 128 printable characters.")
+            }
+            SendError::TxnReused => ApiError::conflict(
+                "txn_id_reused",
+                "This client_txn_id was already used with a different body.",
+            )
+            .field("client_txn_id"),
+            SendError::Storage(cause) => ApiError::internal(&cause),
+        }
+    }
+}
+
+impl From<crate::actors::ActorError> for ApiError {
+    fn from(err: crate::actors::ActorError) -> Self {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            err.to_string(),
+        )
+    }
+}
+
+/// The JSON of a `message` event.
+#[derive(Debug, Serialize)]
+struct MessageEventOut<'a> {
+    patient_id: &'a str,
+    seq: i64,
+    direction: &'a str,
+    channel: &'a str,
+    body: &'a str,
+}
+
+/// The SSE event for a stored message.
+pub fn message_event(event: &MessageEvent) -> SseEvent {
+    let out = MessageEventOut {
+        patient_id: &event.patient_id,
+        seq: event.seq,
+        direction: event.direction.as_str(),
+        channel: event.channel.as_str(),
+        body: event.body.expose(),
+    };
+    SseEvent::default()
+        .event("message")
+        .json_data(out)
+        .unwrap_or_else(|_| SseEvent::default().event("error"))
+}
+
+/// A server-sent event stream of the bus, passed through `select` (which decides,
+/// per event, what this subscriber sees), kept alive while idle, and ended when the
+/// daemon stops serving.
+pub fn stream<F, Fut>(
+    state: &Shared,
+    select: F,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>> + use<F, Fut>>
+where
+    F: Fn(Event) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Option<SseEvent>> + Send + 'static,
+{
+    let select = std::sync::Arc::new(select);
+    let events = BroadcastStream::new(state.events.subscribe())
+        .then(move |item| {
+            let select = select.clone();
+            async move {
+                match item {
+                    Ok(event) => select(event).await,
+                    Err(BroadcastStreamRecvError::Lagged(missed)) => Some(
+                        SseEvent::default()
+                            .event("lagged")
+                            .data(format!("{{\"missed\":{missed}}}")),
+                    ),
+                }
+            }
+        })
+        .filter_map(|event| async move { event.map(Ok) })
+        .take_until(state.shutdown.clone().cancelled_owned());
+    let keepalive = state.settings.load().server.sse_keepalive;
+    Sse::new(events).keep_alive(KeepAlive::new().interval(keepalive))
+}

@@ -1,0 +1,158 @@
+//! The portal backend's API, acting for one patient at a time: the conversation (all
+//! channels), sending, marking read, and a live event stream.
+//!
+//! Only for portal-enrolled patients of practices with portal chat: otherwise 409
+//! `portal_disabled` (the practice's switch, which wins) or `portal_not_enrolled`.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use caremsg_entities::{patient, practice};
+
+use super::conversation::{self as conv, MessageOut, Page, PageQuery, SendIn};
+use super::error::{ApiError, ApiResult};
+use super::extract::{ApiJson, Portal};
+use super::staff::ReadOut;
+use crate::access::patient_for_portal;
+use crate::actors::conversation::{Author, MarkRead, Reader, SendMessage};
+use crate::audit::AuditEntry;
+use crate::events::Event;
+use crate::phi::Phi;
+use crate::state::Shared;
+
+/// The portal routes.
+pub fn routes() -> Router<Shared> {
+    Router::new()
+        .route(
+            "/v1/portal/patients/{patient_id}/conversation",
+            get(conversation),
+        )
+        .route("/v1/portal/patients/{patient_id}/messages", post(send))
+        .route("/v1/portal/patients/{patient_id}/read", post(mark_read))
+        .route("/v1/portal/patients/{patient_id}/events", get(events))
+}
+
+/// The patient, if the portal may act for it.
+async fn portal_patient(
+    state: &Shared,
+    patient_id: &str,
+) -> ApiResult<(patient::Model, practice::Model)> {
+    let (patient, practice) = patient_for_portal(&state.db, patient_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("patient"))?;
+    if !practice.portal_enabled {
+        return Err(ApiError::conflict(
+            "portal_disabled",
+            "The practice has no portal chat.",
+        ));
+    }
+    if !patient.portal_enrolled {
+        return Err(ApiError::conflict(
+            "portal_not_enrolled",
+            "The patient is not enrolled in the portal.",
+        ));
+    }
+    Ok((patient, practice))
+}
+
+#[utoipa::path(get, path = "/v1/portal/patients/{patient_id}/conversation", tag = "portal",
+    params(("patient_id" = String, Path), PageQuery),
+    responses((status = 200, body = Page), (status = 409, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+/// The patient's conversation, all channels, newest page first.
+pub async fn conversation(
+    State(state): State<Shared>,
+    Portal(caller): Portal,
+    Path(patient_id): Path<String>,
+    Query(query): Query<PageQuery>,
+) -> ApiResult<Json<Page>> {
+    let (patient, _) = portal_patient(&state, &patient_id).await?;
+    let page = conv::page(&state, &patient.id, &query).await?;
+    AuditEntry {
+        client: &caller.client,
+        actor_user_id: None,
+        patient_id: Some(&patient.id),
+        action: "portal.conversation.read",
+        detail: Some(format!("messages={}", page.messages.len())),
+    }
+    .record(&state.writer, state.clock.now())
+    .await?;
+    Ok(Json(page))
+}
+
+#[utoipa::path(post, path = "/v1/portal/patients/{patient_id}/messages", tag = "portal",
+    params(("patient_id" = String, Path)), request_body = SendIn,
+    responses((status = 201, body = MessageOut), (status = 409, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+/// A message from the patient (idempotent on `client_txn_id`).
+pub async fn send(
+    State(state): State<Shared>,
+    Portal(caller): Portal,
+    Path(patient_id): Path<String>,
+    ApiJson(input): ApiJson<SendIn>,
+) -> ApiResult<impl IntoResponse> {
+    let (patient, _) = portal_patient(&state, &patient_id).await?;
+    let stored = state
+        .conversations
+        .send(
+            &patient.id,
+            SendMessage {
+                author: Author::Patient,
+                client: caller.client,
+                body: Phi::new(input.body),
+                client_txn_id: input.client_txn_id,
+            },
+        )
+        .await??;
+    Ok((StatusCode::CREATED, Json(MessageOut::stored(stored))))
+}
+
+#[utoipa::path(post, path = "/v1/portal/patients/{patient_id}/read", tag = "portal",
+    params(("patient_id" = String, Path)),
+    responses((status = 200, body = ReadOut)), security(("bearer" = [])))]
+/// The patient has read the conversation up to its newest message; staff then see
+/// `read_by_patient_at` on the staff messages it covers.
+pub async fn mark_read(
+    State(state): State<Shared>,
+    Portal(_caller): Portal,
+    Path(patient_id): Path<String>,
+) -> ApiResult<Json<ReadOut>> {
+    let (patient, _) = portal_patient(&state, &patient_id).await?;
+    let last_read_seq = state
+        .conversations
+        .send(
+            &patient.id,
+            MarkRead {
+                reader: Reader::Patient,
+                up_to: None,
+            },
+        )
+        .await??;
+    Ok(Json(ReadOut { last_read_seq }))
+}
+
+#[utoipa::path(get, path = "/v1/portal/patients/{patient_id}/events", tag = "portal",
+    params(("patient_id" = String, Path)),
+    responses((status = 200, description = "text/event-stream: `message` events of this conversation")),
+    security(("bearer" = [])))]
+/// Server-sent events: new messages of this patient's conversation.
+pub async fn events(
+    State(state): State<Shared>,
+    Portal(_caller): Portal,
+    Path(patient_id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
+    let (patient, _) = portal_patient(&state, &patient_id).await?;
+    let id = patient.id;
+    Ok(conv::stream(&state, move |event| {
+        let id = id.clone();
+        async move {
+            match event {
+                Event::Message(message) => {
+                    (message.patient_id == id).then(|| conv::message_event(&message))
+                }
+            }
+        }
+    }))
+}

@@ -1,0 +1,698 @@
+//! The staff application's API: my patient list, search, a conversation (opening it
+//! marks it read), sending, the Care Team panel, notify-me, and the event stream.
+//!
+//! **Architecture Invariant:** every path here goes through [`patient_for`] (or the
+//! SQL form of the same rule, [`ACCESSIBLE`]): a patient of another practice is a
+//! 404, a restricted one a 403, and neither appears in a list or a search.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use caremsg_entities::{
+    CareTeamRole, SmsStatus, care_team_member, notification_settings, patient, practice, user,
+};
+use chrono::{DateTime, NaiveDate, Utc};
+use sea_orm::ActiveValue::Set;
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryTrait, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::conversation::{self as conv, MessageOut, Page, PageQuery, SendIn};
+use super::error::{ApiError, ApiResult};
+use super::extract::{ApiJson, Staff};
+use crate::access::{ACCESSIBLE, Denied, may_access, patient_for};
+use crate::actors::conversation::{Author, MarkRead, Reader, SendMessage};
+use crate::audit::AuditEntry;
+use crate::events::Event;
+use crate::phi::Phi;
+use crate::sql::{like_escape, statement};
+use crate::state::Shared;
+use crate::writer::{Expect, WriteUnit};
+
+/// The staff routes.
+pub fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/v1/staff/patients", get(my_patients))
+        .route("/v1/staff/patients/search", get(search))
+        .route(
+            "/v1/staff/patients/{patient_id}/conversation",
+            get(open_conversation),
+        )
+        .route("/v1/staff/patients/{patient_id}/messages", post(send))
+        .route("/v1/staff/patients/{patient_id}/read", post(mark_read))
+        .route("/v1/staff/patients/{patient_id}/care-team", get(care_team))
+        .route(
+            "/v1/staff/patients/{patient_id}/notify",
+            put(notify_me).delete(stop_notifying_me),
+        )
+        .route("/v1/staff/events", get(events))
+}
+
+/// The patient `patient_id` if `staff` may act on it: 404 or 403 otherwise.
+pub async fn staff_patient(
+    state: &Shared,
+    staff: &Staff,
+    patient_id: &str,
+) -> ApiResult<(patient::Model, practice::Model)> {
+    match patient_for(&state.db, &staff.user, patient_id).await? {
+        Ok(found) => Ok(found),
+        Err(Denied::NotFound) => Err(ApiError::not_found("patient")),
+        Err(Denied::Restricted) => Err(ApiError::forbidden(
+            "access_restricted",
+            "You are restricted from every program this patient is enrolled in.",
+        )),
+    }
+}
+
+// ----- My patient list ---------------------------------------------------------------
+
+/// `?limit=&cursor=`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Page size (default 50, at most 200).
+    pub limit: Option<u64>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// One patient on my list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ListedPatient {
+    /// The platform's id.
+    pub patient_id: String,
+    /// "First Last".
+    pub name: String,
+    /// The red '!': a message I have not viewed, other than my own and system events.
+    pub has_unread: bool,
+    /// The newest message's time.
+    pub last_message_at: Option<DateTime<Utc>>,
+    /// SMS authentication status.
+    pub sms_status: String,
+    /// Portal enrollment.
+    pub portal_enrolled: bool,
+}
+
+/// A page of my patients.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PatientList {
+    /// Newest activity first.
+    pub patients: Vec<ListedPatient>,
+    /// The cursor of the next page; null at the end.
+    pub next_cursor: Option<String>,
+}
+
+/// Where a list page ends. The order is "activity as of `snapshot`", so messages
+/// arriving while a client pages do not move patients between pages: nothing is
+/// skipped and nothing repeated.
+#[derive(Debug, Serialize, Deserialize)]
+struct ListCursor {
+    snapshot: DateTime<Utc>,
+    activity: Option<DateTime<Utc>>,
+    id: String,
+}
+
+fn encode_cursor<T: Serialize>(cursor: &T) -> Option<String> {
+    serde_json::to_vec(cursor).ok().map(hex::encode)
+}
+
+fn decode_cursor<T: for<'de> Deserialize<'de>>(text: &str) -> ApiResult<T> {
+    hex::decode(text)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .ok_or_else(|| ApiError::invalid("cursor", "Not a cursor this API returned."))
+}
+
+fn page_limit(limit: Option<u64>) -> ApiResult<u64> {
+    match limit.unwrap_or(50) {
+        n @ 1..=200 => Ok(n),
+        _ => Err(ApiError::invalid("limit", "Must be between 1 and 200.")),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/staff/patients", tag = "staff", params(ListQuery),
+    responses((status = 200, body = PatientList)), security(("bearer" = [])))]
+/// My patient list: patients whose care team I am on (as member or notification
+/// user), newest activity first, with the red '!'.
+pub async fn my_patients(
+    State(state): State<Shared>,
+    staff: Staff,
+    Query(query): Query<ListQuery>,
+) -> ApiResult<Json<PatientList>> {
+    let limit = page_limit(query.limit)?;
+    let cursor: Option<ListCursor> = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    let snapshot = cursor
+        .as_ref()
+        .map_or_else(|| state.clock.now(), |c| c.snapshot);
+    let user = &staff.user;
+    let reader = caremsg_entities::read_marker::Model::user_reader(&user.id);
+    let mut values: Vec<Value> = vec![
+        snapshot.into(),
+        user.id.clone().into(),
+        reader.into(),
+        true.into(),
+        user.practice_id.clone().into(),
+        user.id.clone().into(),
+        user.id.clone().into(),
+    ];
+    let mut sql = format!(
+        "SELECT * FROM (SELECT p.id, p.first_name, p.last_name, p.portal_enrolled, p.sms_status, \
+           c.last_message_at, \
+           (SELECT m.created_at FROM messages m WHERE m.patient_id = p.id AND m.created_at <= ? \
+              ORDER BY m.seq DESC LIMIT 1) AS activity, \
+           CASE WHEN EXISTS (SELECT 1 FROM messages m WHERE m.patient_id = p.id \
+              AND m.direction <> 'system' AND (m.author_user_id IS NULL OR m.author_user_id <> ?) \
+              AND m.seq > COALESCE((SELECT rm.last_read_seq FROM read_markers rm \
+                 WHERE rm.patient_id = p.id AND rm.reader = ?), 0)) THEN 1 ELSE 0 END AS has_unread \
+         FROM patients p JOIN conversations c ON c.patient_id = p.id \
+         WHERE p.active = ? AND p.practice_id = ? \
+           AND EXISTS (SELECT 1 FROM care_team_members ct WHERE ct.patient_id = p.id AND ct.user_id = ?) \
+           AND {ACCESSIBLE}) t"
+    );
+    if let Some(c) = &cursor {
+        match c.activity {
+            Some(activity) => {
+                sql.push_str(
+                    " WHERE (t.activity IS NOT NULL AND (t.activity < ? OR (t.activity = ? AND t.id < ?))) \
+                     OR t.activity IS NULL",
+                );
+                values.extend([activity.into(), activity.into(), c.id.clone().into()]);
+            }
+            None => {
+                sql.push_str(" WHERE t.activity IS NULL AND t.id < ?");
+                values.push(c.id.clone().into());
+            }
+        }
+    }
+    sql.push_str(" ORDER BY CASE WHEN t.activity IS NULL THEN 1 ELSE 0 END, t.activity DESC, t.id DESC LIMIT ?");
+    values.push(((limit + 1) as i64).into());
+    let backend = state.db.get_database_backend();
+    let rows = state
+        .db
+        .query_all_raw(statement(backend, &sql, values))
+        .await?;
+    let mut patients = Vec::with_capacity(rows.len());
+    let mut last: Option<(Option<DateTime<Utc>>, String)> = None;
+    for row in rows.iter().take(limit as usize) {
+        let id: String = row.try_get("", "id")?;
+        let activity: Option<DateTime<Utc>> = row.try_get("", "activity")?;
+        let first: String = row.try_get("", "first_name")?;
+        let last_name: String = row.try_get("", "last_name")?;
+        let status: SmsStatus = row.try_get("", "sms_status")?;
+        let unread: i32 = row.try_get("", "has_unread")?;
+        patients.push(ListedPatient {
+            patient_id: id.clone(),
+            name: format!("{first} {last_name}"),
+            has_unread: unread != 0,
+            last_message_at: row.try_get("", "last_message_at")?,
+            sms_status: status.as_str().to_owned(),
+            portal_enrolled: row.try_get("", "portal_enrolled")?,
+        });
+        last = Some((activity, id));
+    }
+    let next_cursor = if rows.len() as u64 > limit {
+        last.and_then(|(activity, id)| {
+            encode_cursor(&ListCursor {
+                snapshot,
+                activity,
+                id,
+            })
+        })
+    } else {
+        None
+    };
+    Ok(Json(PatientList {
+        patients,
+        next_cursor,
+    }))
+}
+
+// ----- Search ------------------------------------------------------------------------
+
+/// `?q=&limit=&cursor=`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct SearchQuery {
+    /// Name words (any word prefix, case-insensitive), a phone number (national or
+    /// international), a date of birth (`YYYY-MM-DD` or `MM/DD/YYYY`), or the
+    /// platform's patient id.
+    pub q: String,
+    /// Page size (default 50, at most 200).
+    pub limit: Option<u64>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A patient found by search.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FoundPatient {
+    /// The platform's id.
+    pub patient_id: String,
+    /// "First Last".
+    pub name: String,
+    /// Date of birth.
+    pub date_of_birth: NaiveDate,
+    /// Mobile number (E.164).
+    pub mobile_phone: Option<String>,
+    /// SMS authentication status.
+    pub sms_status: String,
+    /// Portal enrollment.
+    pub portal_enrolled: bool,
+}
+
+/// Search results.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SearchResults {
+    /// By name.
+    pub patients: Vec<FoundPatient>,
+    /// The cursor of the next page; null at the end.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SearchCursor {
+    name: String,
+    id: String,
+}
+
+/// A date of birth as staff type it: `YYYY-MM-DD` or `MM/DD/YYYY`.
+fn search_date(q: &str) -> Option<NaiveDate> {
+    NaiveDate::parse_from_str(q, "%Y-%m-%d")
+        .ok()
+        .filter(|_| q.len() == 10)
+        .or_else(|| NaiveDate::parse_from_str(q, "%m/%d/%Y").ok())
+}
+
+#[utoipa::path(get, path = "/v1/staff/patients/search", tag = "staff", params(SearchQuery),
+    responses((status = 200, body = SearchResults)), security(("bearer" = [])))]
+/// Any accessible patient of my practice, by name, phone, date of birth or id.
+pub async fn search(
+    State(state): State<Shared>,
+    staff: Staff,
+    Query(query): Query<SearchQuery>,
+) -> ApiResult<Json<SearchResults>> {
+    let limit = page_limit(query.limit)?;
+    let q = query.q.trim();
+    if q.is_empty() || q.chars().count() > 100 {
+        return Err(ApiError::invalid("q", "Must be 1 to 100 characters."));
+    }
+    let cursor: Option<SearchCursor> = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    let user = &staff.user;
+    let practice = practice::Entity::find_by_id(user.practice_id.clone())
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| {
+            ApiError::forbidden("unknown_user", "The acting user's practice is not known.")
+        })?;
+
+    let mut criteria: Vec<String> = vec!["p.id = ?".to_owned()];
+    let mut criteria_values: Vec<Value> = vec![q.to_owned().into()];
+    if let Some(date) = search_date(q) {
+        criteria.push("p.date_of_birth = ?".to_owned());
+        criteria_values.push(date.into());
+    }
+    let digits = q.chars().filter(char::is_ascii_digit).count();
+    let phone_like = q
+        .chars()
+        .all(|c| c.is_ascii_digit() || " +-().".contains(c));
+    if digits >= 7
+        && phone_like
+        && let Some(region) = crate::phone::country(&practice.country)
+        && let Ok(number) = crate::phone::parse_any(q, region)
+    {
+        criteria.push("p.mobile_phone = ?".to_owned());
+        criteria_values.push(number.into_inner().into());
+    }
+    let words: Vec<String> = q
+        .to_lowercase()
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|w| !w.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if !words.is_empty() && q.chars().any(char::is_alphabetic) {
+        let mut all = Vec::new();
+        for word in &words {
+            let escaped = like_escape(word);
+            all.push(
+                "(p.search_name LIKE ? ESCAPE '\\' OR p.search_name LIKE ? ESCAPE '\\')".to_owned(),
+            );
+            criteria_values.push(format!("{escaped}%").into());
+            criteria_values.push(format!("% {escaped}%").into());
+        }
+        criteria.push(format!("({})", all.join(" AND ")));
+    }
+    let mut values: Vec<Value> = vec![
+        true.into(),
+        user.practice_id.clone().into(),
+        user.id.clone().into(),
+    ];
+    values.extend(criteria_values);
+    let mut sql = format!(
+        "SELECT p.id, p.first_name, p.last_name, p.search_name, p.date_of_birth, p.mobile_phone, \
+           p.sms_status, p.portal_enrolled \
+         FROM patients p WHERE p.active = ? AND p.practice_id = ? AND {ACCESSIBLE} AND ({})",
+        criteria.join(" OR ")
+    );
+    if let Some(c) = &cursor {
+        sql.push_str(" AND (p.search_name > ? OR (p.search_name = ? AND p.id > ?))");
+        values.extend([
+            c.name.clone().into(),
+            c.name.clone().into(),
+            c.id.clone().into(),
+        ]);
+    }
+    sql.push_str(" ORDER BY p.search_name, p.id LIMIT ?");
+    values.push(((limit + 1) as i64).into());
+    let backend = state.db.get_database_backend();
+    let rows = state
+        .db
+        .query_all_raw(statement(backend, &sql, values))
+        .await?;
+    let mut patients = Vec::new();
+    let mut last = None;
+    for row in rows.iter().take(limit as usize) {
+        let id: String = row.try_get("", "id")?;
+        let search_name: String = row.try_get("", "search_name")?;
+        let first: String = row.try_get("", "first_name")?;
+        let last_name: String = row.try_get("", "last_name")?;
+        let status: SmsStatus = row.try_get("", "sms_status")?;
+        patients.push(FoundPatient {
+            patient_id: id.clone(),
+            name: format!("{first} {last_name}"),
+            date_of_birth: row.try_get("", "date_of_birth")?,
+            mobile_phone: row.try_get("", "mobile_phone")?,
+            sms_status: status.as_str().to_owned(),
+            portal_enrolled: row.try_get("", "portal_enrolled")?,
+        });
+        last = Some(SearchCursor {
+            name: search_name,
+            id,
+        });
+    }
+    let next_cursor = if rows.len() as u64 > limit {
+        last.as_ref().and_then(encode_cursor)
+    } else {
+        None
+    };
+    Ok(Json(SearchResults {
+        patients,
+        next_cursor,
+    }))
+}
+
+// ----- One conversation ------------------------------------------------------------
+
+/// A conversation page as staff see it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StaffConversation {
+    /// The page, oldest first.
+    #[serde(flatten)]
+    pub page: Page,
+    /// I am neither on the care team nor a notification user: ask "notify me?".
+    pub ask_to_notify: bool,
+}
+
+#[utoipa::path(get, path = "/v1/staff/patients/{patient_id}/conversation", tag = "staff",
+    params(("patient_id" = String, Path), PageQuery),
+    responses((status = 200, body = StaffConversation), (status = 403, body = super::error::ErrorBody),
+        (status = 404, body = super::error::ErrorBody)), security(("bearer" = [])))]
+/// Opens a conversation (newest page first; `before` pages backwards) and marks it
+/// read for me up to its newest message.
+pub async fn open_conversation(
+    State(state): State<Shared>,
+    staff: Staff,
+    Path(patient_id): Path<String>,
+    Query(query): Query<PageQuery>,
+) -> ApiResult<Json<StaffConversation>> {
+    let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
+    let page = conv::page(&state, &patient.id, &query).await?;
+    state
+        .conversations
+        .send(
+            &patient.id,
+            MarkRead {
+                reader: Reader::User(staff.user.id.clone()),
+                up_to: Some(page.last_seq),
+            },
+        )
+        .await??;
+    let on_panel =
+        care_team_member::Entity::find_by_id((patient.id.clone(), staff.user.id.clone()))
+            .one(&state.db)
+            .await?
+            .is_some();
+    AuditEntry {
+        client: &staff.caller.client,
+        actor_user_id: Some(&staff.user.id),
+        patient_id: Some(&patient.id),
+        action: "conversation.read",
+        detail: Some(format!("messages={}", page.messages.len())),
+    }
+    .record(&state.writer, state.clock.now())
+    .await?;
+    Ok(Json(StaffConversation {
+        page,
+        ask_to_notify: !on_panel,
+    }))
+}
+
+#[utoipa::path(post, path = "/v1/staff/patients/{patient_id}/messages", tag = "staff",
+    params(("patient_id" = String, Path)), request_body = SendIn,
+    responses((status = 201, body = MessageOut), (status = 409, body = super::error::ErrorBody),
+        (status = 422, body = super::error::ErrorBody)), security(("bearer" = [])))]
+/// Sends a message on every channel the patient can be reached on (idempotent on
+/// `client_txn_id`).
+pub async fn send(
+    State(state): State<Shared>,
+    staff: Staff,
+    Path(patient_id): Path<String>,
+    ApiJson(input): ApiJson<SendIn>,
+) -> ApiResult<impl IntoResponse> {
+    let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
+    let stored = state
+        .conversations
+        .send(
+            &patient.id,
+            SendMessage {
+                author: Author::Staff(staff.user.clone()),
+                client: staff.caller.client.clone(),
+                body: Phi::new(input.body),
+                client_txn_id: input.client_txn_id,
+            },
+        )
+        .await??;
+    Ok((StatusCode::CREATED, Json(MessageOut::stored(stored))))
+}
+
+/// My read marker.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReadOut {
+    /// Everything up to this sequence number is read.
+    pub last_read_seq: i64,
+}
+
+#[utoipa::path(post, path = "/v1/staff/patients/{patient_id}/read", tag = "staff",
+    params(("patient_id" = String, Path)),
+    responses((status = 200, body = ReadOut)), security(("bearer" = [])))]
+/// Marks the conversation read for me up to its newest message.
+pub async fn mark_read(
+    State(state): State<Shared>,
+    staff: Staff,
+    Path(patient_id): Path<String>,
+) -> ApiResult<Json<ReadOut>> {
+    let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
+    let last_read_seq = state
+        .conversations
+        .send(
+            &patient.id,
+            MarkRead {
+                reader: Reader::User(staff.user.id.clone()),
+                up_to: None,
+            },
+        )
+        .await??;
+    Ok(Json(ReadOut { last_read_seq }))
+}
+
+// ----- Care Team panel and notify-me ---------------------------------------------------
+
+/// One person in the Care Team panel.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PanelEntry {
+    /// The user.
+    pub user_id: String,
+    /// Display name.
+    pub name: String,
+    /// `care_team` or `notification_user`.
+    pub role: String,
+    /// Notified now of new patient messages.
+    pub notified: bool,
+}
+
+#[utoipa::path(get, path = "/v1/staff/patients/{patient_id}/care-team", tag = "staff",
+    params(("patient_id" = String, Path)),
+    responses((status = 200, body = [PanelEntry])), security(("bearer" = [])))]
+/// The Care Team panel: members and notification users, and whether each is notified.
+pub async fn care_team(
+    State(state): State<Shared>,
+    staff: Staff,
+    Path(patient_id): Path<String>,
+) -> ApiResult<Json<Vec<PanelEntry>>> {
+    let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
+    Ok(Json(panel(&state.db, &patient).await?))
+}
+
+/// The Care Team panel of `patient`: members first, then notification users, by name.
+/// A user is notified when active, not restricted from the patient, and their New
+/// Patient Message setting is on.
+pub async fn panel(
+    db: &impl ConnectionTrait,
+    patient: &patient::Model,
+) -> Result<Vec<PanelEntry>, sea_orm::DbErr> {
+    let rows = care_team_member::Entity::find()
+        .filter(care_team_member::Column::PatientId.eq(patient.id.clone()))
+        .find_also_related(user::Entity)
+        .all(db)
+        .await?;
+    let mut entries = Vec::new();
+    for (member, user) in rows {
+        let Some(user) = user.filter(|u| u.active && u.practice_id == patient.practice_id) else {
+            continue;
+        };
+        let setting = notification_settings::Entity::find_by_id(user.id.clone())
+            .one(db)
+            .await?
+            .is_none_or(|s| s.new_patient_message);
+        let notified = setting && may_access(db, &user.id, &patient.id).await?;
+        entries.push(PanelEntry {
+            user_id: user.id,
+            name: user.name,
+            role: match member.role {
+                CareTeamRole::Member => "care_team".to_owned(),
+                CareTeamRole::NotificationUser => "notification_user".to_owned(),
+            },
+            notified,
+        });
+    }
+    entries.sort_by(|a, b| (a.role != "care_team", &a.name).cmp(&(b.role != "care_team", &b.name)));
+    Ok(entries)
+}
+
+/// My place in the panel after a notify-me answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NotifyOut {
+    /// `care_team`, `notification_user`, or `none`.
+    pub role: String,
+}
+
+#[utoipa::path(put, path = "/v1/staff/patients/{patient_id}/notify", tag = "staff",
+    params(("patient_id" = String, Path)),
+    responses((status = 200, body = NotifyOut)), security(("bearer" = [])))]
+/// "Yes, notify me": I become a notification user of this patient (a care team
+/// member already is notified; nothing changes).
+pub async fn notify_me(
+    State(state): State<Shared>,
+    staff: Staff,
+    Path(patient_id): Path<String>,
+) -> ApiResult<Json<NotifyOut>> {
+    let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
+    let unit = WriteUnit::new().insert_or_ignore(
+        care_team_member::ActiveModel {
+            patient_id: Set(patient.id.clone()),
+            user_id: Set(staff.user.id.clone()),
+            role: Set(CareTeamRole::NotificationUser),
+            created_at: Set(state.clock.now()),
+        },
+        &[
+            care_team_member::Column::PatientId,
+            care_team_member::Column::UserId,
+        ],
+    );
+    state.writer.write(unit).await?;
+    let role = care_team_member::Entity::find_by_id((patient.id, staff.user.id))
+        .one(&state.db)
+        .await?
+        .map_or("none", |m| match m.role {
+            CareTeamRole::Member => "care_team",
+            CareTeamRole::NotificationUser => "notification_user",
+        });
+    Ok(Json(NotifyOut {
+        role: role.to_owned(),
+    }))
+}
+
+#[utoipa::path(delete, path = "/v1/staff/patients/{patient_id}/notify", tag = "staff",
+    params(("patient_id" = String, Path)),
+    responses((status = 204), (status = 409, body = super::error::ErrorBody)), security(("bearer" = [])))]
+/// Turns my notifications for this patient off (notification users only; care team
+/// membership comes from the chart).
+pub async fn stop_notifying_me(
+    State(state): State<Shared>,
+    staff: Staff,
+    Path(patient_id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
+    let current = care_team_member::Entity::find_by_id((patient.id.clone(), staff.user.id.clone()))
+        .one(&state.db)
+        .await?;
+    if current
+        .as_ref()
+        .is_some_and(|m| m.role == CareTeamRole::Member)
+    {
+        return Err(ApiError::conflict(
+            "care_team_member",
+            "You are on this patient's care team; that comes from the chart, not from this switch.",
+        ));
+    }
+    let unit = WriteUnit::new().exec(
+        care_team_member::Entity::delete_many()
+            .filter(care_team_member::Column::PatientId.eq(patient.id))
+            .filter(care_team_member::Column::UserId.eq(staff.user.id))
+            .filter(care_team_member::Column::Role.eq(CareTeamRole::NotificationUser))
+            .into_query(),
+        Expect::Any,
+        "notification user removed",
+    );
+    state.writer.write(unit).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ----- Events ------------------------------------------------------------------------
+
+#[utoipa::path(get, path = "/v1/staff/events", tag = "staff",
+    responses((status = 200, description = "text/event-stream: `message` events for patients on my list")),
+    security(("bearer" = [])))]
+/// Server-sent events for me: new messages of patients on my list.
+pub async fn events(State(state): State<Shared>, staff: Staff) -> impl IntoResponse {
+    let db = state.db.clone();
+    let user = staff.user;
+    conv::stream(&state, move |event| {
+        let db = db.clone();
+        let user = user.clone();
+        async move {
+            match event {
+                Event::Message(message) => {
+                    if message.practice_id != user.practice_id {
+                        return None;
+                    }
+                    let on_list = care_team_member::Entity::find_by_id((
+                        message.patient_id.clone(),
+                        user.id.clone(),
+                    ))
+                    .one(&db)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some();
+                    let allowed = on_list
+                        && may_access(&db, &user.id, &message.patient_id)
+                            .await
+                            .unwrap_or(false);
+                    allowed.then(|| conv::message_event(&message))
+                }
+            }
+        }
+    })
+}

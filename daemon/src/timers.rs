@@ -1,0 +1,484 @@
+//! Durable timers: deadlines kept as rows of `timers`, so each fires exactly once even
+//! when its actor was passivated or the daemon was down when it came due.
+//!
+//! A timer is identified by its kind and subject (unique together): the two-week
+//! window of an SMS authentication session (`sms_auth_window`, the session id), the
+//! unread reminder of one user for one conversation (`unread_reminder`). Its row says
+//! when it is due and whether it has fired.
+//!
+//! - [`arm`], [`arm_if_absent`], [`cancel`] and [`fire`] build [`WriteUnit`]s, so a
+//!   timer changes in the same transaction as what it belongs to (a session and its
+//!   window commit together; a resend and the moved window commit together).
+//! - [`fire`] marks the timer fired only if it is due and has not fired
+//!   (`Expect::Exactly(1)`). Put it in the same unit as the timer's effect — or use
+//!   [`fire_with`] — and the effect commits at most once, whoever fires: the actor's
+//!   in-memory timer, the wake-up service, or both at once.
+//! - [`due`] reads due, unfired timers in due order through the `(fired, due_at)`
+//!   index.
+//! - [`TimerService`] is the wake-up task: every tick (and once right at start, to
+//!   catch up on deadlines that passed while the daemon was down) it reads the due
+//!   rows and hands each to the [`TimerHandler`] registered for its kind. Ticks can be
+//!   run by hand ([`TimerService::run_once`], [`TimerServiceHandle::tick`]), so tests
+//!   drive time with a `ManualClock` and never sleep.
+//!
+//! **Architecture Invariant:** a timer's effect commits only in a unit that also
+//! contains [`fire`] for it; nothing else marks a timer fired.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use caremsg_entities::TimerKind;
+use caremsg_entities::timer;
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use sea_orm::ActiveValue::Set;
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{
+    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, QueryTrait,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::SharedClock;
+use crate::writer::{Expect, WriteError, WriteUnit, Writer};
+
+/// The precondition [`fire`] names when its timer is not there to fire: already fired,
+/// cancelled, or moved later than "now".
+pub const FIRE_PRECONDITION: &str = "timer due and not yet fired";
+
+/// Arms the timer `kind` for `subject` to fire at `due_at`, `now` being the time of
+/// arming. If the timer exists it is re-armed: its due time moves to `due_at` and it
+/// counts as not fired again (it keeps its id and creation time).
+///
+/// Re-arming a timer that already fired revives it as a new deadline. Units that must
+/// not do that after the fact (a resend racing the window's end) carry their own
+/// precondition on the state the timer guards, such as "the session is pending".
+pub fn arm(kind: TimerKind, subject: &str, due_at: DateTime<Utc>, now: DateTime<Utc>) -> WriteUnit {
+    let statement = timer::Entity::insert(new_row(kind, subject, due_at, now))
+        .on_conflict(
+            OnConflict::columns([timer::Column::Kind, timer::Column::Subject])
+                .update_columns([
+                    timer::Column::DueAt,
+                    timer::Column::Fired,
+                    timer::Column::FiredAt,
+                ])
+                .to_owned(),
+        )
+        .into_query();
+    WriteUnit::new().exec(statement, Expect::Exactly(1), "timer armed")
+}
+
+/// Arms the timer `kind` for `subject` at `due_at` unless it exists (fired or not);
+/// an existing timer is left as it is. Cheaper than [`arm`]: the writer merges these
+/// inserts across a batch.
+pub fn arm_if_absent(
+    kind: TimerKind,
+    subject: &str,
+    due_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> WriteUnit {
+    WriteUnit::new().insert_or_ignore(
+        new_row(kind, subject, due_at, now),
+        &[timer::Column::Kind, timer::Column::Subject],
+    )
+}
+
+/// Removes the timer `kind` for `subject`, fired or not. Removing a timer that does
+/// not exist is not an error.
+pub fn cancel(kind: TimerKind, subject: &str) -> WriteUnit {
+    let statement = timer::Entity::delete_many()
+        .filter(timer::Column::Kind.eq(kind))
+        .filter(timer::Column::Subject.eq(subject))
+        .into_query();
+    WriteUnit::new().exec(statement, Expect::Any, "timer cancelled")
+}
+
+/// Marks the timer `kind` for `subject` fired at `now`. The unit fails with
+/// `WriteError::Precondition(FIRE_PRECONDITION)` unless the timer exists, has not
+/// fired, and is due at `now` (a re-arm that moved it later wins over a stale firer).
+/// Everything else in the same unit commits only if this does, so an effect that
+/// shares the unit commits exactly once.
+pub fn fire(kind: TimerKind, subject: &str, now: DateTime<Utc>) -> WriteUnit {
+    let statement = timer::Entity::update_many()
+        .col_expr(timer::Column::Fired, Expr::value(true))
+        .col_expr(timer::Column::FiredAt, Expr::value(Some(now)))
+        .filter(timer::Column::Kind.eq(kind))
+        .filter(timer::Column::Subject.eq(subject))
+        .filter(timer::Column::Fired.eq(false))
+        .filter(timer::Column::DueAt.lte(now))
+        .into_query();
+    WriteUnit::new().exec(statement, Expect::Exactly(1), FIRE_PRECONDITION)
+}
+
+/// What [`fire_with`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FireOutcome {
+    /// The timer fired and its effect committed with it.
+    Fired,
+    /// The effect's own precondition no longer held (what it guards has moved on:
+    /// the session was confirmed, the conversation was viewed), so the timer fired
+    /// without it and will not come back.
+    FiredWithoutEffect,
+    /// Nothing to fire: someone fired it first, or it was cancelled or moved later.
+    Skipped,
+}
+
+/// Fires the timer `kind` for `subject` together with `effect`, in one unit.
+///
+/// The effect's operations come first, so its leading inserts can be merged with the
+/// rest of the writer's batch. If the effect fails one of its own preconditions, the
+/// timer is fired alone (it no longer guards anything); any other failure leaves it
+/// unfired, to be tried again on the next tick. Effects should therefore be
+/// idempotent in their inserts (`insert_or_ignore` on a natural key) rather than fail
+/// on a duplicate.
+pub async fn fire_with(
+    writer: &Writer,
+    kind: TimerKind,
+    subject: &str,
+    now: DateTime<Utc>,
+    effect: WriteUnit,
+) -> Result<FireOutcome, WriteError> {
+    match writer.write(effect.merge(fire(kind, subject, now))).await {
+        Ok(()) => Ok(FireOutcome::Fired),
+        Err(WriteError::Precondition(FIRE_PRECONDITION)) => Ok(FireOutcome::Skipped),
+        Err(WriteError::Precondition(_)) => match writer.write(fire(kind, subject, now)).await {
+            Ok(()) => Ok(FireOutcome::FiredWithoutEffect),
+            Err(WriteError::Precondition(FIRE_PRECONDITION)) => Ok(FireOutcome::Skipped),
+            Err(err) => Err(err),
+        },
+        Err(err) => Err(err),
+    }
+}
+
+/// The timer `kind` for `subject`, if armed (fired or not).
+pub async fn get(
+    db: &impl ConnectionTrait,
+    kind: TimerKind,
+    subject: &str,
+) -> Result<Option<timer::Model>, DbErr> {
+    timer::Entity::find()
+        .filter(timer::Column::Kind.eq(kind))
+        .filter(timer::Column::Subject.eq(subject))
+        .one(db)
+        .await
+}
+
+/// At most `limit` timers that are due at `now` and have not fired, earliest first
+/// (ties in id order).
+pub async fn due(
+    db: &impl ConnectionTrait,
+    now: DateTime<Utc>,
+    limit: u64,
+) -> Result<Vec<timer::Model>, DbErr> {
+    due_after(db, now, None, limit).await
+}
+
+/// Like [`due`], but only timers after `after` in due order (keyset paging: pass the
+/// last timer of the previous page).
+pub async fn due_after(
+    db: &impl ConnectionTrait,
+    now: DateTime<Utc>,
+    after: Option<&timer::Model>,
+    limit: u64,
+) -> Result<Vec<timer::Model>, DbErr> {
+    let mut query = timer::Entity::find()
+        .filter(timer::Column::Fired.eq(false))
+        .filter(timer::Column::DueAt.lte(now));
+    if let Some(last) = after {
+        query = query.filter(
+            Condition::any()
+                .add(timer::Column::DueAt.gt(last.due_at))
+                .add(
+                    Condition::all()
+                        .add(timer::Column::DueAt.eq(last.due_at))
+                        .add(timer::Column::Id.gt(last.id.as_str())),
+                ),
+        );
+    }
+    query
+        .order_by_asc(timer::Column::DueAt)
+        .order_by_asc(timer::Column::Id)
+        .limit(limit)
+        .all(db)
+        .await
+}
+
+fn new_row(
+    kind: TimerKind,
+    subject: &str,
+    due_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> timer::ActiveModel {
+    timer::ActiveModel {
+        id: Set(uuid::Uuid::now_v7().to_string()),
+        kind: Set(kind),
+        subject: Set(subject.to_owned()),
+        due_at: Set(due_at),
+        fired: Set(false),
+        fired_at: Set(None),
+        created_at: Set(now),
+    }
+}
+
+/// Why a tick or a handler failed. Messages name timers by kind and id only.
+#[derive(Debug, thiserror::Error)]
+pub enum TimerError {
+    /// Reading the due timers failed.
+    #[error("reading due timers failed: {0}")]
+    Read(#[from] DbErr),
+    /// Committing a timer (with its effect) failed.
+    #[error("committing a timer failed: {0}")]
+    Write(#[from] WriteError),
+    /// A handler could not fire its timer, for a reason of its own (no PHI).
+    #[error("the timer handler failed: {0}")]
+    Handler(String),
+    /// The timer service is no longer running.
+    #[error("the timer service has stopped")]
+    Stopped,
+}
+
+/// Fires the due timers of one kind.
+///
+/// An implementation commits [`fire`] together with the timer's effect — usually
+/// through [`fire_with`] — or hands the timer to the actor that owns its subject,
+/// which does the same. The service awaits the returned future before it reads the
+/// next page, and never dispatches one timer twice in a tick.
+pub trait TimerHandler: Send + Sync {
+    /// Fires `timer`, which was due at `now`.
+    fn on_due(
+        &self,
+        timer: timer::Model,
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'_, Result<FireOutcome, TimerError>>;
+}
+
+/// A [`TimerHandler`] made of a function (see [`handler_fn`]).
+pub struct FnHandler<F>(F);
+
+impl<F, Fut> TimerHandler for FnHandler<F>
+where
+    F: Fn(timer::Model, DateTime<Utc>) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<FireOutcome, TimerError>> + Send + 'static,
+{
+    fn on_due(
+        &self,
+        timer: timer::Model,
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'_, Result<FireOutcome, TimerError>> {
+        (self.0)(timer, now).boxed()
+    }
+}
+
+/// A handler that calls `f` for every due timer.
+pub fn handler_fn<F, Fut>(f: F) -> Arc<dyn TimerHandler>
+where
+    F: Fn(timer::Model, DateTime<Utc>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<FireOutcome, TimerError>> + Send + 'static,
+{
+    Arc::new(FnHandler(f))
+}
+
+/// How the wake-up service runs.
+#[derive(Debug, Clone, Copy)]
+pub struct TimerServiceOptions {
+    /// Time between ticks. Deadlines are met this late at worst when no actor holds
+    /// an in-memory timer for them.
+    pub period: Duration,
+    /// Timers read per page.
+    pub page_size: u64,
+    /// Handlers running at once (their writes share the writer's batches).
+    pub concurrency: usize,
+}
+
+impl Default for TimerServiceOptions {
+    fn default() -> Self {
+        Self {
+            period: Duration::from_secs(1),
+            page_size: 500,
+            concurrency: 64,
+        }
+    }
+}
+
+/// What one tick did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tick {
+    /// Due timers read.
+    pub due: usize,
+    /// Fired with their effect.
+    pub fired: usize,
+    /// Fired without their effect (it no longer applied).
+    pub fired_without_effect: usize,
+    /// Already fired, cancelled or moved by someone else.
+    pub skipped: usize,
+    /// Handlers that failed or panicked; their timers stay due for the next tick.
+    pub failed: usize,
+    /// Due timers of a kind no handler is registered for.
+    pub unhandled: usize,
+}
+
+/// The wake-up service: reads due timers and hands each to its kind's handler.
+pub struct TimerService {
+    // Reads go straight to the pool; handlers write through the writer.
+    db: DatabaseConnection,
+    // "Now" for the periodic ticks.
+    clock: SharedClock,
+    // Who fires which kind; a kind without one is counted and left due.
+    handlers: HashMap<TimerKind, Arc<dyn TimerHandler>>,
+    options: TimerServiceOptions,
+}
+
+/// Handle to a spawned [`TimerService`]: run a tick now and wait for it.
+#[derive(Clone)]
+pub struct TimerServiceHandle {
+    // Tick requests, answered with the tick's result.
+    ticks: mpsc::Sender<oneshot::Sender<Result<Tick, TimerError>>>,
+}
+
+impl TimerServiceHandle {
+    /// Runs a tick at the clock's "now" (between periodic ones) and returns what it did.
+    pub async fn tick(&self) -> Result<Tick, TimerError> {
+        let (reply, answer) = oneshot::channel();
+        self.ticks
+            .send(reply)
+            .await
+            .map_err(|_| TimerError::Stopped)?;
+        answer.await.map_err(|_| TimerError::Stopped)?
+    }
+}
+
+impl TimerService {
+    /// A service reading `db`, with no handlers yet.
+    pub fn new(db: DatabaseConnection, clock: SharedClock, options: TimerServiceOptions) -> Self {
+        Self {
+            db,
+            clock,
+            handlers: HashMap::new(),
+            options,
+        }
+    }
+
+    /// Registers `handler` for timers of `kind` (replacing an earlier one).
+    pub fn with_handler(mut self, kind: TimerKind, handler: Arc<dyn TimerHandler>) -> Self {
+        self.handlers.insert(kind, handler);
+        self
+    }
+
+    /// One tick at `now`: every timer due at `now` and not fired is handed to its
+    /// handler, page by page, until none is left. A timer whose handler fails is
+    /// passed over until the next tick.
+    pub async fn run_once(&self, now: DateTime<Utc>) -> Result<Tick, TimerError> {
+        let mut tick = Tick::default();
+        let mut unhandled: HashMap<TimerKind, usize> = HashMap::new();
+        let mut last: Option<timer::Model> = None;
+        let page_size = self.options.page_size.max(1);
+        loop {
+            let page = due_after(&self.db, now, last.as_ref(), page_size).await?;
+            let full = page.len() as u64 == page_size;
+            last = page.last().cloned();
+            tick.due += page.len();
+            let mut runs = Vec::with_capacity(page.len());
+            for timer in page {
+                match self.handlers.get(&timer.kind) {
+                    Some(handler) => runs.push(dispatch(handler.clone(), timer, now)),
+                    None => *unhandled.entry(timer.kind).or_default() += 1,
+                }
+            }
+            let mut results =
+                futures::stream::iter(runs).buffer_unordered(self.options.concurrency.max(1));
+            while let Some(outcome) = results.next().await {
+                match outcome {
+                    Some(FireOutcome::Fired) => tick.fired += 1,
+                    Some(FireOutcome::FiredWithoutEffect) => tick.fired_without_effect += 1,
+                    Some(FireOutcome::Skipped) => tick.skipped += 1,
+                    None => tick.failed += 1,
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        for (kind, count) in unhandled {
+            tick.unhandled += count;
+            tracing::warn!(
+                kind = kind.as_str(),
+                count,
+                "Due timers have no handler; they stay due."
+            );
+        }
+        Ok(tick)
+    }
+
+    /// Starts the service: a tick right away (catch-up after downtime), then one every
+    /// `period` and whenever a [`TimerServiceHandle::tick`] asks, until `stop`.
+    pub fn spawn(self, stop: CancellationToken) -> (TimerServiceHandle, JoinHandle<()>) {
+        let (ticks, mut requests) = mpsc::channel::<oneshot::Sender<Result<Tick, TimerError>>>(8);
+        let task = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(self.options.period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break,
+                    Some(reply) = requests.recv() => {
+                        let result = self.run_once(self.clock.now()).await;
+                        // A caller that went away does not need the answer.
+                        let _ = reply.send(result);
+                    }
+                    _ = interval.tick() => {
+                        match self.run_once(self.clock.now()).await {
+                            Ok(tick) if tick.due > 0 => tracing::debug!(
+                                due = tick.due,
+                                fired = tick.fired,
+                                failed = tick.failed,
+                                "Timer tick."
+                            ),
+                            Ok(_) => {}
+                            Err(err) => tracing::warn!(
+                                error = %err,
+                                "Reading due timers failed; the next tick tries again."
+                            ),
+                        }
+                    }
+                }
+            }
+            tracing::info!("The timer service has stopped.");
+        });
+        (TimerServiceHandle { ticks }, task)
+    }
+}
+
+/// Runs one handler, containing its failure or panic to this timer. `None` when it
+/// failed.
+async fn dispatch(
+    handler: Arc<dyn TimerHandler>,
+    timer: timer::Model,
+    now: DateTime<Utc>,
+) -> Option<FireOutcome> {
+    let kind = timer.kind.as_str();
+    let id = timer.id.clone();
+    // The handler is called inside the caught future, so a panic while it builds its
+    // future is contained as well as one while it runs.
+    let run = async move { handler.on_due(timer, now).await };
+    match AssertUnwindSafe(run).catch_unwind().await {
+        Ok(Ok(outcome)) => Some(outcome),
+        Ok(Err(err)) => {
+            tracing::warn!(
+                kind,
+                timer_id = %id,
+                error = %err,
+                "A due timer could not fire; it stays due."
+            );
+            None
+        }
+        Err(_) => {
+            tracing::error!(kind, timer_id = %id, "A timer handler panicked; the timer stays due.");
+            None
+        }
+    }
+}
