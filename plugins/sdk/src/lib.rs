@@ -92,12 +92,15 @@
 //!
 //! # Helpers
 //! [`sms::segments`] tells GSM-7 from UCS-2 and counts parts (the daemon rate-limits
-//! in segments); [`verify::constant_time_eq`] compares signatures without timing leaks.
+//! in segments); [`verify::constant_time_eq`] compares signatures without timing leaks;
+//! [`redact::scrub`] takes phone numbers and e-mail addresses out of a provider's error
+//! text before it becomes a log line or a send result's reason.
 
 pub mod abi;
 mod ffi;
 mod gateway;
 pub mod headers;
+pub mod redact;
 pub mod sms;
 pub mod verify;
 

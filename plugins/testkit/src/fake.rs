@@ -1,5 +1,7 @@
 //! The battery's loopback fake HTTP server: answers every request with the current
-//! scripted response, so send-result mapping can be checked without a provider.
+//! scripted response, so send-result mapping can be checked without a provider. It
+//! also keeps every request it received, so a plugin's own tests can check the wire
+//! format (see [`crate::harness`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,19 +19,44 @@ use tokio::runtime::Handle;
 
 use crate::suite::FakeResponse;
 
+/// A request the fake received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// Method, upper case.
+    pub method: String,
+    /// Path and query, as sent.
+    pub path_and_query: String,
+    /// Headers, names lower-case, values lossily made UTF-8.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// A running fake server (it lives as long as the runtime).
-pub(crate) struct Fake {
+pub struct Fake {
     /// Where it listens.
-    pub(crate) addr: SocketAddr,
+    pub addr: SocketAddr,
     /// What it answers now.
     script: Arc<Mutex<FakeResponse>>,
     /// How many requests it answered.
     requests: Arc<AtomicU64>,
+    /// Every request, in the order they were answered.
+    received: Arc<Mutex<Vec<Received>>>,
 }
 
 impl Fake {
     /// Binds `127.0.0.1:0` and serves on `runtime`.
-    pub(crate) fn start(runtime: &Handle) -> std::io::Result<Fake> {
+    pub fn start(runtime: &Handle) -> std::io::Result<Fake> {
         let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0"))?;
         let addr = listener.local_addr()?;
         let script = Arc::new(Mutex::new(FakeResponse {
@@ -37,16 +64,50 @@ impl Fake {
             ..FakeResponse::default()
         }));
         let requests = Arc::new(AtomicU64::new(0));
-        let (serve_script, serve_requests) = (script.clone(), requests.clone());
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (serve_script, serve_requests, serve_received) =
+            (script.clone(), requests.clone(), received.clone());
         runtime.spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (script, requests) = (serve_script.clone(), serve_requests.clone());
+                let (script, requests, received) = (
+                    serve_script.clone(),
+                    serve_requests.clone(),
+                    serve_received.clone(),
+                );
                 tokio::spawn(async move {
                     let service = service_fn(move |request: Request<Incoming>| {
-                        let (script, requests) = (script.clone(), requests.clone());
+                        let (script, requests, received) =
+                            (script.clone(), requests.clone(), received.clone());
                         async move {
                             // Read the whole request before answering, as a provider would.
-                            let _ = request.into_body().collect().await;
+                            let (parts, body) = request.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().to_vec())
+                                .unwrap_or_default();
+                            received
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .push(Received {
+                                    method: parts.method.to_string(),
+                                    path_and_query: parts
+                                        .uri
+                                        .path_and_query()
+                                        .map(ToString::to_string)
+                                        .unwrap_or_default(),
+                                    headers: parts
+                                        .headers
+                                        .iter()
+                                        .map(|(n, v)| {
+                                            (
+                                                n.as_str().to_owned(),
+                                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                            )
+                                        })
+                                        .collect(),
+                                    body,
+                                });
                             let n = requests.fetch_add(1, Ordering::SeqCst) + 1;
                             let current = script
                                 .lock()
@@ -65,22 +126,39 @@ impl Fake {
             addr,
             script,
             requests,
+            received,
         })
     }
 
     /// The base URL (`http://127.0.0.1:PORT`).
-    pub(crate) fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// Changes what it answers.
-    pub(crate) fn set(&self, response: FakeResponse) {
+    pub fn set(&self, response: FakeResponse) {
         *self.script.lock().unwrap_or_else(PoisonError::into_inner) = response;
     }
 
     /// How many requests it answered so far.
-    pub(crate) fn requests(&self) -> u64 {
+    pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Every request it answered so far, oldest first.
+    pub fn received(&self) -> Vec<Received> {
+        self.received
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Forgets the requests received so far.
+    pub fn clear_received(&self) {
+        self.received
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 }
 

@@ -22,7 +22,8 @@
 //! Every plugin call runs under a deadline, so a hanging plugin fails a check instead
 //! of hanging the battery. The last line is `N passed, M failed`.
 
-mod fake;
+pub mod fake;
+pub mod harness;
 mod recorder;
 pub mod suite;
 
