@@ -347,6 +347,18 @@ fn the_guide_documents_exactly_the_metrics_the_daemon_exports() {
 const EXPECTED: &[(&str, &str)] = &[
     ("./usr/bin/caremsgd", "-rwxr-xr-x"),
     (
+        "./usr/lib/caremsg/plugins/libcaremsg_sms_twilio.so",
+        "-rw-r--r--",
+    ),
+    (
+        "./usr/lib/caremsg/plugins/libcaremsg_email_smtp.so",
+        "-rw-r--r--",
+    ),
+    (
+        "./usr/lib/caremsg/plugins/libcaremsg_portal_webhook.so",
+        "-rw-r--r--",
+    ),
+    (
         "./usr/lib/caremsg/plugins/libcaremsg_sms_loopback.so",
         "-rw-r--r--",
     ),
@@ -462,6 +474,19 @@ fn the_debian_package_builds_and_holds_what_an_operator_installs() {
     ] {
         let packaged = std::fs::read_to_string(unpacked.path().join(packaged)).unwrap();
         assert_eq!(packaged, read(source), "{source}");
+    }
+    // Every plugin library the packaged configuration names is in the package.
+    let packaged_config = read("config/caremsg.production.toml");
+    let libraries: Vec<&str> = packaged_config
+        .lines()
+        .filter_map(|l| l.strip_prefix("library = \"")?.strip_suffix('"'))
+        .collect();
+    assert!(!libraries.is_empty(), "the example names no plugin library");
+    for library in libraries {
+        assert!(
+            files.iter().any(|(p, _)| p.strip_prefix('.') == Some(library)),
+            "{library} is configured but not packaged:\n{listing}"
+        );
     }
     // The packaged binary runs and accepts the packaged configuration.
     let check = Command::new(unpacked.path().join("usr/bin/caremsgd"))
