@@ -484,7 +484,9 @@ fn the_debian_package_builds_and_holds_what_an_operator_installs() {
     assert!(!libraries.is_empty(), "the example names no plugin library");
     for library in libraries {
         assert!(
-            files.iter().any(|(p, _)| p.strip_prefix('.') == Some(library)),
+            files
+                .iter()
+                .any(|(p, _)| p.strip_prefix('.') == Some(library)),
             "{library} is configured but not packaged:\n{listing}"
         );
     }
