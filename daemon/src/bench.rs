@@ -15,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::writer::{WriteUnit, Writer, WriterOptions};
 
+mod conversations;
+mod notifications;
+
 /// Which benchmark to run.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Which {
@@ -28,6 +31,57 @@ pub enum Which {
         #[arg(long, default_value_t = 64)]
         tasks: usize,
     },
+    /// Portal sends through the real HTTP API spread over many patients, on SQLite:
+    /// messages/s, latency, and memory per live conversation actor.
+    Conversations {
+        /// Patients the messages are spread over.
+        #[arg(long, default_value_t = 10_000)]
+        patients: usize,
+        /// Messages to send.
+        #[arg(long, default_value_t = 100_000)]
+        messages: usize,
+        /// Concurrent HTTP clients.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Further conversations to activate for the memory figure.
+        #[arg(long, default_value_t = 100_000)]
+        actors: usize,
+    },
+    /// The outbox: queued SMS deliveries through the real daemon and the sms-loopback
+    /// plugin, rate limits off, on SQLite; and the cost of one plugin call across the
+    /// FFI boundary.
+    Gateways {
+        /// Deliveries to send.
+        #[arg(long, default_value_t = 50_000)]
+        deliveries: usize,
+        /// The plugin instance's concurrency.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// The sms-loopback library; default: the one built next to caremsgd.
+        #[arg(long)]
+        library: Option<std::path::PathBuf>,
+    },
+    /// Staff notifications through the real daemon, on SQLite: portal messages through
+    /// the conversation actors to patients whose care teams are all notified (in-app
+    /// notifications/s), then every streak's unread reminder overdue at once after a
+    /// restart (time until all are delivered in-app).
+    Notifications {
+        /// Patients.
+        #[arg(long, default_value_t = 10_000)]
+        patients: usize,
+        /// Users in each patient's care team.
+        #[arg(long, default_value_t = 10)]
+        team: usize,
+        /// Staff users the care teams are drawn from.
+        #[arg(long, default_value_t = 1_000)]
+        users: usize,
+        /// Portal messages, spread evenly over the patients.
+        #[arg(long, default_value_t = 20_000)]
+        messages: usize,
+        /// Concurrent senders.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+    },
 }
 
 /// Runs one benchmark and prints its report.
@@ -36,6 +90,47 @@ pub async fn run(which: Which) -> anyhow::Result<()> {
         Which::Write { rows, tasks } => {
             let report = write(rows, tasks).await?;
             println!("{report}");
+            Ok(())
+        }
+        Which::Conversations {
+            patients,
+            messages,
+            clients,
+            actors,
+        } => {
+            let plan = conversations::Plan {
+                patients,
+                messages,
+                clients,
+                actors,
+            };
+            println!("{}", conversations::run(plan).await?);
+            Ok(())
+        }
+        Which::Gateways {
+            deliveries,
+            concurrency,
+            library,
+        } => {
+            let report = crate::gateways::bench::run(deliveries, concurrency, library).await?;
+            println!("{report}");
+            Ok(())
+        }
+        Which::Notifications {
+            patients,
+            team,
+            users,
+            messages,
+            clients,
+        } => {
+            let plan = notifications::Plan {
+                patients,
+                team,
+                users,
+                messages,
+                clients,
+            };
+            println!("{}", notifications::run(plan).await?);
             Ok(())
         }
     }
@@ -163,21 +258,7 @@ pub async fn write(rows: usize, tasks: usize) -> anyhow::Result<WriteReport> {
             task.join().await;
             rate(rows, took)
         };
-        let ceiling = {
-            let db = fresh_db(&dir, "c").await?;
-            let started = Instant::now();
-            let mut next = 1;
-            while next <= rows as i64 {
-                let end = (next + 1000).min(rows as i64 + 1);
-                let txn = db.begin().await?;
-                message::Entity::insert_many((next..end).map(message))
-                    .exec_without_returning(&txn)
-                    .await?;
-                txn.commit().await?;
-                next = end;
-            }
-            rate(rows, started.elapsed())
-        };
+        let ceiling = write_ceiling(&dir, rows).await?;
         Ok(WriteReport {
             rows,
             tasks,
@@ -191,6 +272,26 @@ pub async fn write(rows: usize, tasks: usize) -> anyhow::Result<WriteReport> {
         tracing::warn!(error = %err, "The benchmark directory could not be removed.");
     }
     result
+}
+
+/// The ceiling: one task inserting `rows` message rows as 1,000-row INSERT
+/// statements, one per transaction, on a fresh SQLite file in `dir`; rows/s.
+pub async fn write_ceiling(dir: &std::path::Path, rows: usize) -> anyhow::Result<f64> {
+    let db = fresh_db(dir, "ceiling").await?;
+    let started = Instant::now();
+    let mut next = 1;
+    while next <= rows as i64 {
+        let end = (next + 1000).min(rows as i64 + 1);
+        let txn = db.begin().await?;
+        message::Entity::insert_many((next..end).map(message))
+            .exec_without_returning(&txn)
+            .await?;
+        txn.commit().await?;
+        next = end;
+    }
+    let took = started.elapsed();
+    db.close().await?;
+    Ok(rate(rows, took))
 }
 
 fn rate(rows: usize, took: Duration) -> f64 {

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use caremsg_entities::{Channel, Direction};
+use caremsg_entities::{Channel, Direction, notification};
 use tokio::sync::broadcast;
 
 use crate::phi::Body;
@@ -28,11 +28,33 @@ pub struct MessageEvent {
     pub body: Body,
 }
 
+/// An SMS authentication status change of a patient.
+#[derive(Debug, Clone)]
+pub struct SmsStatusEvent {
+    /// The patient.
+    pub patient_id: String,
+    /// Its practice.
+    pub practice_id: String,
+    /// The new status.
+    pub status: caremsg_entities::SmsStatus,
+    /// Why, when known (`wrong_dob_3x`, `expired`, `patient_stop`, ...).
+    pub reason: Option<String>,
+}
+
 /// Everything the streams may carry.
 #[derive(Debug, Clone)]
 pub enum Event {
     /// A message was stored.
     Message(Arc<MessageEvent>),
+    /// A patient's SMS authentication status changed.
+    SmsStatus(Arc<SmsStatusEvent>),
+    /// A notification for one staff user was stored (only that user's stream shows it).
+    Notification {
+        /// The user notified.
+        user_id: String,
+        /// The notification.
+        notification: Arc<notification::Model>,
+    },
 }
 
 /// The in-process event bus.

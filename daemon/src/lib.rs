@@ -12,7 +12,9 @@ pub mod bench;
 pub mod clock;
 pub mod db;
 pub mod events;
+pub mod gateways;
 pub mod metrics;
+pub mod notifications;
 pub mod notify;
 pub mod phi;
 pub mod phone;
@@ -97,6 +99,12 @@ pub struct Running {
     writer: WriterTask,
     // Pings systemd's watchdog while the writer makes progress; refreshes STATUS=.
     watchdog: watchdog::Watchdog,
+    // Runs a timer tick on demand (`tick_timers`).
+    timers: timers::TimerServiceHandle,
+    // The durable timers' wake-up task; stopped before the writer.
+    timer_task: JoinHandle<()>,
+    // Tells the wake-up task to stop.
+    timer_stop: CancellationToken,
 }
 
 /// Starts the daemon: database and migrations, the writer, the HTTP server. Returns
@@ -116,6 +124,10 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         metrics.clone(),
         writer_stop.clone(),
     );
+    // After the writer: the gateways write through it from their first pass.
+    let gateways = gateways::Gateways::load(&settings)
+        .await
+        .context("loading the gateway plugins")?;
     let listener = tokio::net::TcpListener::bind(settings.server.listen)
         .await
         .with_context(|| format!("binding {}", settings.server.listen))?;
@@ -134,19 +146,51 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         conversations: actors::Conversations::new(actor_system, weak.clone()),
         runtime: tokio::runtime::Handle::current(),
         shutdown: http_stop.clone(),
+        gateways,
     });
+    state
+        .gateways
+        .start(&state)
+        .await
+        .context("starting the gateway dispatchers")?;
+    // Durable timers: its first tick, right away, catches up on what came due while
+    // the daemon was down. As many handlers run at once as a page holds, so a page of
+    // due reminders reaches the reminder batcher together.
+    let timer_stop = CancellationToken::new();
+    let timer_options = timers::TimerServiceOptions::default();
+    let (timer_handle, timer_task) = timers::TimerService::new(
+        state.db.clone(),
+        state.clock.clone(),
+        timers::TimerServiceOptions {
+            concurrency: timer_options.page_size as usize,
+            ..timer_options
+        },
+    )
+    .with_handler(
+        notifications::reminder::KIND,
+        notifications::reminder::handler(&state),
+    )
+    .with_handler(
+        caremsg_entities::TimerKind::SmsAuthWindow,
+        sms::auth::window_handler(&state),
+    )
+    .spawn(timer_stop.clone());
     let app = api::router(state.clone());
     let stop = http_stop.clone();
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
     });
     let reloader = Reloader {
         source: options.source,
         settings,
         metrics,
         log_filter: options.log_filter,
+        on_apply: vec![gateways_reload_hook(&state)],
     };
     tracing::info!(%addr, database = backend, "caremsgd is serving.");
     notify::ready("Serving");
@@ -162,6 +206,9 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         server,
         writer: writer_task,
         watchdog,
+        timers: timer_handle,
+        timer_task,
+        timer_stop,
     })
 }
 
@@ -174,6 +221,14 @@ impl Running {
     /// The shared state (tests read the database through it).
     pub fn state(&self) -> &Shared {
         &self.state
+    }
+
+    /// Runs a tick of the durable timers at the clock's "now" and waits for it: what
+    /// the periodic tick does, on demand. Tests move a `ManualClock` and call this
+    /// rather than wait for the next period; when it returns, every timer due at that
+    /// "now" has fired (or failed, and stays due).
+    pub async fn tick_timers(&self) -> Result<timers::Tick, timers::TimerError> {
+        self.timers.tick().await
     }
 
     /// Reloads the configuration, as SIGHUP does.
@@ -204,8 +259,15 @@ impl Running {
                 server.abort();
             }
         }
+        // Timer handlers write through the writer (and may use actors): stop them first.
+        self.timer_stop.cancel();
+        if let Err(err) = self.timer_task.await {
+            tracing::error!(error = %err, "The timer service task ended abnormally.");
+        }
         // Requests are done; no one sends to an actor any more.
         self.state.conversations.stop();
+        // The dispatchers record the pass in flight through the writer, so before it.
+        self.state.gateways.shutdown(grace).await;
         self.writer_stop.cancel();
         self.writer.join().await;
         let db = self.state.db.clone();
@@ -216,6 +278,16 @@ impl Running {
         tracing::info!("caremsgd has stopped.");
         Ok(())
     }
+}
+
+/// Rebuilds the gateways' changed rate limiters and allow-lists on reload.
+fn gateways_reload_hook(state: &Shared) -> reload::ApplyHook {
+    let state = Arc::downgrade(state);
+    Arc::new(move |old: &Settings, new: &Settings| {
+        if let Some(state) = state.upgrade() {
+            state.gateways.reload(old, new);
+        }
+    })
 }
 
 /// Runs the daemon until `shutdown` completes; SIGHUP reloads the configuration.

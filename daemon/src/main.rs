@@ -31,6 +31,11 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Gateway plugins.
+    Plugin {
+        #[command(subcommand)]
+        which: PluginCommand,
+    },
     /// Benchmarks (print figures and ratios against their baselines).
     Bench {
         #[command(subcommand)]
@@ -38,10 +43,32 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Print a plugin library's metadata and whether this daemon can load it; exit
+    /// non-zero if it cannot.
+    Inspect {
+        /// The plugin's shared library (`.so`).
+        file: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return check_config(file);
+    }
+    if let Some(Command::Plugin {
+        which: PluginCommand::Inspect { file },
+    }) = &cli.command
+    {
+        let (report, loadable) = caremsgd::gateways::inspect(file);
+        println!("{report}");
+        return if loadable {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        };
     }
     let env = caremsg_env();
     let settings = match caremsg_config::load_with_env(cli.config.as_deref(), env.clone()) {
@@ -79,7 +106,7 @@ fn main() -> ExitCode {
                 tracing::info!("Every migration is applied.");
             }),
             Some(Command::Bench { which }) => caremsgd::bench::run(which).await,
-            Some(Command::CheckConfig { .. }) => Ok(()),
+            Some(Command::CheckConfig { .. } | Command::Plugin { .. }) => Ok(()),
         }
     });
     match result {

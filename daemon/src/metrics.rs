@@ -33,6 +33,15 @@ pub struct BuildLabels {
     pub version: String,
 }
 
+/// Labels of a gateway outcome (deliveries and inbound events).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayLabels {
+    /// The gateway instance's name.
+    pub gateway: String,
+    /// What happened, e.g. `sent`, `retry`, `refused`, `duplicate`.
+    pub outcome: String,
+}
+
 /// Every metric the daemon exports.
 pub struct Metrics {
     // The registry renders the text format; the handles below update it.
@@ -57,6 +66,12 @@ pub struct Metrics {
     pub build_info: Family<BuildLabels, Gauge>,
     /// Conversation messages stored (any author, any channel).
     pub messages_stored: Counter<u64, AtomicU64>,
+    /// Outbox deliveries by gateway instance and outcome.
+    pub gateway_deliveries: Family<GatewayLabels, Counter>,
+    /// Inbound gateway events by instance and outcome.
+    pub gateway_inbound: Family<GatewayLabels, Counter>,
+    /// Seconds one plugin `send` took, queueing for a concurrency permit included.
+    pub gateway_send_seconds: Histogram,
 }
 
 impl Metrics {
@@ -128,7 +143,28 @@ impl Metrics {
             "Conversation messages stored",
             messages_stored.clone(),
         );
+        let gateway_deliveries = Family::<GatewayLabels, Counter>::default();
+        registry.register(
+            "gateway_deliveries",
+            "Outbox deliveries by gateway instance and outcome",
+            gateway_deliveries.clone(),
+        );
+        let gateway_inbound = Family::<GatewayLabels, Counter>::default();
+        registry.register(
+            "gateway_inbound_events",
+            "Inbound gateway events by instance and outcome",
+            gateway_inbound.clone(),
+        );
+        let gateway_send_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 18));
+        registry.register(
+            "gateway_send_seconds",
+            "Seconds one plugin send took, waiting for a concurrency permit included",
+            gateway_send_seconds.clone(),
+        );
         Self {
+            gateway_deliveries,
+            gateway_inbound,
+            gateway_send_seconds,
             messages_stored,
             registry,
             http_responses,
@@ -154,6 +190,26 @@ impl Metrics {
     pub fn reload(&self, outcome: &str) {
         self.reloads
             .get_or_create(&ReloadLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts `n` deliveries of `gateway` that ended a pass with `outcome`.
+    pub fn gateway_delivery(&self, gateway: &str, outcome: &str, n: u64) {
+        self.gateway_deliveries
+            .get_or_create(&GatewayLabels {
+                gateway: gateway.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc_by(n);
+    }
+
+    /// Counts one inbound event of `gateway` with `outcome`.
+    pub fn gateway_inbound(&self, gateway: &str, outcome: &str) {
+        self.gateway_inbound
+            .get_or_create(&GatewayLabels {
+                gateway: gateway.to_owned(),
                 outcome: outcome.to_owned(),
             })
             .inc();

@@ -16,6 +16,10 @@ use crate::notify;
 /// Applies a new log filter directive (the `log.level` setting); returns why not.
 pub type LogFilterHook = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
+/// Called after a reload is applied, with the old and the new settings (the gateways
+/// rebuild their rate limiters and allow-lists with it).
+pub type ApplyHook = Arc<dyn Fn(&Settings, &Settings) + Send + Sync>;
+
 /// Where the settings come from, so that a reload reads the same sources.
 #[derive(Debug, Clone, Default)]
 pub struct ConfigSource {
@@ -46,6 +50,8 @@ pub struct Reloader {
     pub metrics: Arc<Metrics>,
     /// Applies `log.level`, when the binary installed a reloadable filter.
     pub log_filter: Option<LogFilterHook>,
+    /// Told about every applied reload, in order, after the new settings are live.
+    pub on_apply: Vec<ApplyHook>,
 }
 
 impl Reloader {
@@ -104,7 +110,11 @@ impl Reloader {
             tracing::error!(error = %err, "Reload refused: log.level is not a valid filter. The previous configuration stays in force.");
             return ReloadOutcome::Refused(format!("log.level: {err}"));
         }
-        self.settings.store(Arc::new(new));
+        let new = Arc::new(new);
+        self.settings.store(new.clone());
+        for hook in &self.on_apply {
+            hook(&old, &new);
+        }
         tracing::info!(fields = ?changed, "Configuration reloaded.");
         ReloadOutcome::Applied(changed)
     }

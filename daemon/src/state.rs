@@ -35,6 +35,8 @@ pub struct AppState {
     pub runtime: tokio::runtime::Handle,
     /// Cancelled when the daemon stops serving: event streams end with it.
     pub shutdown: CancellationToken,
+    /// The gateway plugin instances, their outbox dispatchers and inbound side.
+    pub gateways: crate::gateways::Gateways,
 }
 
 /// The handle request handlers receive.

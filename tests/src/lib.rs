@@ -108,12 +108,37 @@ pub struct TestDaemon {
 /// directory and listen address of this test. (The database URL is given as the
 /// `CAREMSG__DATABASE__URL` override, as an operator's environment would.)
 pub fn test_config(dir: &Path) -> String {
-    caremsg_config::EMBEDDED_DEFAULT
+    let text = caremsg_config::EMBEDDED_DEFAULT
         .replace(
             "state_dir = \"state\"",
             &format!("state_dir = {:?}", dir.display().to_string()),
         )
-        .replace("listen = \"127.0.0.1:8680\"", "listen = \"127.0.0.1:0\"")
+        .replace("listen = \"127.0.0.1:8680\"", "listen = \"127.0.0.1:0\"");
+    with_test_gateway(text, dir)
+}
+
+/// Points the embedded default's loopback gateway at the library Cargo built for this
+/// test run (an absolute path: tests do not run from the workspace root) and its
+/// outbox into `dir` (`<dir>/loopback-outbox.jsonl`).
+pub fn with_test_gateway(text: String, dir: &Path) -> String {
+    let library = caremsg_testplugins::library_path(caremsg_testplugins::SMS_LOOPBACK)
+        .expect("the sms-loopback plugin is built (a dependency of this crate)");
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line.starts_with("library = ") && line.contains("caremsg_sms_loopback") {
+            out.push_str(&format!("library = {:?}", library.display().to_string()));
+        } else if line.starts_with("config = { outbox = ") {
+            let outbox = dir.join("loopback-outbox.jsonl");
+            out.push_str(&format!(
+                "config = {{ outbox = {:?} }}",
+                outbox.display().to_string()
+            ));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// The default start time of the injected clock.

@@ -109,6 +109,24 @@ pub struct MarkRead {
     pub up_to: Option<i64>,
 }
 
+/// An SMS authentication action or a text from the patient's number: see
+/// [`crate::sms::auth`]. Runs in this actor because every transition appends a
+/// `system` message to the conversation in the same transaction.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<crate::sms::auth::ReplyOutcome, crate::sms::auth::SmsError>")]
+pub struct Sms {
+    /// The API client or gateway (for the audit log).
+    pub client: String,
+    /// What to do.
+    pub op: crate::sms::auth::SmsOp,
+}
+
+/// Wakes the actor (starting it if needed) and does nothing else: for benchmarks
+/// and for warming a conversation before a burst.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct Ping;
+
 /// A message as stored, with its deliveries.
 #[derive(Debug, Clone)]
 pub struct Stored {
@@ -271,6 +289,41 @@ impl Handler<MarkRead> for ConversationActor {
     }
 }
 
+/// Runs an SMS authentication step: see [`Sms`].
+impl Handler<Sms> for ConversationActor {
+    type Result =
+        AtomicResponse<Self, Result<crate::sms::auth::ReplyOutcome, crate::sms::auth::SmsError>>;
+
+    fn handle(&mut self, msg: Sms, _ctx: &mut Context<Self>) -> Self::Result {
+        self.last_used = Instant::now();
+        let state = self.state.clone();
+        let patient_id = self.patient_id.clone();
+        let last_seq = self.last_seq;
+        let work = on_main(&state.runtime.clone(), async move {
+            crate::sms::auth::run(&state, &patient_id, last_seq, &msg.client, msg.op).await
+        });
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(|outcome, actor, _| {
+            let (last_seq, result) = outcome.unwrap_or((
+                None,
+                Err(crate::sms::auth::SmsError::Storage(
+                    "the SMS task failed".into(),
+                )),
+            ));
+            actor.last_seq = last_seq;
+            result
+        })))
+    }
+}
+
+/// Answers at once: see [`Ping`].
+impl Handler<Ping> for ConversationActor {
+    type Result = ();
+
+    fn handle(&mut self, _msg: Ping, _ctx: &mut Context<Self>) {
+        self.last_used = Instant::now();
+    }
+}
+
 // ----- The work, on the main runtime --------------------------------------------
 
 /// Longest client transaction id.
@@ -290,7 +343,7 @@ async fn send(
     }
 }
 
-async fn try_send(
+pub(crate) async fn try_send(
     state: &Shared,
     patient_id: &str,
     last_seq: Option<i64>,
@@ -507,6 +560,15 @@ async fn try_send(
     for d in &deliveries {
         unit = unit.insert(delivery::ActiveModel::from(d.clone()));
     }
+    // A message from the patient notifies in the message's unit: at most once, also across
+    // crashes. Staff messages notify no one.
+    let mut notify = match &msg.author {
+        Author::Staff(_) => crate::notifications::Notify::default(),
+        Author::Patient | Author::PatientSms { .. } => {
+            crate::notifications::on_patient_message(db, &settings, &patient, &stored).await?
+        }
+    };
+    unit = unit.merge(notify.take_unit());
     unit = unit
         .exec(
             conversation::Entity::update_many()
@@ -561,6 +623,7 @@ async fn try_send(
         channel,
         body: msg.body.clone(),
     })));
+    notify.publish(state);
     Ok((
         seq,
         Stored {
@@ -622,9 +685,14 @@ async fn mark_read(state: &Shared, patient_id: &str, msg: MarkRead) -> Result<i6
     if up_to <= current {
         return Ok(current);
     }
-    state
-        .writer
-        .write(read_unit(patient_id, &msg.reader, up_to, state.clock.now()))
-        .await?;
+    let mut unit = read_unit(patient_id, &msg.reader, up_to, state.clock.now());
+    // Viewing cancels the user's unread reminder.
+    if let Reader::User(user_id) = &msg.reader {
+        unit = unit.merge(
+            crate::notifications::reminder::on_view(db, patient_id, user_id, current, up_to)
+                .await?,
+        );
+    }
+    state.writer.write(unit).await?;
     Ok(up_to)
 }

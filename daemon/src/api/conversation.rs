@@ -257,6 +257,19 @@ pub fn message_event(event: &MessageEvent) -> SseEvent {
         .unwrap_or_else(|_| SseEvent::default().event("error"))
 }
 
+/// The SSE event for an SMS status change: `{patient_id, status, reason}`.
+pub fn sms_status_event(change: &crate::events::SmsStatusEvent) -> SseEvent {
+    let out = serde_json::json!({
+        "patient_id": change.patient_id,
+        "status": change.status.as_str(),
+        "reason": change.reason,
+    });
+    SseEvent::default()
+        .event("sms_status")
+        .json_data(out)
+        .unwrap_or_else(|_| SseEvent::default().event("error"))
+}
+
 /// A server-sent event stream of the bus, passed through `select` (which decides,
 /// per event, what this subscriber sees), kept alive while idle, and ended when the
 /// daemon stops serving.

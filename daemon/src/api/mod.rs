@@ -7,8 +7,11 @@ pub mod admin;
 pub mod conversation;
 pub mod error;
 pub mod extract;
+pub mod hooks;
+pub mod notifications;
 pub mod ops;
 pub mod portal;
+pub mod sms;
 pub mod staff;
 
 use std::time::Instant;
@@ -35,13 +38,18 @@ use crate::state::Shared;
         admin::put_user, admin::delete_user, admin::put_patient, admin::delete_patient,
         staff::my_patients, staff::search, staff::open_conversation, staff::send,
         staff::mark_read, staff::care_team, staff::notify_me, staff::stop_notifying_me, staff::events,
+        notifications::get_settings, notifications::put_settings, notifications::list, notifications::mark_read,
+        sms::status, sms::start, sms::resend, sms::opt_out,
         portal::conversation, portal::send, portal::mark_read, portal::events,
+        hooks::hook,
         ops::healthz, ops::readyz, ops::metrics,
     ),
     modifiers(&BearerAuth),
     tags((name = "admin", description = "Platform sync (scope admin)"),
          (name = "staff", description = "The staff application (scope staff, X-Caremsg-User)"),
+         (name = "sms", description = "SMS authentication and consent (scope staff)"),
          (name = "portal", description = "The portal backend (scope portal)"),
+         (name = "gateways", description = "Provider webhooks, passed to the gateway plugin (no token)"),
          (name = "ops", description = "Health, readiness, metrics (no token)"))
 )]
 pub struct ApiDoc;
@@ -63,7 +71,10 @@ pub fn router(state: Shared) -> Router {
     Router::new()
         .merge(admin::routes())
         .merge(staff::routes())
+        .merge(notifications::routes())
         .merge(portal::routes())
+        .merge(sms::routes())
+        .merge(hooks::routes())
         .merge(ops::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -152,6 +152,7 @@ pub async fn events(
                 Event::Message(message) => {
                     (message.patient_id == id).then(|| conv::message_event(&message))
                 }
+                Event::Notification { .. } | Event::SmsStatus(_) => None,
             }
         }
     }))

@@ -662,9 +662,9 @@ pub async fn stop_notifying_me(
 // ----- Events ------------------------------------------------------------------------
 
 #[utoipa::path(get, path = "/v1/staff/events", tag = "staff",
-    responses((status = 200, description = "text/event-stream: `message` events for patients on my list")),
+    responses((status = 200, description = "text/event-stream: `message` events for patients on my list, `notification` events addressed to me")),
     security(("bearer" = [])))]
-/// Server-sent events for me: new messages of patients on my list.
+/// Server-sent events for me: new messages of patients on my list, and my notifications.
 pub async fn events(State(state): State<Shared>, staff: Staff) -> impl IntoResponse {
     let db = state.db.clone();
     let user = staff.user;
@@ -691,6 +691,29 @@ pub async fn events(State(state): State<Shared>, staff: Staff) -> impl IntoRespo
                             .await
                             .unwrap_or(false);
                     allowed.then(|| conv::message_event(&message))
+                }
+                Event::Notification {
+                    user_id,
+                    notification,
+                } => (user_id == user.id).then(|| super::notifications::sse_event(&notification)),
+                Event::SmsStatus(change) => {
+                    if change.practice_id != user.practice_id {
+                        return None;
+                    }
+                    let on_list = care_team_member::Entity::find_by_id((
+                        change.patient_id.clone(),
+                        user.id.clone(),
+                    ))
+                    .one(&db)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some();
+                    let allowed = on_list
+                        && may_access(&db, &user.id, &change.patient_id)
+                            .await
+                            .unwrap_or(false);
+                    allowed.then(|| conv::sms_status_event(&change))
                 }
             }
         }

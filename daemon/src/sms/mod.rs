@@ -12,6 +12,7 @@
 //! None of these functions logs, and none returns an error that could carry the text
 //! it was given: an inbound body and a date of birth are PHI.
 
+pub mod auth;
 pub mod dob;
 pub mod keywords;
 pub mod reply;

@@ -1,0 +1,158 @@
+//! Provider webhooks: `/v1/hooks/{gateway_instance}`, handed to the instance's plugin.
+//!
+//! No bearer token: the plugin authenticates the provider (a signature over the
+//! configured public URL and the body, or, for `sms-loopback`, the peer address). The
+//! body is limited to `server.max_body_bytes`. The plugin sees the method, the public
+//! URL of the hook (`server.public_url` + path + query: what providers sign), the
+//! peer address, the headers and the raw body, on the blocking pool. The events it
+//! reports are committed before its response is sent; if they cannot be, the provider
+//! gets 503 and retries (a retried text is recognised by its provider id).
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use caremsg_plugin_host::{CallError, WebhookRequest, WebhookResponse};
+
+use super::error::ApiError;
+use crate::gateways::inbound;
+use crate::state::Shared;
+
+/// The webhook route.
+pub fn routes() -> Router<Shared> {
+    Router::new().route("/v1/hooks/{gateway_instance}", any(hook))
+}
+
+#[utoipa::path(post, path = "/v1/hooks/{gateway_instance}", tag = "gateways",
+    params(("gateway_instance" = String, Path, description = "The `name` of a `[[gateways]]` instance")),
+    request_body(content = Vec<u8>, description = "The provider's request, as the plugin expects it", content_type = "application/octet-stream"),
+    responses(
+        (status = 200, description = "Whatever the plugin answers, once the events it reported are committed"),
+        (status = 404, body = super::error::ErrorBody, description = "No such gateway instance"),
+        (status = 413, body = super::error::ErrorBody, description = "The body is larger than server.max_body_bytes"),
+        (status = 500, body = super::error::ErrorBody, description = "The plugin failed"),
+        (status = 503, body = super::error::ErrorBody, description = "The events could not be stored; retry"),
+    ))]
+/// A provider's webhook (inbound texts, delivery receipts, opt-outs), passed to the
+/// plugin of the named instance. Any method is passed on; providers use POST.
+pub async fn hook(
+    State(state): State<Shared>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Response {
+    let Some(gateway) = state.gateways.instance(&name).cloned() else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "No such gateway instance.",
+        )
+        .into_response();
+    };
+    let limit = state.settings.load().server.max_body_bytes;
+    let public_url = format!(
+        "{}/v1/hooks/{}{}",
+        state
+            .settings
+            .load()
+            .server
+            .public_url
+            .trim_end_matches('/'),
+        gateway.name(),
+        request
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default()
+    );
+    let remote_addr = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0);
+    let method = request.method().as_str().to_owned();
+    let headers = request
+        .headers()
+        .iter()
+        .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+        .collect();
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("The body is larger than {limit} bytes."),
+        )
+        .into_response()
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return too_large();
+    }
+    let Ok(body) = axum::body::to_bytes(request.into_body(), limit).await else {
+        return too_large();
+    };
+    let webhook = WebhookRequest {
+        method,
+        public_url,
+        remote_addr,
+        headers,
+        body: body.to_vec(),
+    };
+    let outcome = match gateway
+        .call(move |instance| instance.handle_webhook(&webhook))
+        .await
+    {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            tracing::error!(gateway = %gateway.name(), %error, "A webhook failed in the gateway plugin.");
+            let status = if error == CallError::Stopped {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            return ApiError::new(
+                status,
+                "gateway_failed",
+                "The gateway plugin could not handle the request.",
+            )
+            .into_response();
+        }
+    };
+    if !outcome.events.is_empty()
+        && let Err(error) = inbound::commit(&state, &gateway, outcome.events).await
+    {
+        tracing::error!(gateway = %gateway.name(), %error, "A webhook's events could not be stored; the provider is asked to retry.");
+        let mut response = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "The events could not be stored; retry later.",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    }
+    plugin_response(outcome.response)
+}
+
+/// The plugin's answer as an HTTP response (headers HTTP cannot carry are dropped).
+fn plugin_response(answer: WebhookResponse) -> Response {
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, Body::from(answer.body)).into_response();
+    for (name, value) in answer.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            response.headers_mut().append(name, value);
+        }
+    }
+    response
+}

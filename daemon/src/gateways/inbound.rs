@@ -1,0 +1,467 @@
+//! Inbound: what plugins report — texts from patients, delivery receipts, opt-outs —
+//! committed before anyone is told it was taken.
+//!
+//! Webhook events ([`commit`], called by `api::hooks` before it answers the provider)
+//! and events a plugin emits on its own (the inbound task, [`run_emitted`]) take the
+//! same path:
+//!
+//! - **A text** is recognised by `(gateway, provider message id)`: seen before, it is
+//!   a provider's retry and nothing is stored again. A sender over the instance's
+//!   `inbound_per_sender` limit is dropped (and counted). Otherwise [`route`] decides:
+//!   a text to a practice's number from the mobile number of an active patient of
+//!   that practice whose SMS status is `enabled` goes into the patient's conversation
+//!   (through the conversation actor, which stores it once per provider id); any
+//!   other text goes to the unmatched-inbound log, together with its
+//!   `inbound_receipts` row in one unit (an insert-or-ignore that must insert, so a
+//!   concurrent duplicate rolls the unit back). Texts from pending patients are the
+//!   SMS authentication actor's to take; until it routes them, they are unmatched.
+//! - **A delivery receipt** moves the delivery with that provider id forward only:
+//!   `queued`/`sending` → `sent` → `delivered` | `failed` | `undelivered`; never
+//!   backward, never from one final status to another. A receipt for an id not
+//!   (yet) stored is ignored: the delivery's own `send` result still records it.
+//! - **An opt-out** opts the number out of every practice whose numbers this instance
+//!   serves ([`super::consent::carrier_opt_out`]).
+
+use std::sync::Arc;
+
+use caremsg_entities::{
+    DeliveryStatus, SmsStatus, delivery, inbound_receipt, patient, practice, practice_sms_number,
+    unmatched_inbound,
+};
+use caremsg_plugin_host::{Event, ReceiptStatus};
+use chrono::{DateTime, Utc};
+use sea_orm::ActiveValue::Set;
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{ColumnTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::host::Emitted;
+use super::instance::GatewayInstance;
+use super::limits::Check;
+use crate::phi::{Body, Phi, Phone};
+use crate::state::Shared;
+use crate::writer::{Expect, WriteError, WriteUnit};
+
+/// The precondition named when an inbound receipt already existed: the unit holding
+/// it is a provider's retry and was rolled back.
+pub const RECEIPT_IS_NEW: &str = "the inbound message was not seen before";
+
+/// A text from a phone, as a plugin reported it.
+#[derive(Debug, Clone)]
+pub struct InboundSms {
+    /// The instance that received it.
+    pub gateway: String,
+    /// The provider's id, unique per instance.
+    pub provider_message_id: String,
+    /// The sender's number (E.164 once matched to a practice).
+    pub from: Phone,
+    /// The number it was sent to.
+    pub to: Phone,
+    /// The text.
+    pub body: Body,
+}
+
+/// What became of one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventOutcome {
+    /// The text is stored in a patient's conversation.
+    Conversation,
+    /// The text is stored in the unmatched-inbound log.
+    Unmatched,
+    /// The text was stored before (a provider's retry); nothing changed.
+    Duplicate,
+    /// The sender is over its inbound limit; the text was dropped.
+    RateLimited,
+    /// The receipt moved a delivery forward.
+    ReceiptApplied,
+    /// The receipt names no stored delivery, or would move one backward.
+    ReceiptIgnored,
+    /// The opt-out is recorded.
+    OptedOut,
+}
+
+impl EventOutcome {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Conversation => "conversation",
+            Self::Unmatched => "unmatched",
+            Self::Duplicate => "duplicate",
+            Self::RateLimited => "rate_limited",
+            Self::ReceiptApplied => "receipt_applied",
+            Self::ReceiptIgnored => "receipt_ignored",
+            Self::OptedOut => "opted_out",
+        }
+    }
+}
+
+/// Why events were not committed; the provider must be told to retry.
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    /// Reading failed.
+    #[error("reading failed: {0}")]
+    Read(#[from] DbErr),
+    /// Committing failed.
+    #[error("committing failed: {0}")]
+    Write(#[from] WriteError),
+    /// The patient's conversation did not store the text.
+    #[error("the conversation did not store the text: {0}")]
+    Conversation(String),
+}
+
+/// Commits `events` of `gateway`, in order; stops at the first failure.
+pub async fn commit(
+    state: &Shared,
+    gateway: &GatewayInstance,
+    events: Vec<Event>,
+) -> Result<Vec<EventOutcome>, InboundError> {
+    let mut outcomes = Vec::with_capacity(events.len());
+    for event in events {
+        let outcome = commit_one(state, gateway, event).await;
+        let label = match &outcome {
+            Ok(outcome) => outcome.as_str(),
+            Err(_) => "failed",
+        };
+        state.metrics.gateway_inbound(gateway.name(), label);
+        outcomes.push(outcome?);
+    }
+    Ok(outcomes)
+}
+
+async fn commit_one(
+    state: &Shared,
+    gateway: &GatewayInstance,
+    event: Event,
+) -> Result<EventOutcome, InboundError> {
+    match event {
+        Event::InboundMessage {
+            from,
+            to,
+            body,
+            provider_message_id,
+        } => {
+            if seen(state, gateway.name(), &provider_message_id).await? {
+                return Ok(EventOutcome::Duplicate);
+            }
+            if let Check::Wait(_) = gateway.limits().check_sender(&from) {
+                tracing::warn!(gateway = %gateway.name(), %provider_message_id, "An inbound text was dropped: its sender is over the inbound limit.");
+                return Ok(EventOutcome::RateLimited);
+            }
+            route(
+                state,
+                InboundSms {
+                    gateway: gateway.name().to_owned(),
+                    provider_message_id,
+                    from: Phi::new(from),
+                    to: Phi::new(to),
+                    body: Phi::new(body),
+                },
+            )
+            .await
+        }
+        Event::DeliveryReceipt {
+            provider_message_id,
+            status,
+            error_code,
+        } => {
+            receipt(
+                state,
+                gateway.name(),
+                &provider_message_id,
+                status,
+                error_code,
+            )
+            .await
+        }
+        Event::OptOut { number } => opt_out(state, gateway.name(), Phi::new(number)).await,
+    }
+}
+
+/// Whether `(gateway, id)` was taken in before.
+async fn seen(state: &Shared, gateway: &str, provider_message_id: &str) -> Result<bool, DbErr> {
+    Ok(
+        inbound_receipt::Entity::find_by_id((gateway.to_owned(), provider_message_id.to_owned()))
+            .one(&state.db)
+            .await?
+            .is_some(),
+    )
+}
+
+/// The insert-or-ignore of the receipt of `(gateway, id)`, required to insert
+/// ([`RECEIPT_IS_NEW`]) or, with `must_be_new` false, merely recorded.
+pub fn receipt_unit(
+    gateway: &str,
+    provider_message_id: &str,
+    outcome: EventOutcome,
+    now: DateTime<Utc>,
+    must_be_new: bool,
+) -> WriteUnit {
+    let insert = inbound_receipt::Entity::insert(inbound_receipt::ActiveModel {
+        gateway: Set(gateway.to_owned()),
+        provider_message_id: Set(provider_message_id.to_owned()),
+        received_at: Set(now),
+        outcome: Set(outcome.as_str().to_owned()),
+    })
+    .on_conflict(
+        OnConflict::columns([
+            inbound_receipt::Column::Gateway,
+            inbound_receipt::Column::ProviderMessageId,
+        ])
+        .do_nothing()
+        .to_owned(),
+    )
+    .into_query();
+    let expect = if must_be_new {
+        Expect::Exactly(1)
+    } else {
+        Expect::Any
+    };
+    WriteUnit::new().exec(insert, expect, RECEIPT_IS_NEW)
+}
+
+/// Whether a write failed because its receipt already existed (a duplicate).
+pub fn is_duplicate(error: &WriteError) -> bool {
+    matches!(error, WriteError::Precondition(what) if *what == RECEIPT_IS_NEW)
+}
+
+/// Routes a new inbound text. From the number of a patient whose SMS status is
+/// pending or enabled, the patient's actor decides (`sms::auth`: keywords, the date
+/// of birth, or a conversation message — the single place inbound texts enter
+/// conversations). Anything else goes to the unmatched-inbound log, with the keyword
+/// answers SPEC.md gives such numbers (`sms::auth::unmatched`).
+pub async fn route(state: &Shared, sms: InboundSms) -> Result<EventOutcome, InboundError> {
+    let db = &state.db;
+    let number = practice_sms_number::Entity::find_by_id(sms.to.expose().clone())
+        .one(db)
+        .await?;
+    let practice = match number {
+        Some(number) => practice::Entity::find_by_id(number.practice_id)
+            .one(db)
+            .await?
+            .filter(|p| p.active),
+        None => None,
+    };
+    let from = match &practice {
+        Some(practice) => normalise(&sms.from, &practice.country),
+        None => sms.from.clone(),
+    };
+    // The patient pending or enabled on this number (at most one); else, for a
+    // keyword, the patient who opted out on it most recently, whose conversation
+    // records the keyword.
+    let mut matched = None;
+    if let Some(practice) = &practice {
+        let on_number = || {
+            patient::Entity::find()
+                .filter(patient::Column::PracticeId.eq(practice.id.as_str()))
+                .filter(patient::Column::MobilePhone.eq(from.expose().as_str()))
+                .filter(patient::Column::Active.eq(true))
+        };
+        matched = on_number()
+            .filter(patient::Column::SmsStatus.is_in([SmsStatus::Pending, SmsStatus::Enabled]))
+            .one(db)
+            .await?;
+        if matched.is_none() && crate::sms::keywords::classify(sms.body.expose()).is_some() {
+            matched = on_number()
+                .filter(patient::Column::SmsStatus.eq(SmsStatus::OptedOut))
+                .order_by_desc(patient::Column::UpdatedAt)
+                .one(db)
+                .await?;
+        }
+    }
+    if let Some(patient) = matched {
+        // Keywords, date-of-birth replies and conversation messages: the SMS
+        // authentication decides, in the patient's actor.
+        let op = crate::sms::auth::SmsOp::Reply {
+            gateway: sms.gateway.clone(),
+            provider_message_id: sms.provider_message_id.clone(),
+            body: sms.body.clone(),
+        };
+        let outcome = state
+            .conversations
+            .send(
+                &patient.id,
+                crate::actors::conversation::Sms {
+                    client: format!("gateway:{}", sms.gateway),
+                    op,
+                },
+            )
+            .await
+            .map_err(|error| InboundError::Conversation(error.to_string()))?
+            .map_err(|error| InboundError::Conversation(error.to_string()))?;
+        match outcome {
+            crate::sms::auth::ReplyOutcome::Duplicate => return Ok(EventOutcome::Duplicate),
+            crate::sms::auth::ReplyOutcome::Handled
+            | crate::sms::auth::ReplyOutcome::Message(_) => {
+                let now = state.clock.now();
+                state
+                    .writer
+                    .write(receipt_unit(
+                        &sms.gateway,
+                        &sms.provider_message_id,
+                        EventOutcome::Conversation,
+                        now,
+                        false,
+                    ))
+                    .await?;
+                return Ok(EventOutcome::Conversation);
+            }
+            crate::sms::auth::ReplyOutcome::NotForPatient => {}
+        }
+    }
+    let now = state.clock.now();
+    let (keyword_unit, answered) = match &practice {
+        Some(practice) => {
+            crate::sms::auth::unmatched(state, practice, from.expose(), sms.body.expose(), now)
+                .await?
+        }
+        None => (WriteUnit::new(), None),
+    };
+    let unit = receipt_unit(
+        &sms.gateway,
+        &sms.provider_message_id,
+        EventOutcome::Unmatched,
+        now,
+        true,
+    )
+    .insert(unmatched_inbound::ActiveModel {
+        id: Set(uuid::Uuid::now_v7().to_string()),
+        gateway: Set(sms.gateway.clone()),
+        provider_message_id: Set(Some(sms.provider_message_id.clone())),
+        from_phone: Set(from.into_inner()),
+        to_phone: Set(sms.to.into_inner()),
+        practice_id: Set(practice.map(|p| p.id)),
+        body: Set(sms.body.into_inner()),
+        answered: Set(answered.map(str::to_owned)),
+        received_at: Set(now),
+    })
+    .merge(keyword_unit);
+    match state.writer.write(unit).await {
+        Ok(()) => Ok(EventOutcome::Unmatched),
+        Err(error) if is_duplicate(&error) => Ok(EventOutcome::Duplicate),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// `number` as E.164 in `country`, or as given when it does not parse.
+fn normalise(number: &Phone, country: &str) -> Phone {
+    crate::phone::country(country)
+        .and_then(|region| crate::phone::parse_any(number.expose(), region).ok())
+        .unwrap_or_else(|| number.clone())
+}
+
+/// Moves the delivery with `provider_message_id` forward to the receipt's status.
+async fn receipt(
+    state: &Shared,
+    gateway: &str,
+    provider_message_id: &str,
+    status: ReceiptStatus,
+    error_code: Option<String>,
+) -> Result<EventOutcome, InboundError> {
+    use DeliveryStatus as S;
+    let (target, before): (S, &[S]) = match status {
+        ReceiptStatus::Sent => (S::Sent, &[S::Queued, S::Sending]),
+        ReceiptStatus::Delivered => (S::Delivered, &[S::Queued, S::Sending, S::Sent]),
+        ReceiptStatus::Failed => (S::Failed, &[S::Queued, S::Sending, S::Sent]),
+        ReceiptStatus::Undelivered => (S::Undelivered, &[S::Queued, S::Sending, S::Sent]),
+    };
+    let current: Option<S> = delivery::Entity::find()
+        .select_only()
+        .column(delivery::Column::Status)
+        .filter(delivery::Column::Gateway.eq(gateway))
+        .filter(delivery::Column::ProviderMessageId.eq(provider_message_id))
+        .into_tuple()
+        .one(&state.db)
+        .await?;
+    if !current.is_some_and(|current| before.contains(&current)) {
+        tracing::debug!(%gateway, %provider_message_id, "A delivery receipt was ignored: no such delivery, or its status is already past it.");
+        return Ok(EventOutcome::ReceiptIgnored);
+    }
+    let now = state.clock.now();
+    let mut update = delivery::Entity::update_many()
+        .col_expr(delivery::Column::Status, Expr::value(target))
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
+        .filter(delivery::Column::Gateway.eq(gateway))
+        .filter(delivery::Column::ProviderMessageId.eq(provider_message_id))
+        .filter(delivery::Column::Status.is_in(before.iter().copied()));
+    if matches!(target, S::Failed | S::Undelivered) {
+        let reason = match target {
+            S::Failed => "The provider reports that it could not send the message.",
+            _ => "The carrier reports that the message could not be delivered.",
+        };
+        update = update
+            .col_expr(delivery::Column::ErrorCode, Expr::value(error_code))
+            .col_expr(delivery::Column::ErrorReason, Expr::value(reason));
+    }
+    state
+        .writer
+        .write(WriteUnit::new().exec(update.into_query(), Expect::Any, "delivery receipt"))
+        .await?;
+    Ok(EventOutcome::ReceiptApplied)
+}
+
+/// Opts `number` out of every practice whose numbers `gateway` serves.
+async fn opt_out(
+    state: &Shared,
+    gateway: &str,
+    number: Phone,
+) -> Result<EventOutcome, InboundError> {
+    let practices: Vec<String> = practice_sms_number::Entity::find()
+        .select_only()
+        .column(practice_sms_number::Column::PracticeId)
+        .distinct()
+        .filter(practice_sms_number::Column::Gateway.eq(gateway))
+        .into_tuple()
+        .all(&state.db)
+        .await?;
+    let now = state.clock.now();
+    let mut unit = WriteUnit::new();
+    for practice_id in practices {
+        let Some(practice) = practice::Entity::find_by_id(practice_id)
+            .one(&state.db)
+            .await?
+        else {
+            continue;
+        };
+        let phone = normalise(&number, &practice.country);
+        let opted_out =
+            super::consent::carrier_opt_out(&state.db, &practice.id, phone.expose(), now).await?;
+        unit = unit.merge(opted_out.unit);
+    }
+    state.writer.write(unit).await?;
+    Ok(EventOutcome::OptedOut)
+}
+
+/// The inbound task: commits events plugins emit outside webhook calls. When `stop`
+/// is cancelled it takes no more and commits those already accepted.
+pub(crate) async fn run_emitted(
+    state: Shared,
+    mut emitted: mpsc::Receiver<Emitted>,
+    stop: CancellationToken,
+) {
+    let mut stopping = false;
+    loop {
+        let next = if stopping {
+            emitted.recv().await
+        } else {
+            tokio::select! {
+                next = emitted.recv() => next,
+                () = stop.cancelled() => {
+                    emitted.close();
+                    stopping = true;
+                    continue;
+                }
+            }
+        };
+        let Some(Emitted { instance, event }) = next else {
+            break;
+        };
+        let Some(gateway) = state.gateways.instance(&instance).map(Arc::clone) else {
+            tracing::error!(gateway = %instance, "An event came from an unknown gateway instance; it was dropped.");
+            continue;
+        };
+        if let Err(error) = commit(&state, &gateway, vec![event]).await {
+            tracing::error!(gateway = %instance, %error, "An event a gateway emitted could not be committed; it is lost.");
+        }
+    }
+}

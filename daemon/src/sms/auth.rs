@@ -1,0 +1,1250 @@
+//! SMS authentication (the 'Text Messages' button) and consent: the state machine of
+//! SPEC.md, run inside the patient's `ConversationActor`.
+//!
+//! Every transition is one write unit: the patient's status, the session, the status
+//! history, the `system` message that shows it in the conversation (with the next
+//! sequence number), the texts it sends (outbox rows), the window timer and the
+//! audit entry commit together or not at all. The attempt counter is committed
+//! before the reply that reports it can be sent, so a crash between two wrong replies
+//! never gives a fourth try.
+//!
+//! Why not a separate actor per session (DESIGN.md's `SmsAuthActor`): each transition
+//! also appends to the conversation, whose sequence the conversation actor owns; one
+//! serialiser per patient makes that a single transaction instead of a cross-actor
+//! protocol. The session's deadline is a durable timer (`timers`), fired by the timer
+//! service into this same actor.
+
+use caremsg_config::Settings;
+use caremsg_entities::{
+    Channel, DeliveryChannel, DeliveryPurpose, DeliveryStatus, Direction, SmsAuthStatus, SmsStatus,
+    SmsStatusReason, TimerKind, conversation, delivery, inbound_receipt, message, patient,
+    practice, practice_sms_number, sms_auth_attempt, sms_auth_session, sms_consent,
+    sms_status_history, user,
+};
+use chrono::{DateTime, Utc};
+use sea_orm::ActiveValue::Set;
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QueryTrait};
+use serde::Serialize;
+
+use super::keywords::{self, Keyword};
+use super::reply::{PendingReply, pending_reply};
+use super::texts::{self, PracticeName, Template};
+use crate::actors::conversation::{SendError, SendMessage};
+use crate::audit::AuditEntry;
+use crate::events::{Event, MessageEvent, SmsStatusEvent};
+use crate::phi::{Body, Phi};
+use crate::state::Shared;
+use crate::timers;
+use crate::writer::{Expect, WriteError, WriteUnit};
+
+/// The subject that exempts the one opt-out confirmation from the consent check at
+/// claim time (the gateway dispatcher's rule).
+pub use crate::gateways::outbox::OPT_OUT_CONFIRMATION_SUBJECT;
+
+/// What staff or the patient (by text) asks of the SMS authentication.
+#[derive(Debug, Clone)]
+pub enum SmsOp {
+    /// The 'Text Messages' button, optionally with a new mobile number.
+    Start {
+        /// The acting user.
+        staff: user::Model,
+        /// A number to store first (all or nothing).
+        mobile_phone: Option<String>,
+    },
+    /// The same opt-in text again.
+    Resend {
+        /// The acting user.
+        staff: user::Model,
+    },
+    /// 'Click here to opt patient out'.
+    StaffOptOut {
+        /// The acting user.
+        staff: user::Model,
+    },
+    /// A text from this patient's number.
+    Reply {
+        /// The gateway instance it came through.
+        gateway: String,
+        /// The provider's message id.
+        provider_message_id: String,
+        /// The text.
+        body: Body,
+    },
+    /// The window of session `session_id` ended (the timer service).
+    Expire {
+        /// The session.
+        session_id: String,
+    },
+    /// The provider said the recipient unsubscribed.
+    CarrierUnsubscribed,
+}
+
+/// Why an SMS action was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SmsError {
+    /// Unknown or deleted patient.
+    #[error("no such patient")]
+    NotFound,
+    /// The practice has no SMS.
+    #[error("the practice does not text")]
+    SmsDisabled,
+    /// The number given or stored is not a mobile number.
+    #[error("{0}")]
+    BadPhone(&'static str),
+    /// Only the patient can opt back in (by texting START).
+    #[error("the patient opted out by text")]
+    PatientOptedOut,
+    /// The number texted STOP.
+    #[error("the number opted out")]
+    NumberOptedOut,
+    /// Another patient of the practice is pending or enabled on this number.
+    #[error("the number is in use")]
+    PhoneInUse,
+    /// Resend needs a pending session.
+    #[error("no pending session")]
+    NotPending,
+    /// Already pending on this number (use resend).
+    #[error("already pending")]
+    AlreadyPending,
+    /// Already opted out.
+    #[error("already opted out")]
+    AlreadyOptedOut,
+    /// Storage failed.
+    #[error("storage failed: {0}")]
+    Storage(String),
+}
+
+impl From<DbErr> for SmsError {
+    fn from(err: DbErr) -> Self {
+        Self::Storage(err.to_string())
+    }
+}
+
+impl From<WriteError> for SmsError {
+    fn from(err: WriteError) -> Self {
+        Self::Storage(err.to_string())
+    }
+}
+
+impl From<SendError> for SmsError {
+    fn from(err: SendError) -> Self {
+        match err {
+            SendError::NotFound => Self::NotFound,
+            other => Self::Storage(other.to_string()),
+        }
+    }
+}
+
+/// What a text from the patient turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyOutcome {
+    /// The provider sent it before: nothing done.
+    Duplicate,
+    /// Handled by the authentication (keyword, date of birth, wrong attempt).
+    Handled,
+    /// Stored as a conversation message.
+    Message(i64),
+    /// Not for this patient after all (not pending or enabled): the caller logs it.
+    NotForPatient,
+}
+
+/// The status as `GET .../sms` shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SmsView {
+    /// `none`, `pending`, `enabled`, `failed`, `opted_out`.
+    pub status: String,
+    /// Why the last change happened, when known.
+    pub reason: Option<String>,
+    /// Wrong replies in the current or last session.
+    pub attempts: i32,
+    /// The configured maximum.
+    pub max_attempts: u32,
+    /// When a pending session's window ends.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Every status change, oldest first.
+    pub history: Vec<HistoryEntry>,
+}
+
+/// One status change.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct HistoryEntry {
+    /// The new status.
+    pub status: String,
+    /// Why.
+    pub reason: Option<String>,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
+/// The SMS view of `patient`.
+pub async fn view(state: &Shared, patient: &patient::Model) -> Result<SmsView, DbErr> {
+    let session = latest_session(state, &patient.id).await?;
+    let history = sms_status_history::Entity::find()
+        .filter(sms_status_history::Column::PatientId.eq(patient.id.clone()))
+        .order_by_asc(sms_status_history::Column::At)
+        .order_by_asc(sms_status_history::Column::Id)
+        .all(&state.db)
+        .await?;
+    Ok(SmsView {
+        status: patient.sms_status.as_str().to_owned(),
+        reason: patient.sms_status_reason.clone(),
+        attempts: session.as_ref().map_or(0, |s| s.attempts),
+        max_attempts: state.settings.load().sms_auth.max_attempts,
+        expires_at: session
+            .filter(|s| s.status == SmsAuthStatus::Pending)
+            .map(|s| s.expires_at),
+        history: history
+            .into_iter()
+            .map(|h| HistoryEntry {
+                status: h.status.as_str().to_owned(),
+                reason: h.reason,
+                at: h.at,
+            })
+            .collect(),
+    })
+}
+
+async fn latest_session(
+    state: &Shared,
+    patient_id: &str,
+) -> Result<Option<sms_auth_session::Model>, DbErr> {
+    sms_auth_session::Entity::find()
+        .filter(sms_auth_session::Column::PatientId.eq(patient_id))
+        .filter(sms_auth_session::Column::Status.ne(SmsAuthStatus::Superseded))
+        .order_by_desc(sms_auth_session::Column::StartedAt)
+        .order_by_desc(sms_auth_session::Column::Id)
+        .one(&state.db)
+        .await
+}
+
+/// Whether `phone` texted STOP to `practice_id` (and not START since).
+pub async fn number_opted_out(
+    state: &Shared,
+    practice_id: &str,
+    phone: &str,
+) -> Result<bool, DbErr> {
+    Ok(
+        sms_consent::Entity::find_by_id((practice_id.to_owned(), phone.to_owned()))
+            .one(&state.db)
+            .await?
+            .is_some_and(|c| c.opted_out),
+    )
+}
+
+/// A change being built: the unit, the conversation's sequence, what to publish after
+/// the commit.
+struct Change<'a> {
+    state: &'a Shared,
+    settings: arc_swap::Guard<std::sync::Arc<Settings>>,
+    patient: patient::Model,
+    practice: practice::Model,
+    now: DateTime<Utc>,
+    first_seq: i64,
+    seq: i64,
+    unit: WriteUnit,
+    messages: Vec<message::Model>,
+    status: Option<(SmsStatus, Option<SmsStatusReason>)>,
+}
+
+impl<'a> Change<'a> {
+    fn new(
+        state: &'a Shared,
+        patient: patient::Model,
+        practice: practice::Model,
+        seq: i64,
+    ) -> Self {
+        Self {
+            state,
+            settings: state.settings.load(),
+            patient,
+            practice,
+            now: state.clock.now(),
+            first_seq: seq,
+            seq,
+            unit: WriteUnit::new(),
+            messages: Vec::new(),
+            status: None,
+        }
+    }
+
+    /// A `system` event in the conversation.
+    fn system(&mut self, body: &str) {
+        self.seq += 1;
+        let message = message::Model {
+            id: uuid::Uuid::now_v7().to_string(),
+            patient_id: self.patient.id.clone(),
+            seq: self.seq,
+            direction: Direction::System,
+            channel: Channel::System,
+            author_user_id: None,
+            body: body.to_owned(),
+            client_txn_key: None,
+            gateway: None,
+            provider_message_id: None,
+            possible_opt_out: false,
+            read_by_patient_at: None,
+            created_at: self.now,
+        };
+        self.unit =
+            std::mem::take(&mut self.unit).insert(message::ActiveModel::from(message.clone()));
+        self.messages.push(message);
+    }
+
+    /// The patient's new status, its history row and its system message.
+    fn status(
+        &mut self,
+        status: SmsStatus,
+        reason: Option<SmsStatusReason>,
+        session: Option<&str>,
+        by: Option<&str>,
+        text: &str,
+    ) {
+        self.unit = std::mem::take(&mut self.unit)
+            .exec(
+                patient::Entity::update_many()
+                    .col_expr(patient::Column::SmsStatus, Expr::value(status))
+                    .col_expr(
+                        patient::Column::SmsStatusReason,
+                        Expr::value(reason.map(|r| r.as_str().to_owned())),
+                    )
+                    .col_expr(patient::Column::UpdatedAt, Expr::value(self.now))
+                    .filter(patient::Column::Id.eq(self.patient.id.clone()))
+                    .into_query(),
+                Expect::Exactly(1),
+                "patient exists",
+            )
+            .insert(sms_status_history::ActiveModel {
+                id: Set(uuid::Uuid::now_v7().to_string()),
+                patient_id: Set(self.patient.id.clone()),
+                status: Set(status),
+                reason: Set(reason.map(|r| r.as_str().to_owned())),
+                session_id: Set(session.map(str::to_owned)),
+                changed_by_user_id: Set(by.map(str::to_owned)),
+                at: Set(self.now),
+            });
+        self.system(text);
+        self.status = Some((status, reason));
+    }
+
+    /// An outbound text to `to` (an outbox row).
+    async fn text(
+        &mut self,
+        to: &str,
+        body: String,
+        subject: Option<&str>,
+    ) -> Result<(), SmsError> {
+        let row = text_row(
+            self.state,
+            &self.practice,
+            Some(&self.patient.id),
+            to,
+            body,
+            subject,
+            self.now,
+        )
+        .await?;
+        if let Some(row) = row {
+            self.unit = std::mem::take(&mut self.unit).insert(row);
+        }
+        Ok(())
+    }
+
+    fn template(&self, which: Template) -> String {
+        texts::render(
+            &self.settings.sms_auth.templates,
+            which,
+            PracticeName::of(&self.practice),
+        )
+    }
+
+    fn add(&mut self, unit: WriteUnit) {
+        self.unit = std::mem::take(&mut self.unit).merge(unit);
+    }
+
+    /// Commits the change; returns the conversation's new last sequence number.
+    async fn commit(mut self, audit: Option<AuditEntry<'_>>) -> Result<i64, SmsError> {
+        if self.seq > self.first_seq {
+            self.unit = std::mem::take(&mut self.unit)
+                .exec(
+                    conversation::Entity::update_many()
+                        .col_expr(conversation::Column::LastSeq, Expr::value(self.seq))
+                        .col_expr(conversation::Column::LastMessageAt, Expr::value(self.now))
+                        .filter(conversation::Column::PatientId.eq(self.patient.id.clone()))
+                        .filter(conversation::Column::LastSeq.eq(self.first_seq))
+                        .into_query(),
+                    Expect::Exactly(1),
+                    "conversation sequence",
+                )
+                .exec(
+                    patient::Entity::update_many()
+                        .col_expr(patient::Column::LastActivityAt, Expr::value(self.now))
+                        .filter(patient::Column::Id.eq(self.patient.id.clone()))
+                        .into_query(),
+                    Expect::Any,
+                    "patient activity",
+                );
+        }
+        let unit = match audit {
+            Some(audit) => audit.add_to(std::mem::take(&mut self.unit), self.now),
+            None => std::mem::take(&mut self.unit),
+        };
+        self.state.writer.write(unit).await?;
+        for m in &self.messages {
+            self.state.metrics.messages_stored.inc();
+            self.state
+                .events
+                .publish(Event::Message(std::sync::Arc::new(MessageEvent {
+                    patient_id: m.patient_id.clone(),
+                    practice_id: self.practice.id.clone(),
+                    seq: m.seq,
+                    direction: m.direction,
+                    channel: m.channel,
+                    body: Phi::new(m.body.clone()),
+                })));
+        }
+        if let Some((status, reason)) = self.status {
+            self.state
+                .events
+                .publish(Event::SmsStatus(std::sync::Arc::new(SmsStatusEvent {
+                    patient_id: self.patient.id.clone(),
+                    practice_id: self.practice.id.clone(),
+                    status,
+                    reason: reason.map(|r| r.as_str().to_owned()),
+                })));
+        }
+        Ok(self.seq)
+    }
+}
+
+/// The outbox row of a text from the practice's (first) SMS number to `to`; none
+/// when the practice has no number.
+async fn text_row(
+    state: &Shared,
+    practice: &practice::Model,
+    patient_id: Option<&str>,
+    to: &str,
+    body: String,
+    subject: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Option<delivery::ActiveModel>, DbErr> {
+    let Some(number) = practice_sms_number::Entity::find()
+        .filter(practice_sms_number::Column::PracticeId.eq(practice.id.clone()))
+        .order_by_asc(practice_sms_number::Column::Number)
+        .one(&state.db)
+        .await?
+    else {
+        tracing::warn!(practice_id = %practice.id, "The practice has no SMS number; a text was not queued.");
+        return Ok(None);
+    };
+    Ok(Some(delivery::ActiveModel::from(delivery::Model {
+        id: uuid::Uuid::now_v7().to_string(),
+        message_id: None,
+        notification_id: None,
+        patient_id: patient_id.map(str::to_owned),
+        practice_id: practice.id.clone(),
+        channel: DeliveryChannel::Sms,
+        purpose: DeliveryPurpose::SmsAuth,
+        gateway: Some(number.gateway),
+        recipient: Some(to.to_owned()),
+        from_number: Some(number.number),
+        subject: subject.map(str::to_owned),
+        body: Some(body),
+        status: DeliveryStatus::Queued,
+        attempts: 0,
+        next_attempt_at: now,
+        claimed_at: None,
+        provider_message_id: None,
+        error_code: None,
+        error_reason: None,
+        created_at: now,
+        updated_at: now,
+    })))
+}
+
+/// What a text from a number that is no patient's (pending or enabled) gets, beside
+/// its row in the unmatched-inbound log: STOP is confirmed once and opts the number
+/// out for the practice; HELP gets the help text unless the number opted out; START
+/// restores a number's consent; nothing else is answered. Returns the unit and what
+/// was answered.
+pub async fn unmatched(
+    state: &Shared,
+    practice: &practice::Model,
+    from: &str,
+    body: &str,
+    now: DateTime<Utc>,
+) -> Result<(WriteUnit, Option<&'static str>), DbErr> {
+    let opted_out = number_opted_out(state, &practice.id, from).await?;
+    let templates = &state.settings.load().sms_auth.templates;
+    let name = PracticeName::of(practice);
+    let mut unit = WriteUnit::new();
+    let answered = match keywords::classify(body) {
+        Some(Keyword::OptOut) if !opted_out => {
+            unit = unit.merge(consent(
+                &practice.id,
+                from,
+                true,
+                SmsStatusReason::PatientStop.as_str(),
+                now,
+            ));
+            let text = texts::render(templates, Template::OptedOut, name);
+            if let Some(row) = text_row(
+                state,
+                practice,
+                None,
+                from,
+                text,
+                Some(OPT_OUT_CONFIRMATION_SUBJECT),
+                now,
+            )
+            .await?
+            {
+                unit = unit.insert(row);
+            }
+            Some("opt_out_confirmed")
+        }
+        Some(Keyword::Help) if !opted_out => {
+            let text = texts::render(templates, Template::Help, name);
+            if let Some(row) = text_row(state, practice, None, from, text, None, now).await? {
+                unit = unit.insert(row);
+            }
+            Some("help")
+        }
+        Some(Keyword::OptIn) if opted_out => {
+            unit = unit.merge(consent(&practice.id, from, false, "patient_start", now));
+            Some("opted_back_in")
+        }
+        _ => None,
+    };
+    Ok((unit, answered))
+}
+
+fn session_end(
+    id: &str,
+    status: SmsAuthStatus,
+    reason: Option<SmsStatusReason>,
+    now: DateTime<Utc>,
+) -> WriteUnit {
+    WriteUnit::new()
+        .exec(
+            sms_auth_session::Entity::update_many()
+                .col_expr(sms_auth_session::Column::Status, Expr::value(status))
+                .col_expr(
+                    sms_auth_session::Column::Reason,
+                    Expr::value(reason.map(|r| r.as_str().to_owned())),
+                )
+                .col_expr(sms_auth_session::Column::EndedAt, Expr::value(now))
+                .filter(sms_auth_session::Column::Id.eq(id))
+                .filter(sms_auth_session::Column::Status.eq(SmsAuthStatus::Pending))
+                .into_query(),
+            Expect::Exactly(1),
+            "session pending",
+        )
+        .merge(timers::cancel(TimerKind::SmsAuthWindow, id))
+}
+
+fn consent(
+    practice_id: &str,
+    phone: &str,
+    opted_out: bool,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> WriteUnit {
+    WriteUnit::new().upsert(
+        sms_consent::ActiveModel {
+            practice_id: Set(practice_id.to_owned()),
+            phone: Set(phone.to_owned()),
+            opted_out: Set(opted_out),
+            reason: Set(Some(reason.to_owned())),
+            changed_at: Set(now),
+        },
+        &[sms_consent::Column::PracticeId, sms_consent::Column::Phone],
+    )
+}
+
+async fn pending_session(
+    state: &Shared,
+    patient_id: &str,
+) -> Result<Option<sms_auth_session::Model>, DbErr> {
+    sms_auth_session::Entity::find()
+        .filter(sms_auth_session::Column::PatientId.eq(patient_id))
+        .filter(sms_auth_session::Column::Status.eq(SmsAuthStatus::Pending))
+        .order_by_desc(sms_auth_session::Column::StartedAt)
+        .one(&state.db)
+        .await
+}
+
+/// Runs `op` for `patient_id`, whose conversation's newest sequence number is
+/// `last_seq` (read from the database when unknown). Returns the new `last_seq`.
+pub async fn run(
+    state: &Shared,
+    patient_id: &str,
+    last_seq: Option<i64>,
+    client: &str,
+    op: SmsOp,
+) -> (Option<i64>, Result<ReplyOutcome, SmsError>) {
+    match try_run(state, patient_id, last_seq, client, op).await {
+        Ok((seq, outcome)) => (Some(seq), Ok(outcome)),
+        Err(err) => (None, Err(err)),
+    }
+}
+
+async fn try_run(
+    state: &Shared,
+    patient_id: &str,
+    last_seq: Option<i64>,
+    client: &str,
+    op: SmsOp,
+) -> Result<(i64, ReplyOutcome), SmsError> {
+    let patient = patient::Entity::find_by_id(patient_id.to_owned())
+        .one(&state.db)
+        .await?
+        .filter(|p| p.active)
+        .ok_or(SmsError::NotFound)?;
+    let practice = practice::Entity::find_by_id(patient.practice_id.clone())
+        .one(&state.db)
+        .await?
+        .filter(|p| p.active)
+        .ok_or(SmsError::NotFound)?;
+    let seq = match last_seq {
+        Some(seq) => seq,
+        None => {
+            conversation::Entity::find_by_id(patient_id.to_owned())
+                .one(&state.db)
+                .await?
+                .ok_or(SmsError::NotFound)?
+                .last_seq
+        }
+    };
+    match op {
+        SmsOp::Start {
+            staff,
+            mobile_phone,
+        } => start(state, patient, practice, seq, client, &staff, mobile_phone).await,
+        SmsOp::Resend { staff } => resend(state, patient, practice, seq, client, &staff).await,
+        SmsOp::StaffOptOut { staff } => {
+            staff_opt_out(state, patient, practice, seq, client, &staff).await
+        }
+        SmsOp::Reply {
+            gateway,
+            provider_message_id,
+            body,
+        } => {
+            reply(
+                state,
+                patient,
+                practice,
+                seq,
+                &gateway,
+                &provider_message_id,
+                body,
+            )
+            .await
+        }
+        SmsOp::Expire { session_id } => expire(state, patient, practice, seq, &session_id).await,
+        SmsOp::CarrierUnsubscribed => carrier_unsubscribed(state, patient, practice, seq).await,
+    }
+    .map(|(seq, outcome)| (seq, outcome))
+}
+
+async fn start(
+    state: &Shared,
+    patient: patient::Model,
+    practice: practice::Model,
+    seq: i64,
+    client: &str,
+    staff: &user::Model,
+    mobile_phone: Option<String>,
+) -> Result<(i64, ReplyOutcome), SmsError> {
+    if !practice.sms_enabled {
+        return Err(SmsError::SmsDisabled);
+    }
+    let region = crate::phone::country(&practice.country)
+        .ok_or(SmsError::BadPhone("The practice's country is unknown."))?;
+    let phone = match mobile_phone
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        Some(raw) => crate::phone::parse_mobile(raw, region)
+            .map_err(|_| {
+                SmsError::BadPhone("Must be a valid mobile number that can receive texts.")
+            })?
+            .into_inner(),
+        None => patient
+            .mobile_phone
+            .clone()
+            .ok_or(SmsError::BadPhone("The patient has no mobile number."))?,
+    };
+    let pending = pending_session(state, &patient.id).await?;
+    if patient.sms_status == SmsStatus::OptedOut
+        && patient.sms_status_reason.as_deref() != Some(SmsStatusReason::StaffOptOut.as_str())
+    {
+        return Err(SmsError::PatientOptedOut);
+    }
+    if pending.as_ref().is_some_and(|s| s.phone == phone) {
+        return Err(SmsError::AlreadyPending);
+    }
+    if number_opted_out(state, &practice.id, &phone).await? {
+        return Err(SmsError::NumberOptedOut);
+    }
+    let in_use = patient::Entity::find()
+        .filter(patient::Column::PracticeId.eq(practice.id.clone()))
+        .filter(patient::Column::MobilePhone.eq(phone.clone()))
+        .filter(patient::Column::Active.eq(true))
+        .filter(patient::Column::Id.ne(patient.id.clone()))
+        .filter(patient::Column::SmsStatus.is_in([SmsStatus::Pending, SmsStatus::Enabled]))
+        .one(&state.db)
+        .await?;
+    if in_use.is_some() {
+        return Err(SmsError::PhoneInUse);
+    }
+    let mut change = Change::new(state, patient, practice, seq);
+    if let Some(old) = &pending {
+        change.add(session_end(
+            &old.id,
+            SmsAuthStatus::Superseded,
+            None,
+            change.now,
+        ));
+    }
+    let session_id = uuid::Uuid::now_v7().to_string();
+    let window = chrono::Duration::from_std(change.settings.sms_auth.window)
+        .unwrap_or(chrono::Duration::days(14));
+    let expires_at = change.now + window;
+    let now = change.now;
+    change.add(
+        WriteUnit::new()
+            .exec(
+                patient::Entity::update_many()
+                    .col_expr(patient::Column::MobilePhone, Expr::value(phone.clone()))
+                    .filter(patient::Column::Id.eq(change.patient.id.clone()))
+                    .into_query(),
+                Expect::Exactly(1),
+                "patient exists",
+            )
+            .insert(sms_auth_session::ActiveModel {
+                id: Set(session_id.clone()),
+                patient_id: Set(change.patient.id.clone()),
+                practice_id: Set(change.practice.id.clone()),
+                phone: Set(phone.clone()),
+                status: Set(SmsAuthStatus::Pending),
+                reason: Set(None),
+                attempts: Set(0),
+                started_by_user_id: Set(Some(staff.id.clone())),
+                started_at: Set(now),
+                last_sent_at: Set(now),
+                expires_at: Set(expires_at),
+                ended_at: Set(None),
+            })
+            .merge(timers::arm(
+                TimerKind::SmsAuthWindow,
+                &session_id,
+                expires_at,
+                now,
+            )),
+    );
+    change.status(
+        SmsStatus::Pending,
+        None,
+        Some(&session_id),
+        Some(&staff.id),
+        "Text messaging requested; waiting for the patient to confirm their date of birth.",
+    );
+    let text = texts::opt_in(PracticeName::of(&change.practice));
+    change.text(&phone, text, None).await?;
+    let patient_id = change.patient.id.clone();
+    let audit = AuditEntry {
+        client,
+        actor_user_id: Some(&staff.id),
+        patient_id: Some(&patient_id),
+        action: "sms.start",
+        detail: None,
+    };
+    Ok((change.commit(Some(audit)).await?, ReplyOutcome::Handled))
+}
+
+async fn resend(
+    state: &Shared,
+    patient: patient::Model,
+    practice: practice::Model,
+    seq: i64,
+    client: &str,
+    staff: &user::Model,
+) -> Result<(i64, ReplyOutcome), SmsError> {
+    if !practice.sms_enabled {
+        return Err(SmsError::SmsDisabled);
+    }
+    let session = pending_session(state, &patient.id)
+        .await?
+        .ok_or(SmsError::NotPending)?;
+    if number_opted_out(state, &practice.id, &session.phone).await? {
+        return Err(SmsError::NumberOptedOut);
+    }
+    let mut change = Change::new(state, patient, practice, seq);
+    let now = change.now;
+    let window = chrono::Duration::from_std(change.settings.sms_auth.window)
+        .unwrap_or(chrono::Duration::days(14));
+    let expires_at = now + window;
+    change.add(
+        WriteUnit::new()
+            .exec(
+                sms_auth_session::Entity::update_many()
+                    .col_expr(sms_auth_session::Column::LastSentAt, Expr::value(now))
+                    .col_expr(sms_auth_session::Column::ExpiresAt, Expr::value(expires_at))
+                    .filter(sms_auth_session::Column::Id.eq(session.id.clone()))
+                    .filter(sms_auth_session::Column::Status.eq(SmsAuthStatus::Pending))
+                    .into_query(),
+                Expect::Exactly(1),
+                "session pending",
+            )
+            .merge(timers::arm(
+                TimerKind::SmsAuthWindow,
+                &session.id,
+                expires_at,
+                now,
+            )),
+    );
+    let text = texts::opt_in(PracticeName::of(&change.practice));
+    change.text(&session.phone, text, None).await?;
+    let patient_id = change.patient.id.clone();
+    let audit = AuditEntry {
+        client,
+        actor_user_id: Some(&staff.id),
+        patient_id: Some(&patient_id),
+        action: "sms.resend",
+        detail: None,
+    };
+    Ok((change.commit(Some(audit)).await?, ReplyOutcome::Handled))
+}
+
+async fn staff_opt_out(
+    state: &Shared,
+    patient: patient::Model,
+    practice: practice::Model,
+    seq: i64,
+    client: &str,
+    staff: &user::Model,
+) -> Result<(i64, ReplyOutcome), SmsError> {
+    if !practice.sms_enabled {
+        return Err(SmsError::SmsDisabled);
+    }
+    if patient.sms_status == SmsStatus::OptedOut {
+        return Err(SmsError::AlreadyOptedOut);
+    }
+    let pending = pending_session(state, &patient.id).await?;
+    let mut change = Change::new(state, patient, practice, seq);
+    if let Some(session) = &pending {
+        change.add(session_end(
+            &session.id,
+            SmsAuthStatus::OptedOut,
+            Some(SmsStatusReason::StaffOptOut),
+            change.now,
+        ));
+    }
+    change.status(
+        SmsStatus::OptedOut,
+        Some(SmsStatusReason::StaffOptOut),
+        pending.as_ref().map(|s| s.id.as_str()),
+        Some(&staff.id),
+        "Patient opted out of text messages by staff.",
+    );
+    let patient_id = change.patient.id.clone();
+    let audit = AuditEntry {
+        client,
+        actor_user_id: Some(&staff.id),
+        patient_id: Some(&patient_id),
+        action: "sms.staff_opt_out",
+        detail: None,
+    };
+    Ok((change.commit(Some(audit)).await?, ReplyOutcome::Handled))
+}
+
+async fn expire(
+    state: &Shared,
+    patient: patient::Model,
+    practice: practice::Model,
+    seq: i64,
+    session_id: &str,
+) -> Result<(i64, ReplyOutcome), SmsError> {
+    let now = state.clock.now();
+    let session = sms_auth_session::Entity::find_by_id(session_id.to_owned())
+        .one(&state.db)
+        .await?;
+    let Some(session) =
+        session.filter(|s| s.status == SmsAuthStatus::Pending && s.expires_at <= now)
+    else {
+        // Ended or moved later (a resend): the timer fires alone, or waits.
+        return Ok((seq, ReplyOutcome::NotForPatient));
+    };
+    let mut change = Change::new(state, patient, practice, seq);
+    change.add(
+        WriteUnit::new()
+            .exec(
+                sms_auth_session::Entity::update_many()
+                    .col_expr(
+                        sms_auth_session::Column::Status,
+                        Expr::value(SmsAuthStatus::Failed),
+                    )
+                    .col_expr(
+                        sms_auth_session::Column::Reason,
+                        Expr::value(SmsStatusReason::Expired.as_str()),
+                    )
+                    .col_expr(sms_auth_session::Column::EndedAt, Expr::value(now))
+                    .filter(sms_auth_session::Column::Id.eq(session.id.clone()))
+                    .filter(sms_auth_session::Column::Status.eq(SmsAuthStatus::Pending))
+                    .into_query(),
+                Expect::Exactly(1),
+                "session pending",
+            )
+            .merge(timers::fire(TimerKind::SmsAuthWindow, &session.id, now)),
+    );
+    change.status(
+        SmsStatus::Failed,
+        Some(SmsStatusReason::Expired),
+        Some(&session.id),
+        None,
+        "Text messaging failed: the patient did not confirm within the time allowed.",
+    );
+    Ok((change.commit(None).await?, ReplyOutcome::Handled))
+}
+
+async fn carrier_unsubscribed(
+    state: &Shared,
+    patient: patient::Model,
+    practice: practice::Model,
+    seq: i64,
+) -> Result<(i64, ReplyOutcome), SmsError> {
+    let Some(phone) = patient.mobile_phone.clone() else {
+        return Ok((seq, ReplyOutcome::NotForPatient));
+    };
+    if patient.sms_status == SmsStatus::OptedOut {
+        return Ok((seq, ReplyOutcome::Handled));
+    }
+    let pending = pending_session(state, &patient.id).await?;
+    let mut change = Change::new(state, patient, practice, seq);
+    let now = change.now;
+    change.add(consent(
+        &change.practice.id,
+        &phone,
+        true,
+        SmsStatusReason::CarrierUnsubscribed.as_str(),
+        now,
+    ));
+    if let Some(session) = &pending {
+        change.add(session_end(
+            &session.id,
+            SmsAuthStatus::OptedOut,
+            Some(SmsStatusReason::CarrierUnsubscribed),
+            now,
+        ));
+    }
+    change.status(
+        SmsStatus::OptedOut,
+        Some(SmsStatusReason::CarrierUnsubscribed),
+        pending.as_ref().map(|s| s.id.as_str()),
+        None,
+        "Patient opted out: the carrier reports the number unsubscribed.",
+    );
+    Ok((change.commit(None).await?, ReplyOutcome::Handled))
+}
+
+/// A text from the patient's number.
+async fn reply(
+    state: &Shared,
+    patient: patient::Model,
+    practice: practice::Model,
+    seq: i64,
+    gateway: &str,
+    provider_message_id: &str,
+    body: Body,
+) -> Result<(i64, ReplyOutcome), SmsError> {
+    let receipt =
+        inbound_receipt::Entity::find_by_id((gateway.to_owned(), provider_message_id.to_owned()))
+            .one(&state.db)
+            .await?;
+    if receipt.is_some() {
+        return Ok((seq, ReplyOutcome::Duplicate));
+    }
+    let Some(phone) = patient.mobile_phone.clone() else {
+        return Ok((seq, ReplyOutcome::NotForPatient));
+    };
+    let keyword = keywords::classify(body.expose());
+    let pending = pending_session(state, &patient.id).await?;
+    let opted_out_number = number_opted_out(state, &practice.id, &phone).await?;
+    let mut change = Change::new(state, patient, practice, seq);
+    let now = change.now;
+    let receipt = |outcome: &str| {
+        WriteUnit::new().insert(inbound_receipt::ActiveModel {
+            gateway: Set(gateway.to_owned()),
+            provider_message_id: Set(provider_message_id.to_owned()),
+            received_at: Set(now),
+            outcome: Set(outcome.to_owned()),
+        })
+    };
+    match keyword {
+        Some(Keyword::OptOut) => {
+            change.add(receipt("opt_out"));
+            change.system("Patient texted an opt-out keyword.");
+            if opted_out_number && change.patient.sms_status == SmsStatus::OptedOut {
+                // A repeated STOP gets no answer.
+                return Ok((change.commit(None).await?, ReplyOutcome::Handled));
+            }
+            change.add(consent(
+                &change.practice.id,
+                &phone,
+                true,
+                SmsStatusReason::PatientStop.as_str(),
+                now,
+            ));
+            if let Some(session) = &pending {
+                change.add(session_end(
+                    &session.id,
+                    SmsAuthStatus::OptedOut,
+                    Some(SmsStatusReason::PatientStop),
+                    now,
+                ));
+            }
+            change.status(
+                SmsStatus::OptedOut,
+                Some(SmsStatusReason::PatientStop),
+                pending.as_ref().map(|s| s.id.as_str()),
+                None,
+                "Patient opted out by text.",
+            );
+            if !opted_out_number {
+                let text = change.template(Template::OptedOut);
+                change
+                    .text(&phone, text, Some(OPT_OUT_CONFIRMATION_SUBJECT))
+                    .await?;
+            }
+            Ok((change.commit(None).await?, ReplyOutcome::Handled))
+        }
+        Some(Keyword::Help) => {
+            change.add(receipt("help"));
+            change.system("Patient texted HELP.");
+            if !opted_out_number {
+                let text = change.template(Template::Help);
+                change.text(&phone, text, None).await?;
+            }
+            Ok((change.commit(None).await?, ReplyOutcome::Handled))
+        }
+        Some(Keyword::OptIn)
+            if opted_out_number || change.patient.sms_status == SmsStatus::OptedOut =>
+        {
+            change.add(receipt("opt_in"));
+            change.system("Patient texted to opt back in.");
+            change.add(consent(
+                &change.practice.id,
+                &phone,
+                false,
+                "patient_start",
+                now,
+            ));
+            let session_id = uuid::Uuid::now_v7().to_string();
+            let window = chrono::Duration::from_std(change.settings.sms_auth.window)
+                .unwrap_or(chrono::Duration::days(14));
+            change.add(
+                WriteUnit::new()
+                    .insert(sms_auth_session::ActiveModel {
+                        id: Set(session_id.clone()),
+                        patient_id: Set(change.patient.id.clone()),
+                        practice_id: Set(change.practice.id.clone()),
+                        phone: Set(phone.clone()),
+                        status: Set(SmsAuthStatus::Pending),
+                        reason: Set(None),
+                        attempts: Set(0),
+                        started_by_user_id: Set(None),
+                        started_at: Set(now),
+                        last_sent_at: Set(now),
+                        expires_at: Set(now + window),
+                        ended_at: Set(None),
+                    })
+                    .merge(timers::arm(
+                        TimerKind::SmsAuthWindow,
+                        &session_id,
+                        now + window,
+                        now,
+                    )),
+            );
+            change.status(
+                SmsStatus::Pending,
+                None,
+                Some(&session_id),
+                None,
+                "Text messaging requested by the patient; waiting for the patient to confirm their date of birth.",
+            );
+            let text = texts::opt_in(PracticeName::of(&change.practice));
+            change.text(&phone, text, None).await?;
+            Ok((change.commit(None).await?, ReplyOutcome::Handled))
+        }
+        _ => match (&pending, change.patient.sms_status) {
+            (Some(session), SmsStatus::Pending) => {
+                let session = session.clone();
+                dob_reply(change, session, &phone, body, receipt("auth_reply")).await
+            }
+            (_, SmsStatus::Enabled) => {
+                let patient_id = change.patient.id.clone();
+                drop(change);
+                let (seq, stored) = crate::actors::conversation::try_send(
+                    state,
+                    &patient_id,
+                    Some(seq),
+                    SendMessage::inbound_sms(gateway, provider_message_id, body),
+                )
+                .await?;
+                Ok((
+                    seq,
+                    if stored.replayed {
+                        ReplyOutcome::Duplicate
+                    } else {
+                        ReplyOutcome::Message(stored.message.seq)
+                    },
+                ))
+            }
+            _ => Ok((seq, ReplyOutcome::NotForPatient)),
+        },
+    }
+}
+
+/// A reply to a pending session that is no keyword: the date of birth, or a wrong
+/// attempt. Never stored as a message; the attempt is recorded without its text.
+async fn dob_reply(
+    mut change: Change<'_>,
+    session: sms_auth_session::Model,
+    phone: &str,
+    body: Body,
+    receipt: WriteUnit,
+) -> Result<(i64, ReplyOutcome), SmsError> {
+    let now = change.now;
+    change.add(receipt);
+    let outcome = pending_reply(body.expose(), change.patient.date_of_birth);
+    let attempt = |outcome: &str| {
+        WriteUnit::new().insert(sms_auth_attempt::ActiveModel {
+            id: Set(uuid::Uuid::now_v7().to_string()),
+            session_id: Set(session.id.clone()),
+            at: Set(now),
+            outcome: Set(outcome.to_owned()),
+        })
+    };
+    match outcome {
+        PendingReply::Confirmed => {
+            change.add(attempt("correct"));
+            change.add(session_end(&session.id, SmsAuthStatus::Enabled, None, now));
+            change.status(
+                SmsStatus::Enabled,
+                None,
+                Some(&session.id),
+                None,
+                "The patient confirmed their date of birth; text messaging is enabled.",
+            );
+            let text = change.template(Template::Confirmed);
+            change.text(phone, text, None).await?;
+        }
+        // Keywords were handled before; what reply.rs still calls a keyword here
+        // (START while pending) counts as a wrong attempt.
+        PendingReply::WrongAttempt | PendingReply::OptOut | PendingReply::Help => {
+            let attempts = session.attempts + 1;
+            let max = i32::try_from(change.settings.sms_auth.max_attempts).unwrap_or(i32::MAX);
+            change.add(
+                attempt("wrong").exec(
+                    sms_auth_session::Entity::update_many()
+                        .col_expr(sms_auth_session::Column::Attempts, Expr::value(attempts))
+                        .filter(sms_auth_session::Column::Id.eq(session.id.clone()))
+                        .filter(sms_auth_session::Column::Attempts.eq(session.attempts))
+                        .filter(sms_auth_session::Column::Status.eq(SmsAuthStatus::Pending))
+                        .into_query(),
+                    Expect::Exactly(1),
+                    "attempt counted once",
+                ),
+            );
+            if attempts >= max {
+                change.add(
+                    WriteUnit::new()
+                        .exec(
+                            sms_auth_session::Entity::update_many()
+                                .col_expr(
+                                    sms_auth_session::Column::Status,
+                                    Expr::value(SmsAuthStatus::Failed),
+                                )
+                                .col_expr(
+                                    sms_auth_session::Column::Reason,
+                                    Expr::value(SmsStatusReason::WrongDob3x.as_str()),
+                                )
+                                .col_expr(sms_auth_session::Column::EndedAt, Expr::value(now))
+                                .filter(sms_auth_session::Column::Id.eq(session.id.clone()))
+                                .into_query(),
+                            Expect::Exactly(1),
+                            "session exists",
+                        )
+                        .merge(timers::cancel(TimerKind::SmsAuthWindow, &session.id)),
+                );
+                change.status(
+                    SmsStatus::Failed,
+                    Some(SmsStatusReason::WrongDob3x),
+                    Some(&session.id),
+                    None,
+                    "Text messaging failed: the date of birth did not match.",
+                );
+                let text = change.template(Template::Failed);
+                change.text(phone, text, None).await?;
+            } else {
+                let text = change.template(Template::WrongReply);
+                change.text(phone, text, None).await?;
+            }
+        }
+    }
+    Ok((change.commit(None).await?, ReplyOutcome::Handled))
+}
+
+/// The timer handler of session windows: hands the expiry to the patient's actor,
+/// which fails the session and fires the timer in one unit. A timer whose session
+/// already ended fires alone; one that a resend moved later waits.
+pub fn window_handler(state: &Shared) -> std::sync::Arc<dyn timers::TimerHandler> {
+    let weak = std::sync::Arc::downgrade(state);
+    timers::handler_fn(
+        move |timer: caremsg_entities::timer::Model, now: DateTime<Utc>| {
+            let weak = weak.clone();
+            async move {
+                let state = weak.upgrade().ok_or(timers::TimerError::Stopped)?;
+                let session = sms_auth_session::Entity::find_by_id(timer.subject.clone())
+                    .one(&state.db)
+                    .await
+                    .map_err(timers::TimerError::Read)?;
+                let ended = session
+                    .as_ref()
+                    .is_none_or(|s| s.status != SmsAuthStatus::Pending);
+                if let Some(session) = session.filter(|s| s.status == SmsAuthStatus::Pending) {
+                    let op = SmsOp::Expire {
+                        session_id: session.id.clone(),
+                    };
+                    let sent = state.conversations.send(
+                        &session.patient_id,
+                        crate::actors::conversation::Sms {
+                            client: "timer".to_owned(),
+                            op,
+                        },
+                    );
+                    match sent.await {
+                        Ok(Ok(ReplyOutcome::Handled)) => return Ok(timers::FireOutcome::Fired),
+                        Ok(Ok(_)) => return Ok(timers::FireOutcome::Skipped),
+                        Ok(Err(err)) => return Err(timers::TimerError::Handler(err.to_string())),
+                        Err(err) => return Err(timers::TimerError::Handler(err.to_string())),
+                    }
+                }
+                if ended {
+                    return timers::fire_with(
+                        &state.writer,
+                        TimerKind::SmsAuthWindow,
+                        &timer.subject,
+                        now,
+                        WriteUnit::new(),
+                    )
+                    .await
+                    .map_err(timers::TimerError::Write);
+                }
+                Ok(timers::FireOutcome::Skipped)
+            }
+        },
+    )
+}

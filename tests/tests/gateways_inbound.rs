@@ -1,0 +1,310 @@
+//! The inbound side end to end: replies posted to the loopback hook are stored once
+//! (into the conversation of an enabled patient, else the unmatched-inbound log),
+//! senders over their inbound limit are dropped, delivery receipts move a delivery
+//! forward only, and an opt-out event opts the number out.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is a failed test.
+
+use caremsg_entities::{
+    DeliveryChannel, DeliveryPurpose, DeliveryStatus, SmsStatus, delivery, inbound_receipt,
+    message, patient, sms_consent, sms_status_history, unmatched_inbound,
+};
+use caremsg_plugin_host::{Event, ReceiptStatus};
+use caremsg_tests::{TestDaemon, practice_body};
+use caremsgd::clock::Clock;
+use caremsgd::gateways::inbound::{self, EventOutcome};
+use reqwest::StatusCode;
+use sea_orm::ActiveValue::Set;
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter};
+use serde_json::{Value, json};
+
+const MOBILE: &str = "+12015550123";
+
+fn db(d: &TestDaemon) -> &DatabaseConnection {
+    &d.daemon().state().db
+}
+
+fn practice_number() -> String {
+    practice_body("p1")["sms_numbers"][0]["number"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn setup(d: &TestDaemon, sms_status: SmsStatus) {
+    d.practice("p1").await;
+    d.user("p1", "u1", &[]).await;
+    d.patient("p1", "pat1", &[], &["u1"]).await;
+    patient::Entity::update_many()
+        .col_expr(patient::Column::SmsStatus, Expr::value(sms_status))
+        .filter(patient::Column::Id.eq("pat1"))
+        .exec(db(d))
+        .await
+        .unwrap();
+}
+
+/// POSTs a simulated reply to the loopback hook.
+async fn reply(d: &TestDaemon, body: &Value) -> (StatusCode, String) {
+    let response = d
+        .http
+        .post(format!("{}/v1/hooks/loopback", d.base))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.text().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn a_reply_posted_twice_reaches_the_conversation_once() {
+    let d = TestDaemon::start().await.unwrap();
+    setup(&d, SmsStatus::Enabled).await;
+    let body = json!({"from": MOBILE, "to": practice_number(), "body": "Thank you!", "id": "r1"});
+    // Twice in a row, then twice at once.
+    for _ in 0..2 {
+        let (status, text) = reply(&d, &body).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    let (a, b) = tokio::join!(reply(&d, &body), reply(&d, &body));
+    assert_eq!((a.0, b.0), (StatusCode::OK, StatusCode::OK));
+    let stored = message::Entity::find()
+        .filter(message::Column::ProviderMessageId.eq("r1"))
+        .all(db(&d))
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].patient_id, "pat1");
+    assert_eq!(stored[0].body, "Thank you!");
+    assert_eq!(stored[0].gateway.as_deref(), Some("loopback"));
+    assert_eq!(
+        unmatched_inbound::Entity::find()
+            .count(db(&d))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        inbound_receipt::Entity::find().count(db(&d)).await.unwrap(),
+        1
+    );
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_reply_from_an_unknown_number_is_kept_once_for_operators() {
+    let d = TestDaemon::start().await.unwrap();
+    // Pending: not yet the conversation's (the SMS authentication actor's to take).
+    setup(&d, SmsStatus::Pending).await;
+    let from_stranger =
+        json!({"from": "+12015550177", "to": practice_number(), "body": "who is this", "id": "u1"});
+    let from_pending =
+        json!({"from": MOBILE, "to": practice_number(), "body": "04/07/1950", "id": "u2"});
+    for body in [&from_stranger, &from_stranger, &from_pending] {
+        let (status, text) = reply(&d, body).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    let (a, b) = tokio::join!(reply(&d, &from_pending), reply(&d, &from_pending));
+    assert_eq!((a.0, b.0), (StatusCode::OK, StatusCode::OK));
+    let rows = unmatched_inbound::Entity::find().all(db(&d)).await.unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for row in &rows {
+        assert_eq!(row.practice_id.as_deref(), Some("p1"));
+        assert_eq!(row.gateway, "loopback");
+    }
+    assert_eq!(message::Entity::find().count(db(&d)).await.unwrap(), 0);
+
+    // The hook's own errors.
+    let response = d
+        .http
+        .post(format!("{}/v1/hooks/nonesuch", d.base))
+        .json(&from_stranger)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let limit = d.daemon().state().settings.load().server.max_body_bytes;
+    let response = d
+        .http
+        .post(format!("{}/v1/hooks/loopback", d.base))
+        .body(vec![b' '; limit + 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_sender_over_its_inbound_limit_is_dropped() {
+    let limit = "inbound_per_sender = { per_second = 0.001, burst = 2 }\n";
+    let d = TestDaemon::start_with(|text| text + limit).await.unwrap();
+    setup(&d, SmsStatus::None).await;
+    for i in 0..4 {
+        let body = json!({"from": "+12015550177", "to": practice_number(), "body": "spam", "id": format!("s{i}")});
+        let (status, text) = reply(&d, &body).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    let other = json!({"from": "+12015550178", "to": practice_number(), "body": "hi", "id": "o1"});
+    assert_eq!(reply(&d, &other).await.0, StatusCode::OK);
+    let from = |n: &str| {
+        unmatched_inbound::Entity::find()
+            .filter(unmatched_inbound::Column::FromPhone.eq(n.to_owned()))
+            .count(db(&d))
+    };
+    assert_eq!(from("+12015550177").await.unwrap(), 2);
+    assert_eq!(from("+12015550178").await.unwrap(), 1);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn delivery_receipts_move_a_delivery_forward_only() {
+    let d = TestDaemon::start().await.unwrap();
+    setup(&d, SmsStatus::Enabled).await;
+    let now = d.clock.now();
+    let row = |id: &str, status, provider: &str| delivery::ActiveModel {
+        id: Set(id.to_owned()),
+        message_id: Set(None),
+        notification_id: Set(None),
+        patient_id: Set(Some("pat1".into())),
+        practice_id: Set("p1".into()),
+        channel: Set(DeliveryChannel::Sms),
+        purpose: Set(DeliveryPurpose::SmsAuth),
+        gateway: Set(Some("loopback".into())),
+        recipient: Set(Some(MOBILE.into())),
+        from_number: Set(Some(practice_number())),
+        subject: Set(None),
+        body: Set(Some("x".into())),
+        status: Set(status),
+        attempts: Set(1),
+        next_attempt_at: Set(now),
+        claimed_at: Set(Some(now)),
+        provider_message_id: Set(Some(provider.to_owned())),
+        error_code: Set(None),
+        error_reason: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+    };
+    for model in [
+        row("d1", DeliveryStatus::Sent, "P1"),
+        row("d2", DeliveryStatus::Sent, "P2"),
+    ] {
+        delivery::Entity::insert(model)
+            .exec_without_returning(db(&d))
+            .await
+            .unwrap();
+    }
+    let state = d.daemon().state();
+    let gateway = state.gateways.instance("loopback").unwrap().clone();
+    let receipt = |id: &str, status, code: Option<&str>| Event::DeliveryReceipt {
+        provider_message_id: id.to_owned(),
+        status,
+        error_code: code.map(str::to_owned),
+    };
+    let database = db(&d).clone();
+    let status_of = |id: &'static str| {
+        let database = database.clone();
+        async move {
+            delivery::Entity::find_by_id(id.to_owned())
+                .one(&database)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    // (event, expected outcome, delivery, its status after)
+    let cases = [
+        (
+            receipt("P1", ReceiptStatus::Delivered, None),
+            EventOutcome::ReceiptApplied,
+            "d1",
+            DeliveryStatus::Delivered,
+        ),
+        (
+            receipt("P1", ReceiptStatus::Sent, None),
+            EventOutcome::ReceiptIgnored,
+            "d1",
+            DeliveryStatus::Delivered,
+        ),
+        (
+            receipt("P1", ReceiptStatus::Failed, Some("30003")),
+            EventOutcome::ReceiptIgnored,
+            "d1",
+            DeliveryStatus::Delivered,
+        ),
+        (
+            receipt("P2", ReceiptStatus::Sent, None),
+            EventOutcome::ReceiptIgnored,
+            "d2",
+            DeliveryStatus::Sent,
+        ),
+        (
+            receipt("P2", ReceiptStatus::Undelivered, Some("30005")),
+            EventOutcome::ReceiptApplied,
+            "d2",
+            DeliveryStatus::Undelivered,
+        ),
+        (
+            receipt("P2", ReceiptStatus::Delivered, None),
+            EventOutcome::ReceiptIgnored,
+            "d2",
+            DeliveryStatus::Undelivered,
+        ),
+        (
+            receipt("NOPE", ReceiptStatus::Delivered, None),
+            EventOutcome::ReceiptIgnored,
+            "d1",
+            DeliveryStatus::Delivered,
+        ),
+    ];
+    for (event, expected, id, after) in cases {
+        let label = format!("{event:?}");
+        let outcomes = inbound::commit(state, &gateway, vec![event]).await.unwrap();
+        assert_eq!(outcomes, vec![expected], "{label}");
+        assert_eq!(status_of(id).await.status, after, "{label}");
+    }
+    assert_eq!(status_of("d2").await.error_code.as_deref(), Some("30005"));
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_opt_out_event_opts_the_number_out_of_the_practice() {
+    let d = TestDaemon::start().await.unwrap();
+    setup(&d, SmsStatus::Enabled).await;
+    let state = d.daemon().state();
+    let gateway = state.gateways.instance("loopback").unwrap().clone();
+    let outcomes = inbound::commit(
+        state,
+        &gateway,
+        vec![Event::OptOut {
+            number: MOBILE.to_owned(),
+        }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcomes, vec![EventOutcome::OptedOut]);
+    let consent = sms_consent::Entity::find_by_id(("p1".to_owned(), MOBILE.to_owned()))
+        .one(db(&d))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(consent.opted_out);
+    let patient = patient::Entity::find_by_id("pat1".to_owned())
+        .one(db(&d))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(patient.sms_status, SmsStatus::OptedOut);
+    assert_eq!(
+        patient.sms_status_reason.as_deref(),
+        Some("carrier_unsubscribed")
+    );
+    let history = sms_status_history::Entity::find()
+        .filter(sms_status_history::Column::PatientId.eq("pat1"))
+        .all(db(&d))
+        .await
+        .unwrap();
+    assert!(history.iter().any(|h| h.status == SmsStatus::OptedOut));
+    d.stop().await.unwrap();
+}
