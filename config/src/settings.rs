@@ -378,7 +378,7 @@ pub struct SmsTemplates {
     /// Default: "{practice}: We could not confirm your identity. ...". Reloadable: yes.
     pub failed: String,
     /// Reply to HELP or INFO: who is texting and how to opt out.
-    /// Default: "{practice} care team messages. ...". Reloadable: yes.
+    /// Default: "{practice} care team texts. ...". Reloadable: yes.
     pub help: String,
     /// The one confirmation of an opt-out (STOP and the other opt-out keywords).
     /// Default: "{practice}: You are opted out ...". Reloadable: yes.
@@ -397,7 +397,7 @@ impl Default for SmsTemplates {
             failed: "{practice}: We could not confirm your identity. Please contact {practice} \
                      to set up text messages."
                 .to_owned(),
-            help: "{practice} care team messages. Reply STOP to opt out. Msg & data rates may \
+            help: "{practice} care team texts. Reply STOP to opt out. Msg & data rates may \
                    apply. In an emergency, call your local emergency number."
                 .to_owned(),
             opted_out: "{practice}: You are opted out and will get no more texts from us. Reply \

@@ -118,7 +118,19 @@ fn start(dir: &Path, notify_socket: &Path) -> Daemon {
             "state_dir = \"state\"",
             &format!("state_dir = {:?}", dir.display().to_string()),
         )
-        .replace("listen = \"127.0.0.1:8680\"", "listen = \"127.0.0.1:0\"");
+        .replace("listen = \"127.0.0.1:8680\"", "listen = \"127.0.0.1:0\"")
+        // Tests run in daemon/, where the default's relative library path does not
+        // resolve: use the loopback library Cargo built for them.
+        .replace(
+            "\"target/debug/deps/libcaremsg_sms_loopback.so\"",
+            &format!(
+                "{:?}",
+                caremsg_testplugins::library_path(caremsg_testplugins::SMS_LOOPBACK)
+                    .unwrap()
+                    .display()
+                    .to_string()
+            ),
+        );
     let path = dir.join("caremsg.toml");
     std::fs::write(&path, config).unwrap();
     let mut child = Command::new(BIN)

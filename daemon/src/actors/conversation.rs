@@ -556,51 +556,22 @@ pub(crate) async fn try_send(
         read_by_patient_at: None,
         created_at: now,
     };
+    // Inserts first, then the statements that update: the writer merges every unit's
+    // leading inserts across a batch into multi-row INSERTs, so this order is what
+    // makes a busy conversation cheap to store.
     let mut unit = WriteUnit::new().insert(message::ActiveModel::from(stored.clone()));
     for d in &deliveries {
         unit = unit.insert(delivery::ActiveModel::from(d.clone()));
     }
-    // A message from the patient notifies in the message's unit: at most once, also across
-    // crashes. Staff messages notify no one.
-    let mut notify = match &msg.author {
-        Author::Staff(_) => crate::notifications::Notify::default(),
-        Author::Patient | Author::PatientSms { .. } => {
-            crate::notifications::on_patient_message(db, &settings, &patient, &stored).await?
-        }
-    };
-    unit = unit.merge(notify.take_unit());
-    unit = unit
-        .exec(
-            conversation::Entity::update_many()
-                .col_expr(conversation::Column::LastSeq, Expr::value(seq))
-                .col_expr(conversation::Column::LastMessageAt, Expr::value(now))
-                .filter(conversation::Column::PatientId.eq(patient.id.clone()))
-                .filter(conversation::Column::LastSeq.eq(current_seq))
-                .into_query(),
-            Expect::Exactly(1),
-            "conversation sequence",
-        )
-        .exec(
-            patient::Entity::update_many()
-                .col_expr(patient::Column::LastActivityAt, Expr::value(now))
-                .filter(patient::Column::Id.eq(patient.id.clone()))
-                .into_query(),
-            Expect::Any,
-            "patient activity",
-        );
     // Sending marks the conversation read for its author (a text arriving by SMS is
     // not a sign the patient read the portal).
-    match &msg.author {
-        Author::Staff(user) => {
-            unit = unit.merge(read_unit(
-                &patient.id,
-                &Reader::User(user.id.clone()),
-                seq,
-                now,
-            ))
-        }
-        Author::Patient => unit = unit.merge(read_unit(&patient.id, &Reader::Patient, seq, now)),
-        Author::PatientSms { .. } => {}
+    let reader = match &msg.author {
+        Author::Staff(user) => Some(Reader::User(user.id.clone())),
+        Author::Patient => Some(Reader::Patient),
+        Author::PatientSms { .. } => None,
+    };
+    if let Some(reader) = &reader {
+        unit = unit.insert_or_update_marker(&patient.id, reader, seq, now);
     }
     let audit = AuditEntry {
         client: &msg.client,
@@ -613,7 +584,29 @@ pub(crate) async fn try_send(
         },
         detail: Some(format!("seq={seq}")),
     };
-    state.writer.write(audit.add_to(unit, now)).await?;
+    unit = audit.add_to(unit, now);
+    // A message from the patient notifies in the message's unit: at most once, also across
+    // crashes. Staff messages notify no one.
+    let mut notify = match &msg.author {
+        Author::Staff(_) => crate::notifications::Notify::default(),
+        Author::Patient | Author::PatientSms { .. } => {
+            crate::notifications::on_patient_message(db, &settings, &patient, &stored).await?
+        }
+    };
+    unit = unit.merge(notify.take_unit()).exec(
+        conversation::Entity::update_many()
+            .col_expr(conversation::Column::LastSeq, Expr::value(seq))
+            .col_expr(conversation::Column::LastMessageAt, Expr::value(now))
+            .filter(conversation::Column::PatientId.eq(patient.id.clone()))
+            .filter(conversation::Column::LastSeq.eq(current_seq))
+            .into_query(),
+        Expect::Exactly(1),
+        "conversation sequence",
+    );
+    if reader == Some(Reader::Patient) && unread_by_patient(state, &patient.id, seq).await? {
+        unit = unit.merge(patient_read_unit(&patient.id, seq, now));
+    }
+    state.writer.write(unit).await?;
     state.metrics.messages_stored.inc();
     state.events.publish(Event::Message(Arc::new(MessageEvent {
         patient_id: patient.id.clone(),
@@ -645,29 +638,71 @@ async fn current_last_seq(state: &Shared, patient_id: &str) -> Result<i64, SendE
 /// The unit that moves `reader`'s marker to `seq` (callers check it moves forward);
 /// for the patient it also stamps the staff messages it covers as read.
 fn read_unit(patient_id: &str, reader: &Reader, seq: i64, now: DateTime<Utc>) -> WriteUnit {
-    let mut unit = WriteUnit::new().upsert(
-        read_marker::ActiveModel {
-            patient_id: Set(patient_id.to_owned()),
-            reader: Set(reader.key()),
-            last_read_seq: Set(seq),
-            read_at: Set(now),
-        },
-        &[read_marker::Column::PatientId, read_marker::Column::Reader],
-    );
+    let unit = WriteUnit::new().insert_or_update_marker(patient_id, reader, seq, now);
     if *reader == Reader::Patient {
-        unit = unit.exec(
-            message::Entity::update_many()
-                .col_expr(message::Column::ReadByPatientAt, Expr::value(now))
-                .filter(message::Column::PatientId.eq(patient_id))
-                .filter(message::Column::Direction.eq(Direction::ToPatient))
-                .filter(message::Column::Seq.lte(seq))
-                .filter(message::Column::ReadByPatientAt.is_null())
-                .into_query(),
-            Expect::Any,
-            "messages read by the patient",
-        );
+        unit.merge(patient_read_unit(patient_id, seq, now))
+    } else {
+        unit
     }
-    unit
+}
+
+/// Stamps the staff messages up to `seq` the patient had not read yet.
+fn patient_read_unit(patient_id: &str, seq: i64, now: DateTime<Utc>) -> WriteUnit {
+    WriteUnit::new().exec(
+        message::Entity::update_many()
+            .col_expr(message::Column::ReadByPatientAt, Expr::value(now))
+            .filter(message::Column::PatientId.eq(patient_id))
+            .filter(message::Column::Direction.eq(Direction::ToPatient))
+            .filter(message::Column::Seq.lte(seq))
+            .filter(message::Column::ReadByPatientAt.is_null())
+            .into_query(),
+        Expect::Any,
+        "messages read by the patient",
+    )
+}
+
+/// Whether a staff message up to `seq` is not yet read by the patient (a read, so
+/// that the common case adds no statement to the writer's batch).
+async fn unread_by_patient(state: &Shared, patient_id: &str, seq: i64) -> Result<bool, DbErr> {
+    Ok(message::Entity::find()
+        .filter(message::Column::PatientId.eq(patient_id))
+        .filter(message::Column::Direction.eq(Direction::ToPatient))
+        .filter(message::Column::Seq.lte(seq))
+        .filter(message::Column::ReadByPatientAt.is_null())
+        .one(&state.db)
+        .await?
+        .is_some())
+}
+
+/// The read marker as a write: `reader` has read `patient_id`'s conversation up to `seq`.
+trait MarkerUnit {
+    fn insert_or_update_marker(
+        self,
+        patient_id: &str,
+        reader: &Reader,
+        seq: i64,
+        now: DateTime<Utc>,
+    ) -> Self;
+}
+
+impl MarkerUnit for WriteUnit {
+    fn insert_or_update_marker(
+        self,
+        patient_id: &str,
+        reader: &Reader,
+        seq: i64,
+        now: DateTime<Utc>,
+    ) -> Self {
+        self.upsert(
+            read_marker::ActiveModel {
+                patient_id: Set(patient_id.to_owned()),
+                reader: Set(reader.key()),
+                last_read_seq: Set(seq),
+                read_at: Set(now),
+            },
+            &[read_marker::Column::PatientId, read_marker::Column::Reader],
+        )
+    }
 }
 
 async fn mark_read(state: &Shared, patient_id: &str, msg: MarkRead) -> Result<i64, SendError> {

@@ -62,7 +62,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use sea_orm::sea_query::{
-    CaseStatement, Condition, Expr, ExprTrait, IntoCondition, Query, UpdateStatement,
+    Alias, CaseStatement, Condition, Expr, ExprTrait, Func, IntoCondition, Query, UpdateStatement,
 };
 use sea_orm::{ColumnTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait};
 use tokio::sync::Notify;
@@ -88,7 +88,7 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_PUSHBACK: Duration = Duration::from_secs(5);
 
 /// Most rows one `sent` statement records.
-const RESULT_CHUNK: usize = 100;
+const RESULT_CHUNK: usize = 500;
 
 /// How often keyed limiters forget recipients and senders with full buckets.
 const FORGET_IDLE_KEYS_EVERY: Duration = Duration::from_secs(60);
@@ -610,7 +610,7 @@ fn claim_unit(ids: &[String], now: DateTime<Utc>) -> WriteUnit {
                 .col_expr(delivery::Column::ErrorReason, Expr::value(reason))
                 .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
                 .filter(delivery::Column::Id.is_in(ids.iter().cloned()))
-                .filter(delivery::Column::Status.eq(DeliveryStatus::Queued))
+                .filter(still(DeliveryStatus::Queued))
                 .filter(condition)
                 .into_query(),
             Expect::Any,
@@ -630,11 +630,23 @@ fn claim_unit(ids: &[String], now: DateTime<Utc>) -> WriteUnit {
             )
             .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
             .filter(delivery::Column::Id.is_in(ids.iter().cloned()))
-            .filter(delivery::Column::Status.eq(DeliveryStatus::Queued))
+            .filter(still(DeliveryStatus::Queued))
             .into_query(),
         Expect::Any,
         "deliveries claimed",
     )
+}
+
+/// The guard "the row is still `status`" of a statement that names its rows by id.
+/// Compared through a `CAST`, so that SQLite's planner (which has no statistics)
+/// looks the rows up by their ids instead of walking the `(status, next_attempt_at)`
+/// index through every queued row; PostgreSQL plans both forms alike.
+fn still(status: DeliveryStatus) -> Expr {
+    Expr::expr(Func::cast_as(
+        Expr::col((delivery::Entity, delivery::Column::Status)),
+        Alias::new("TEXT"),
+    ))
+    .eq(status.as_str())
 }
 
 /// Not the opt-out confirmation (NULL-safe: a NULL subject is not exempt).
@@ -893,7 +905,7 @@ fn sent_statement(rows: &[(String, Option<String>)], now: DateTime<Utc>) -> Upda
         )
         .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
         .filter(delivery::Column::Id.is_in(rows.iter().map(|(id, _)| id.clone())))
-        .filter(delivery::Column::Status.eq(DeliveryStatus::Sending))
+        .filter(still(DeliveryStatus::Sending))
         .into_query()
 }
 

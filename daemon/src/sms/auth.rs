@@ -365,25 +365,16 @@ impl<'a> Change<'a> {
     /// Commits the change; returns the conversation's new last sequence number.
     async fn commit(mut self, audit: Option<AuditEntry<'_>>) -> Result<i64, SmsError> {
         if self.seq > self.first_seq {
-            self.unit = std::mem::take(&mut self.unit)
-                .exec(
-                    conversation::Entity::update_many()
-                        .col_expr(conversation::Column::LastSeq, Expr::value(self.seq))
-                        .col_expr(conversation::Column::LastMessageAt, Expr::value(self.now))
-                        .filter(conversation::Column::PatientId.eq(self.patient.id.clone()))
-                        .filter(conversation::Column::LastSeq.eq(self.first_seq))
-                        .into_query(),
-                    Expect::Exactly(1),
-                    "conversation sequence",
-                )
-                .exec(
-                    patient::Entity::update_many()
-                        .col_expr(patient::Column::LastActivityAt, Expr::value(self.now))
-                        .filter(patient::Column::Id.eq(self.patient.id.clone()))
-                        .into_query(),
-                    Expect::Any,
-                    "patient activity",
-                );
+            self.unit = std::mem::take(&mut self.unit).exec(
+                conversation::Entity::update_many()
+                    .col_expr(conversation::Column::LastSeq, Expr::value(self.seq))
+                    .col_expr(conversation::Column::LastMessageAt, Expr::value(self.now))
+                    .filter(conversation::Column::PatientId.eq(self.patient.id.clone()))
+                    .filter(conversation::Column::LastSeq.eq(self.first_seq))
+                    .into_query(),
+                Expect::Exactly(1),
+                "conversation sequence",
+            );
         }
         let unit = match audit {
             Some(audit) => audit.add_to(std::mem::take(&mut self.unit), self.now),

@@ -9,11 +9,8 @@
 //! ([`PracticeName`]) and nothing about the patient, so no template, however it is
 //! configured, can echo a date of birth or name the patient.
 //!
-//! [`segments`] counts GSM-7/UCS-2 parts by the rules SPEC settles (GSM-7: 160, or
-//! 153 per part; UCS-2: 70, or 67 per part). It duplicates
-//! `caremsg_plugin_sdk::sms::segments`, which caremsgd does not depend on yet; the
-//! tests below pin the same figures as the SDK's, and once caremsgd depends on the
-//! SDK this copy should go.
+//! [`segments`] (the SDK's) counts GSM-7/UCS-2 parts by the rules SPEC settles
+//! (GSM-7: 160, or 153 per part; UCS-2: 70, or 67 per part).
 
 use caremsg_config::SmsTemplates;
 use caremsg_entities::practice;
@@ -114,82 +111,9 @@ pub fn render(templates: &SmsTemplates, which: Template, practice: PracticeName<
         .replace(TEMPLATE_PLACEHOLDER, practice.as_str())
 }
 
-/// How a text is encoded on the air.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    /// The GSM 03.38 7-bit default alphabet with its extension table.
-    Gsm7,
-    /// UCS-2 / UTF-16: any text with a character GSM-7 lacks.
-    Ucs2,
-}
-
-/// The encoding and size of a text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segments {
-    /// The encoding the text needs.
-    pub encoding: Encoding,
-    /// Parts (SMS segments) it takes; at least 1.
-    pub count: usize,
-    /// Septets (GSM-7) or UTF-16 code units (UCS-2) of the whole text.
-    pub units: usize,
-}
-
-impl Segments {
-    /// Whether the text goes out as a single SMS.
-    pub fn is_single(self) -> bool {
-        self.count == 1
-    }
-}
-
-/// The GSM 03.38 basic character set (the escape 0x1B left out).
-const GSM7_BASIC: &str = "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?\
-¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà";
-
-/// The GSM 03.38 extension table: each costs the escape septet plus itself.
-const GSM7_EXTENSION: &str = "\u{000C}^{}\\[~]|€";
-
-/// Septets `c` takes in GSM-7, or `None` if GSM-7 cannot carry it.
-fn gsm7_septets(c: char) -> Option<usize> {
-    if GSM7_BASIC.contains(c) {
-        Some(1)
-    } else if GSM7_EXTENSION.contains(c) {
-        Some(2)
-    } else {
-        None
-    }
-}
-
-/// The encoding and number of parts of `text`. A character is never split across
-/// parts (neither an escape pair nor a surrogate pair).
-pub fn segments(text: &str) -> Segments {
-    let gsm7: Option<Vec<usize>> = text.chars().map(gsm7_septets).collect();
-    let (encoding, widths, single, multi) = match gsm7 {
-        Some(widths) => (Encoding::Gsm7, widths, 160, 153),
-        None => (
-            Encoding::Ucs2,
-            text.chars().map(char::len_utf16).collect(),
-            70,
-            67,
-        ),
-    };
-    let units: usize = widths.iter().sum();
-    let mut count = 1;
-    if units > single {
-        let mut used = 0;
-        for width in widths {
-            if used + width > multi {
-                count += 1;
-                used = 0;
-            }
-            used += width;
-        }
-    }
-    Segments {
-        encoding,
-        count,
-        units,
-    }
-}
+/// Segment counting is the SDK's (one implementation for the daemon and every
+/// plugin): GSM-7 160 or 153 per part, UCS-2 70 or 67.
+pub use caremsg_plugin_sdk::sms::{Encoding, Segments, segments};
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
@@ -199,11 +123,9 @@ mod tests {
     /// A practice name of 40 characters, the length the one-segment promise is kept for.
     const LONG_NAME: &str = "Riverside Family Medicine & Cardiology X";
 
-    /// Default templates that do not fit one SMS with a 40-character practice name.
-    /// `help` renders to 162 characters; its default lives in `caremsg-config` and has
-    /// been reported for shortening. This test fails as soon as the list is wrong in
-    /// either direction, so fixing the default forces removing the entry here.
-    const KNOWN_TOO_LONG: &[Template] = &[Template::Help];
+    /// Default templates that do not fit one SMS with a 40-character practice name:
+    /// none. This test fails as soon as the list is wrong in either direction.
+    const KNOWN_TOO_LONG: &[Template] = &[];
 
     #[test]
     fn the_opt_in_text_is_the_articles_wording() {
@@ -313,7 +235,7 @@ mod tests {
             let text = render(&templates, which, PracticeName::new(LONG_NAME));
             let size = segments(&text);
             assert_eq!(size.encoding, Encoding::Gsm7, "{}: {text}", which.setting());
-            if size.units > 160 || !size.is_single() {
+            if size.units > 160 || size.count != 1 {
                 too_long.push(which);
             }
         }
