@@ -264,10 +264,11 @@ impl Running {
         if let Err(err) = self.timer_task.await {
             tracing::error!(error = %err, "The timer service task ended abnormally.");
         }
+        // The gateways record the pass in flight through the writer, and texts a
+        // plugin emitted may still go to a patient's actor: before both.
+        self.state.gateways.shutdown(grace).await;
         // Requests are done; no one sends to an actor any more.
         self.state.conversations.stop();
-        // The dispatchers record the pass in flight through the writer, so before it.
-        self.state.gateways.shutdown(grace).await;
         self.writer_stop.cancel();
         self.writer.join().await;
         let db = self.state.db.clone();

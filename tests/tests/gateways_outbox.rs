@@ -141,6 +141,9 @@ fn gateway_table(name: &str, package: &str, extra: &str) -> String {
     )
 }
 
+/// While set: where the fake announces a request, and what releases it.
+type Hold = Option<(mpsc::UnboundedSender<()>, Arc<Notify>)>;
+
 /// A provider for the `http-status` test plugin: answers every request with the
 /// scripted status (and `Retry-After`), or holds it until released.
 struct Fake {
@@ -150,7 +153,7 @@ struct Fake {
     /// Requests answered or held.
     hits: Arc<AtomicUsize>,
     /// While set, a request is announced on the sender and held until notified.
-    hold: Arc<Mutex<Option<(mpsc::UnboundedSender<()>, Arc<Notify>)>>>,
+    hold: Arc<Mutex<Hold>>,
 }
 
 impl Fake {
@@ -420,7 +423,7 @@ async fn a_storm_of_retryable_errors_comes_back_spread_out() {
         assert_eq!(row.status, DeliveryStatus::Queued, "{row:?}");
         assert_eq!(row.attempts, 1);
         assert!(row.error_reason.is_some());
-        assert!(row.next_attempt_at >= now);
+        assert!(row.next_attempt_at > now, "{row:?}");
         assert!(row.next_attempt_at <= now + TimeDelta::seconds(2) + TimeDelta::milliseconds(300));
         instants.push(row.next_attempt_at);
     }
@@ -649,5 +652,53 @@ async fn the_claim_is_committed_before_the_call_and_a_crash_leaves_it_to_reconci
     assert_eq!(row.error_code.as_deref(), Some("outcome_unknown"));
     assert!(row.error_reason.unwrap().contains("not sent again"));
     assert_eq!(fake.hits(), hits, "nothing was sent again");
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_reload_restarts_an_instance_whose_config_changed() {
+    let d = TestDaemon::start().await.unwrap();
+    setup(&d, "loopback").await;
+    let first = queue(&d, "loopback", MOBILE, DeliveryPurpose::SmsAuth, None, 1).await;
+    outbox::run_once(d.daemon().state(), "loopback")
+        .await
+        .unwrap();
+    assert_eq!(get(&d, &first[0]).await.status, DeliveryStatus::Sent);
+
+    let second_outbox = d.dir.path().join("second-outbox.jsonl");
+    let text = std::fs::read_to_string(&d.config_path).unwrap();
+    let text: String = text
+        .lines()
+        .map(|line| {
+            if line.starts_with("config = { outbox = ") {
+                format!(
+                    "config = {{ outbox = {:?} }}",
+                    second_outbox.display().to_string()
+                )
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&d.config_path, text).unwrap();
+    let outcome = d.daemon().reload();
+    assert!(
+        matches!(&outcome, ReloadOutcome::Applied(f) if f.iter().any(|f| f.contains("config"))),
+        "{outcome:?}"
+    );
+    d.daemon().state().gateways.settle().await;
+    let second = queue(&d, "loopback", MOBILE, DeliveryPurpose::SmsAuth, None, 1).await;
+    outbox::run_once(d.daemon().state(), "loopback")
+        .await
+        .unwrap();
+    assert_eq!(get(&d, &second[0]).await.status, DeliveryStatus::Sent);
+    assert_eq!(
+        outbox_lines(d.dir.path()).len(),
+        1,
+        "the old file got nothing more"
+    );
+    let moved = std::fs::read_to_string(&second_outbox).unwrap();
+    assert_eq!(moved.lines().count(), 1);
     d.stop().await.unwrap();
 }

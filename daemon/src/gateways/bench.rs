@@ -71,7 +71,7 @@ impl std::fmt::Display for GatewaysReport {
         )?;
         writeln!(
             f,
-            "  no-op plugin call (health), FFI  {:>10.2} µs   (target < {TARGET_FFI_US:.0} µs: {})",
+            "  no-op plugin call (health), FFI  {:>10.3} µs   (target < {TARGET_FFI_US:.0} µs: {})",
             self.noop_call_us,
             verdict(self.noop_call_us < TARGET_FFI_US)
         )?;

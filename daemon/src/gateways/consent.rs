@@ -1,83 +1,85 @@
 //! Consent changes the gateways cause: a provider reporting that a number unsubscribed
-//! (a `send` answered "unsubscribed", or an opt-out event). Consent belongs to the
-//! number, per practice (`sms_consent`); the patients of that practice on that number
-//! who were pending or enabled become `opted_out` with reason `carrier_unsubscribed`.
+//! (a `send` answered "unsubscribed", or an opt-out event).
 //!
-//! **Hook for SMS authentication:** [`carrier_opt_out`] is the one place a
-//! provider-reported opt-out is turned into writes. The SMS authentication work adds
-//! to the unit it builds what a status change also needs there — ending the patient's
-//! pending session, the `system` message in the conversation, the Two-Way Texting
-//! notifications — using the [`OptedOut::patients`] it returns.
+//! Two steps. First, with the event's own writes (the delivery's `failed`, say), the
+//! number is opted out of the practice's texts ([`number_opted_out`]: an
+//! `sms_consent` upsert, reason `carrier_unsubscribed`), so from that commit on no
+//! claim hands anything but the opt-out confirmation to a plugin for it. Then each
+//! patient of that practice pending or enabled on that number is told
+//! ([`tell_patients`]): the patient's actor runs the SMS authentication's
+//! `CarrierUnsubscribed` transition — status `opted_out` with the reason, the status
+//! history, the pending session ended, the `system` message, the Two-Way Texting
+//! notifications. A crash between the two steps leaves the number opted out (safe)
+//! and the patient's status behind; the next unsubscribed report catches it up.
 
-use caremsg_entities::{SmsStatus, SmsStatusReason, patient, sms_consent, sms_status_history};
+use caremsg_entities::{SmsStatus, SmsStatusReason, patient, sms_consent};
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
-use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryTrait};
+use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QuerySelect};
 
-use crate::writer::{Expect, WriteUnit};
+use crate::actors::conversation::Sms;
+use crate::sms::auth::SmsOp;
+use crate::state::Shared;
+use crate::writer::WriteUnit;
 
-/// What [`carrier_opt_out`] will change.
-#[derive(Debug)]
-pub struct OptedOut {
-    /// The writes: consent, patients' statuses and their history.
-    pub unit: WriteUnit,
-    /// The patients whose status becomes `opted_out`.
-    pub patients: Vec<String>,
-}
-
-/// The writes that record that `phone` (E.164) unsubscribed from `practice_id`'s texts,
-/// as reported by the provider, at `now`.
-pub async fn carrier_opt_out(
-    db: &impl ConnectionTrait,
-    practice_id: &str,
-    phone: &str,
-    now: DateTime<Utc>,
-) -> Result<OptedOut, DbErr> {
-    let reason = SmsStatusReason::CarrierUnsubscribed.as_str();
-    let reachable = [SmsStatus::Pending, SmsStatus::Enabled];
-    let patients: Vec<String> = patient::Entity::find()
-        .filter(patient::Column::PracticeId.eq(practice_id))
-        .filter(patient::Column::MobilePhone.eq(phone))
-        .filter(patient::Column::SmsStatus.is_in(reachable))
-        .all(db)
-        .await?
-        .into_iter()
-        .map(|p| p.id)
-        .collect();
-    let mut unit = WriteUnit::new().upsert(
+/// The write that opts `phone` (E.164) out of `practice_id`'s texts, as the
+/// provider reported at `now`.
+pub fn number_opted_out(practice_id: &str, phone: &str, now: DateTime<Utc>) -> WriteUnit {
+    WriteUnit::new().upsert(
         sms_consent::ActiveModel {
             practice_id: Set(practice_id.to_owned()),
             phone: Set(phone.to_owned()),
             opted_out: Set(true),
-            reason: Set(Some(reason.to_owned())),
+            reason: Set(Some(
+                SmsStatusReason::CarrierUnsubscribed.as_str().to_owned(),
+            )),
             changed_at: Set(now),
         },
         &[sms_consent::Column::PracticeId, sms_consent::Column::Phone],
-    );
-    for id in &patients {
-        unit = unit.insert(sms_status_history::ActiveModel {
-            id: Set(uuid::Uuid::now_v7().to_string()),
-            patient_id: Set(id.clone()),
-            status: Set(SmsStatus::OptedOut),
-            reason: Set(Some(reason.to_owned())),
-            session_id: Set(None),
-            changed_by_user_id: Set(None),
-            at: Set(now),
-        });
+    )
+}
+
+/// The active patients of `practice_id` pending or enabled on `phone`.
+pub async fn patients_on(
+    db: &impl ConnectionTrait,
+    practice_id: &str,
+    phone: &str,
+) -> Result<Vec<String>, DbErr> {
+    patient::Entity::find()
+        .select_only()
+        .column(patient::Column::Id)
+        .filter(patient::Column::PracticeId.eq(practice_id))
+        .filter(patient::Column::MobilePhone.eq(phone))
+        .filter(patient::Column::Active.eq(true))
+        .filter(patient::Column::SmsStatus.is_in([SmsStatus::Pending, SmsStatus::Enabled]))
+        .into_tuple()
+        .all(db)
+        .await
+}
+
+/// Tells each patient's actor that the carrier reports their number unsubscribed
+/// (after [`number_opted_out`] committed). Failures are logged: the number stays
+/// opted out either way.
+pub async fn tell_patients(state: &Shared, gateway: &str, patients: &[String]) {
+    for patient_id in patients {
+        let told = state
+            .conversations
+            .send(
+                patient_id,
+                Sms {
+                    client: format!("gateway:{gateway}"),
+                    op: SmsOp::CarrierUnsubscribed,
+                },
+            )
+            .await;
+        match told {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::error!(%gateway, %patient_id, %error, "The carrier's unsubscribe could not be applied to the patient; the number is opted out.");
+            }
+            Err(error) => {
+                tracing::error!(%gateway, %patient_id, %error, "The carrier's unsubscribe could not reach the patient's actor; the number is opted out.");
+            }
+        }
     }
-    if !patients.is_empty() {
-        unit = unit.exec(
-            patient::Entity::update_many()
-                .col_expr(patient::Column::SmsStatus, Expr::value(SmsStatus::OptedOut))
-                .col_expr(patient::Column::SmsStatusReason, Expr::value(reason))
-                .col_expr(patient::Column::UpdatedAt, Expr::value(now))
-                .filter(patient::Column::Id.is_in(patients.clone()))
-                .filter(patient::Column::SmsStatus.is_in(reachable))
-                .into_query(),
-            Expect::Any,
-            "patients opted out by the carrier",
-        );
-    }
-    Ok(OptedOut { unit, patients })
 }

@@ -9,18 +9,18 @@
 //!   a provider's retry and nothing is stored again. A sender over the instance's
 //!   `inbound_per_sender` limit is dropped (and counted). Otherwise [`route`] decides:
 //!   a text to a practice's number from the mobile number of an active patient of
-//!   that practice whose SMS status is `enabled` goes into the patient's conversation
-//!   (through the conversation actor, which stores it once per provider id); any
-//!   other text goes to the unmatched-inbound log, together with its
-//!   `inbound_receipts` row in one unit (an insert-or-ignore that must insert, so a
-//!   concurrent duplicate rolls the unit back). Texts from pending patients are the
-//!   SMS authentication actor's to take; until it routes them, they are unmatched.
+//!   that practice whose SMS status is `pending` or `enabled` (or, for a keyword,
+//!   `opted_out`) goes to that patient's actor, where SMS authentication takes
+//!   keywords and date-of-birth replies and the conversation stores the rest, once
+//!   per provider id; any other text goes to the unmatched-inbound log, together
+//!   with its `inbound_receipts` row in one unit (an insert-or-ignore that must
+//!   insert, so a concurrent duplicate rolls the unit back).
 //! - **A delivery receipt** moves the delivery with that provider id forward only:
 //!   `queued`/`sending` → `sent` → `delivered` | `failed` | `undelivered`; never
 //!   backward, never from one final status to another. A receipt for an id not
 //!   (yet) stored is ignored: the delivery's own `send` result still records it.
 //! - **An opt-out** opts the number out of every practice whose numbers this instance
-//!   serves ([`super::consent::carrier_opt_out`]).
+//!   serves, then tells its patients' actors ([`super::consent`]).
 
 use std::sync::Arc;
 
@@ -416,6 +416,7 @@ async fn opt_out(
         .await?;
     let now = state.clock.now();
     let mut unit = WriteUnit::new();
+    let mut numbers = Vec::new();
     for practice_id in practices {
         let Some(practice) = practice::Entity::find_by_id(practice_id)
             .one(&state.db)
@@ -423,12 +424,15 @@ async fn opt_out(
         else {
             continue;
         };
-        let phone = normalise(&number, &practice.country);
-        let opted_out =
-            super::consent::carrier_opt_out(&state.db, &practice.id, phone.expose(), now).await?;
-        unit = unit.merge(opted_out.unit);
+        let phone = normalise(&number, &practice.country).into_inner();
+        unit = unit.merge(super::consent::number_opted_out(&practice.id, &phone, now));
+        numbers.push((practice.id, phone));
     }
     state.writer.write(unit).await?;
+    for (practice_id, phone) in numbers {
+        let patients = super::consent::patients_on(&state.db, &practice_id, &phone).await?;
+        super::consent::tell_patients(state, gateway, &patients).await;
+    }
     Ok(EventOutcome::OptedOut)
 }
 

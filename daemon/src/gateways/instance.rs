@@ -30,6 +30,8 @@ pub struct GatewayInstance {
     paused_until: Mutex<Option<DateTime<Utc>>>,
     /// Given to a restarted instance.
     services: Arc<dyn HostServices>,
+    /// The reload whose `config` runs now; serialises restarts.
+    restarted: Mutex<u64>,
 }
 
 impl std::fmt::Debug for GatewayInstance {
@@ -58,6 +60,7 @@ impl GatewayInstance {
             limits: ArcSwap::from_pointee(Limits::new(gateway)),
             paused_until: Mutex::new(None),
             services,
+            restarted: Mutex::new(0),
         }
     }
 
@@ -161,16 +164,29 @@ impl GatewayInstance {
     }
 
     /// Starts a new instance with `config_json` and retires the old one (it finishes
-    /// its calls in flight first). Blocking: call it on the blocking pool. The old
-    /// instance stays if the plugin refuses the new configuration.
-    pub(crate) fn restart_blocking(&self, config_json: &str) -> Result<(), String> {
+    /// its calls in flight first), unless a restart of a later reload (`generation`)
+    /// already ran: returns whether it restarted. Blocking: call it on the blocking
+    /// pool. The old instance stays if the plugin refuses the new configuration.
+    pub(crate) fn restart_blocking(
+        &self,
+        config_json: &str,
+        generation: u64,
+    ) -> Result<bool, String> {
+        let mut applied = self
+            .restarted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *applied >= generation {
+            return Ok(false);
+        }
         let fresh = self
             .plugin
             .start(&self.name, config_json, self.services.clone())
             .map_err(|error| error.to_string())?;
+        *applied = generation;
         let old = self.current.swap(Arc::new(fresh));
         match old.stop() {
-            Ok(()) | Err(CallError::Stopped) => Ok(()),
+            Ok(()) | Err(CallError::Stopped) => Ok(true),
             Err(error) => Err(format!("the old instance failed while stopping: {error}")),
         }
     }

@@ -36,6 +36,7 @@ pub mod retry;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -126,6 +127,10 @@ pub struct Gateways {
     emitted: Mutex<Option<mpsc::Receiver<Emitted>>>,
     /// The dispatchers, the inbound task and the waker; joined at shutdown.
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Instances being restarted with a reloaded `config` ([`Gateways::settle`]).
+    restarts: Mutex<Vec<JoinHandle<()>>>,
+    /// Numbers reloads, so that a slow restart never replaces a newer one.
+    reloads: AtomicU64,
     /// Stops the tasks.
     stop: CancellationToken,
 }
@@ -228,6 +233,8 @@ impl Gateways {
             http,
             emitted: Mutex::new(Some(rx)),
             tasks: Mutex::new(Vec::new()),
+            restarts: Mutex::new(Vec::new()),
+            reloads: AtomicU64::new(0),
             stop: CancellationToken::new(),
         })
     }
@@ -311,6 +318,7 @@ impl Gateways {
     /// restarts (on the blocking pool) each instance whose `config` changed.
     /// Instances are matched by name; the list itself cannot change on reload.
     pub fn reload(&self, old: &Settings, new: &Settings) {
+        let generation = self.reloads.fetch_add(1, Ordering::Relaxed) + 1;
         for gateway in &new.gateways {
             let Some(instance) = self.instances.get(&gateway.name) else {
                 continue;
@@ -326,17 +334,40 @@ impl Gateways {
             if before.is_some_and(|b| b.config != gateway.config) {
                 let instance = instance.clone();
                 let config = gateway.config.to_string();
-                tokio::task::spawn_blocking(move || match instance.restart_blocking(&config) {
-                    Ok(()) => {
-                        tracing::info!(gateway = %instance.name(), "Gateway restarted with its reloaded configuration.");
-                    }
-                    Err(error) => {
-                        tracing::error!(gateway = %instance.name(), %error, "The gateway refused its reloaded configuration; it runs on with the previous one.");
+                let restart = tokio::task::spawn_blocking(move || {
+                    match instance.restart_blocking(&config, generation) {
+                        Ok(true) => {
+                            tracing::info!(gateway = %instance.name(), "Gateway restarted with its reloaded configuration.");
+                        }
+                        Ok(false) => {}
+                        Err(error) => {
+                            tracing::error!(gateway = %instance.name(), %error, "The gateway refused its reloaded configuration; it runs on with the previous one.");
+                        }
                     }
                 });
+                self.restarts
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(restart);
             }
         }
         self.wake();
+    }
+
+    /// Waits until every instance a reload restarted runs on its new configuration
+    /// (or refused it).
+    pub async fn settle(&self) {
+        let restarts: Vec<JoinHandle<()>> = self
+            .restarts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+            .collect();
+        for restart in restarts {
+            if let Err(error) = restart.await {
+                tracing::error!(%error, "A gateway restart ended abnormally.");
+            }
+        }
     }
 
     /// Stops the dispatchers (each finishes recording the pass in progress, for at
@@ -345,6 +376,9 @@ impl Gateways {
     /// the next start.
     pub async fn shutdown(&self, grace: Duration) {
         self.stop.cancel();
+        if tokio::time::timeout(grace, self.settle()).await.is_err() {
+            tracing::warn!("A gateway restart was still running at the end of the grace period.");
+        }
         let tasks: Vec<JoinHandle<()>> = self
             .tasks
             .lock()

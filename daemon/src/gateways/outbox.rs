@@ -11,6 +11,8 @@
 //!    first row the instance limit holds back ends the scan: it and the rows after
 //!    it stay queued, untouched, for the next pass. A row its recipient's limit holds
 //!    back is deferred (`next_attempt_at` moves to when the recipient has a token).
+//!    Tokens are taken before the claim, so a row then refused for consent has used
+//!    its tokens: the limits err on the side of sending less, never more.
 //! 2. **Claim, with consent, in one write unit** through the writer, so the claim is
 //!    committed before any plugin call and the consent read is the committed state
 //!    at that instant: rows whose number opted out of the practice's texts
@@ -383,7 +385,6 @@ async fn plugin_pass(
         report.paused_until = Some(until);
         return Ok(report);
     }
-    let t0 = Instant::now();
     let candidates = delivery::Entity::find()
         .filter(delivery::Column::Status.eq(DeliveryStatus::Queued))
         .filter(delivery::Column::Gateway.eq(gateway.name()))
@@ -399,7 +400,6 @@ async fn plugin_pass(
     }
     let full = candidates.len() as u64 == BATCH;
 
-    let t1 = Instant::now();
     // 1. Limits.
     let limits = gateway.limits();
     let sms = gateway.kind() == GatewayKind::Sms;
@@ -445,9 +445,7 @@ async fn plugin_pass(
     if !ids.is_empty() {
         unit = unit.merge(claim_unit(&ids, now));
     }
-    let t2 = Instant::now();
     state.writer.write(unit).await?;
-    let t3 = Instant::now();
     if ids.is_empty() {
         return Ok(report);
     }
@@ -481,7 +479,6 @@ async fn plugin_pass(
         return Ok(report);
     }
 
-    let t4 = Instant::now();
     // 3. Send.
     let bodies = message_bodies(state, &claimed).await?;
     let mut sends = FuturesUnordered::new();
@@ -503,7 +500,6 @@ async fn plugin_pass(
     }
     drop(sends);
 
-    let t5 = Instant::now();
     // 4. Record.
     for (_, outcome) in &outcomes {
         match outcome {
@@ -518,16 +514,6 @@ async fn plugin_pass(
         report.more = false;
     }
     record(state, gateway.name(), outcomes, now).await;
-    let t6 = Instant::now();
-    eprintln!(
-        "select {:?} limits {:?} claim {:?} readback {:?} send {:?} record {:?}",
-        t1 - t0,
-        t2 - t1,
-        t3 - t2,
-        t4 - t3,
-        t5 - t4,
-        t6 - t5
-    );
     Ok(report)
 }
 
@@ -802,7 +788,8 @@ async fn send_one(
 /// Records the outcomes of a pass: the common `sent` rows in few statements, the
 /// rest one statement each, all in one unit. If that unit fails (say a plugin
 /// returned a provider id already stored), each row is recorded on its own, so one
-/// bad row cannot leave the others `sending`.
+/// bad row cannot leave the others `sending`. Then the patients of numbers that
+/// unsubscribed are told ([`super::consent`]).
 async fn record(
     state: &Shared,
     gateway: &str,
@@ -818,42 +805,58 @@ async fn record(
     }
     let mut unit = WriteUnit::new();
     let mut sent = Vec::new();
-    let mut singles = Vec::new();
+    let mut singles: Vec<(String, WriteUnit)> = Vec::new();
+    let mut unsubscribed: Vec<(String, String)> = Vec::new();
     for (row, outcome) in outcomes {
+        if let Outcome::Unsubscribed { .. } = &outcome
+            && row.channel == DeliveryChannel::Sms
+            && let Some(recipient) = &row.recipient
+        {
+            unsubscribed.push((row.practice_id.clone(), recipient.clone()));
+        }
         match outcome {
             Outcome::Sent { provider_id } => sent.push((row.id, provider_id)),
-            other => singles.push((row, other)),
+            other => singles.push((row.id.clone(), outcome_unit(&row, &other, now))),
         }
     }
     for chunk in sent.chunks(RESULT_CHUNK) {
         unit = unit.exec(sent_statement(chunk, now), Expect::Any, "deliveries sent");
     }
-    let mut prepared: Vec<(String, WriteUnit)> = Vec::with_capacity(singles.len());
-    for (row, outcome) in &singles {
-        match outcome_unit(state, row, outcome, now).await {
-            Ok(single) => prepared.push((row.id.clone(), single)),
+    for (_, single) in &singles {
+        unit = unit.merge(single.clone());
+    }
+    if let Err(error) = state.writer.write(unit).await {
+        tracing::warn!(%gateway, %error, "Recording a pass's outcomes failed; recording each delivery on its own.");
+        record_one_by_one(state, gateway, sent, singles, now).await;
+    }
+    for (practice_id, phone) in unsubscribed {
+        match super::consent::patients_on(&state.db, &practice_id, &phone).await {
+            Ok(patients) => super::consent::tell_patients(state, gateway, &patients).await,
             Err(error) => {
-                tracing::error!(%gateway, delivery_id = %row.id, %error, "Reading for an unsubscribed recipient failed; the delivery stays `sending` and is reconciled after a restart.");
+                tracing::error!(%gateway, %error, "The patients of an unsubscribed number could not be read; the number is opted out.");
             }
         }
     }
-    for (_, single) in &prepared {
-        unit = unit.merge(single.clone());
-    }
-    let Err(error) = state.writer.write(unit).await else {
-        return;
-    };
-    tracing::warn!(%gateway, %error, "Recording a pass's outcomes failed; recording each delivery on its own.");
+}
+
+/// [`record`]'s fallback: every delivery in a unit of its own.
+async fn record_one_by_one(
+    state: &Shared,
+    gateway: &str,
+    sent: Vec<(String, Option<String>)>,
+    singles: Vec<(String, WriteUnit)>,
+    now: DateTime<Utc>,
+) {
     let mut units: Vec<(String, WriteUnit)> = sent
-        .iter()
+        .into_iter()
         .map(|(id, provider_id)| {
-            let chunk = [(id.clone(), provider_id.clone())];
+            let chunk = [(id.clone(), provider_id)];
             let unit =
                 WriteUnit::new().exec(sent_statement(&chunk, now), Expect::Any, "delivery sent");
-            (id.clone(), unit)
+            (id, unit)
         })
         .collect();
-    units.extend(prepared);
+    units.extend(singles);
     let writes = units.into_iter().map(|(id, unit)| async move {
         let result = state.writer.write(unit).await;
         (id, result)
@@ -910,12 +913,7 @@ fn sent_statement(rows: &[(String, Option<String>)], now: DateTime<Utc>) -> Upda
 }
 
 /// The writes recording one outcome other than `sent`.
-async fn outcome_unit(
-    state: &Shared,
-    row: &delivery::Model,
-    outcome: &Outcome,
-    now: DateTime<Utc>,
-) -> Result<WriteUnit, DbErr> {
+fn outcome_unit(row: &delivery::Model, outcome: &Outcome, now: DateTime<Utc>) -> WriteUnit {
     let update = || {
         let mut update = delivery::Entity::update_many();
         update = update
@@ -926,11 +924,11 @@ async fn outcome_unit(
     };
     let statement = match outcome {
         Outcome::Sent { provider_id } => {
-            return Ok(WriteUnit::new().exec(
+            return WriteUnit::new().exec(
                 sent_statement(&[(row.id.clone(), provider_id.clone())], now),
                 Expect::Any,
                 "delivery sent",
-            ));
+            );
         }
         Outcome::Retry { at, code, reason } => update()
             .col_expr(
@@ -977,16 +975,20 @@ async fn outcome_unit(
             )
             .into_query(),
     };
-    let mut unit = WriteUnit::new().exec(statement, Expect::Any, "delivery outcome");
-    if let Outcome::Unsubscribed { .. } = outcome
-        && row.channel == DeliveryChannel::Sms
-        && let Some(recipient) = &row.recipient
-    {
-        let opted_out =
-            super::consent::carrier_opt_out(&state.db, &row.practice_id, recipient, now).await?;
-        unit = unit.merge(opted_out.unit);
+    let unit = WriteUnit::new().exec(statement, Expect::Any, "delivery outcome");
+    match outcome {
+        Outcome::Unsubscribed { .. } if row.channel == DeliveryChannel::Sms => {
+            match &row.recipient {
+                Some(recipient) => unit.merge(super::consent::number_opted_out(
+                    &row.practice_id,
+                    recipient,
+                    now,
+                )),
+                None => unit,
+            }
+        }
+        _ => unit,
     }
-    Ok(unit)
 }
 
 /// At start, before any dispatcher runs: rows left `sending` by a crash become

@@ -45,7 +45,7 @@ pub struct Spreader {
 }
 
 impl Spreader {
-    /// A retry instant: `now + after + uniform(0, window)`, moved later by whole
+    /// A retry instant: `now + after + uniform(1 ms, window)`, moved later by whole
     /// milliseconds until it is at least 2 ms from every instant handed out before.
     pub fn pick(
         &mut self,
@@ -56,11 +56,8 @@ impl Spreader {
     ) -> DateTime<Utc> {
         let window_ms = i64::try_from(window.as_millis()).unwrap_or(i64::MAX / 4);
         let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX / 4);
-        let jitter = if window_ms > 0 {
-            rng.random_range(0..=window_ms)
-        } else {
-            0
-        };
+        // At least 1 ms: a retry is never due in the instant it was scheduled.
+        let jitter = rng.random_range(1..=window_ms.max(1));
         let now_ms = now.timestamp_millis();
         let mut at = now_ms.saturating_add(after_ms).saturating_add(jitter);
         let forget_before = now_ms - REMEMBER_MS;
@@ -112,7 +109,7 @@ mod tests {
                 Duration::from_secs(2),
                 &mut rng,
             );
-            assert!(at >= start() + TimeDelta::seconds(3), "{at}");
+            assert!(at > start() + TimeDelta::seconds(3), "{at}");
             assert!(at <= start() + TimeDelta::seconds(6), "{at}");
         }
     }
