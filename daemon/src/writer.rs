@@ -416,9 +416,14 @@ async fn try_commit(
     // First, optimistically, the whole batch merged in one transaction: no savepoint
     // statements on the common path, where nothing fails.
     let txn = db.begin().await?;
-    if run_merged(&txn, batch).await.is_ok() {
-        txn.commit().await?;
-        return Ok(vec![Ok(()); batch.len()]);
+    match run_merged(&txn, batch).await {
+        Ok(()) => {
+            txn.commit().await?;
+            return Ok(vec![Ok(()); batch.len()]);
+        }
+        Err(err) => {
+            tracing::debug!(error = %err, units = batch.len(), "A merged batch failed; replaying it unit by unit.")
+        }
     }
     txn.rollback().await?;
     // Something failed: replay unit by unit, each in its own savepoint, so only the

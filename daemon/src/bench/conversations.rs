@@ -37,6 +37,7 @@ pub struct Report {
     bytes_per_actor: f64,
     actors_live: usize,
     ceiling: f64,
+    writer: String,
 }
 
 impl std::fmt::Display for Report {
@@ -69,6 +70,7 @@ impl std::fmt::Display for Report {
             "  failed requests                  {:>10}",
             self.failures
         )?;
+        writeln!(f, "  writer                           {}", self.writer)?;
         writeln!(
             f,
             "  ceiling (1,000-row INSERTs)      {:>10.0} rows/s (the write benchmark's baseline, this run)",
@@ -82,6 +84,27 @@ impl std::fmt::Display for Report {
             super::verdict(self.bytes_per_actor < 4096.0)
         )
     }
+}
+
+/// "N batches, M units/batch, T ms/commit" from the writer's histograms.
+fn writer_summary(metrics: &str) -> String {
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+    };
+    let batches = value("caremsg_writer_batch_units_count ");
+    let units = value("caremsg_writer_batch_units_sum ");
+    let seconds = value("caremsg_writer_commit_seconds_sum ");
+    format!(
+        "{batches:.0} batches, {:.1} units/batch, {:.2} ms/batch",
+        units / batches.max(1.0),
+        seconds * 1000.0 / batches.max(1.0)
+    )
 }
 
 fn rss_bytes() -> Option<u64> {
@@ -158,6 +181,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
             failures += f;
         }
         let took = started.elapsed();
+        let writer = writer_summary(&running.state().metrics.render());
         latencies.sort_unstable();
         let at = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q) as usize).copied().unwrap_or_default();
 
@@ -179,6 +203,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
             bytes_per_actor: after.saturating_sub(before) as f64 / added as f64,
             actors_live: conversations.live(),
             ceiling,
+            writer,
         })
     }
     .await;

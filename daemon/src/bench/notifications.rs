@@ -142,6 +142,32 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
         .context("starting the daemon")?;
     let phase = async {
         seed(&running.state().db, plan).await?;
+        if std::env::var("CAREMSG_MICRO").is_ok() {
+            let db = &running.state().db;
+            let t = Instant::now();
+            for i in 0..2000 {
+                let ps = std::collections::BTreeSet::from([format!("np{}", i % plan.patients)]);
+                crate::notifications::recipients::in_panels(db, &ps, None).await?;
+            }
+            eprintln!("MICRO in_panels seq: {:?}/call", t.elapsed() / 2000);
+            let t = Instant::now();
+            for i in 0..2000 {
+                crate::notifications::first_patient_message_after(
+                    db,
+                    &format!("np{}", i % plan.patients),
+                    0,
+                )
+                .await?;
+            }
+            eprintln!("MICRO first_after seq: {:?}/call", t.elapsed() / 2000);
+            let t = Instant::now();
+            for i in 0..2000 {
+                caremsg_entities::patient::Entity::find_by_id(format!("np{}", i % plan.patients))
+                    .one(db)
+                    .await?;
+            }
+            eprintln!("MICRO find patient seq: {:?}/call", t.elapsed() / 2000);
+        }
         let state = running.state().clone();
         let next = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();

@@ -108,7 +108,7 @@ pub async fn in_panels(
         ));
         values.extend(users.iter().map(|u| Value::from(u.clone())));
     }
-    sql.push_str(" ORDER BY p.id, u.id");
+    // sorted by the caller where it matters
     let rows = db
         .query_all_raw(statement(db.get_database_backend(), &sql, values))
         .await?;

@@ -635,7 +635,6 @@ async fn try_run(
         SmsOp::Expire { session_id } => expire(state, patient, practice, seq, &session_id).await,
         SmsOp::CarrierUnsubscribed => carrier_unsubscribed(state, patient, practice, seq).await,
     }
-    .map(|(seq, outcome)| (seq, outcome))
 }
 
 async fn start(
