@@ -167,6 +167,47 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
                     .await?;
             }
             eprintln!("MICRO find patient seq: {:?}/call", t.elapsed() / 2000);
+            let t = Instant::now();
+            for i in 0..2000 {
+                care_team_member::Entity::find().filter(care_team_member::Column::PatientId.eq(format!("np{}", i % plan.patients))).all(db).await?;
+            }
+            eprintln!("MICRO care team 10 rows: {:?}/call", t.elapsed() / 2000);
+            let t = Instant::now();
+            for i in 0..2000 {
+                let ps = std::collections::BTreeSet::from([format!("np{}", i % plan.patients)]);
+                let us = std::collections::BTreeSet::from([format!("nu{}", (i * 10) % plan.users)]);
+                crate::notifications::recipients::in_panels(db, &ps, Some(&us)).await?;
+            }
+            eprintln!("MICRO in_panels 1 row: {:?}/call", t.elapsed() / 2000);
+            for ignore in [false, true] {
+                let t = Instant::now();
+                let mut tasks = Vec::new();
+                for k in 0..64usize {
+                    let writer = running.state().writer.clone();
+                    tasks.push(tokio::spawn(async move {
+                        for j in 0..100usize {
+                            let mut unit = crate::writer::WriteUnit::new();
+                            for u in 0..10usize {
+                                let row = notification::ActiveModel {
+                                    id: Set(uuid::Uuid::now_v7().to_string()),
+                                    user_id: Set(format!("nu{}", (k * 10 + u) % 1000)),
+                                    patient_id: Set(format!("np{}", k)),
+                                    kind: Set(NotificationKind::NewPatientMessage),
+                                    subject: Set(format!("{ignore}-{k}-{j}")),
+                                    message_seq: Set(Some(1)),
+                                    sms_status: Set(None),
+                                    created_at: Set(Utc::now()),
+                                    read_at: Set(None),
+                                };
+                                unit = if ignore { unit.insert_or_ignore(row, &[notification::Column::UserId, notification::Column::Kind, notification::Column::Subject]) } else { unit.insert(row) };
+                            }
+                            writer.write(unit).await.unwrap_or_default();
+                        }
+                    }));
+                }
+                for task in tasks { task.await?; }
+                eprintln!("MICRO writer 64x100 units of 10 notification rows (ignore={ignore}): {:.0} rows/s", 64000.0 / t.elapsed().as_secs_f64());
+            }
         }
         let state = running.state().clone();
         let next = Arc::new(AtomicUsize::new(0));

@@ -77,8 +77,8 @@ fn recipient(row: &QueryResult, in_panel: bool) -> Result<Recipient, DbErr> {
 }
 
 /// The users in the Care Team panels of `patients` who may be notified about them
-/// (whatever their settings), optionally only those among `users`; ordered by
-/// patient and user. Unknown or deleted patients have none.
+/// (whatever their settings), optionally only those among `users`, in no particular
+/// order. Unknown or deleted patients have none.
 pub async fn in_panels(
     db: &impl ConnectionTrait,
     patients: &BTreeSet<String>,
@@ -87,13 +87,16 @@ pub async fn in_panels(
     if patients.is_empty() || users.is_some_and(BTreeSet::is_empty) {
         return Ok(Vec::new());
     }
+    // CROSS JOIN keeps SQLite's join order: from the panel rows to their users. Left
+    // to itself, without statistics, it may prefer walking every user of the practice
+    // (`u.practice_id = p.practice_id` matches an index), ten times slower for a
+    // team of ten in a practice of a thousand. PostgreSQL plans it as a plain join.
     let mut sql = format!(
         "SELECT {} FROM care_team_members ct \
-           JOIN users u ON u.id = ct.user_id \
-           JOIN patients p ON p.id = ct.patient_id \
-           JOIN practices pr ON pr.id = p.practice_id \
+           CROSS JOIN patients p CROSS JOIN practices pr CROSS JOIN users u \
            LEFT JOIN notification_settings s ON s.user_id = u.id \
-         WHERE u.active = ? AND p.active = ? AND pr.active = ? AND u.practice_id = p.practice_id \
+         WHERE p.id = ct.patient_id AND pr.id = p.practice_id AND u.id = ct.user_id \
+           AND u.active = ? AND p.active = ? AND pr.active = ? AND u.practice_id = p.practice_id \
            AND {} AND ct.patient_id IN ({})",
         select_columns(),
         accessible_to_row_user(),
@@ -108,7 +111,6 @@ pub async fn in_panels(
         ));
         values.extend(users.iter().map(|u| Value::from(u.clone())));
     }
-    // sorted by the caller where it matters
     let rows = db
         .query_all_raw(statement(db.get_database_backend(), &sql, values))
         .await?;
