@@ -154,16 +154,16 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         .await
         .context("starting the gateway dispatchers")?;
     // Durable timers: its first tick, right away, catches up on what came due while
-    // the daemon was down. As many handlers run at once as a page holds, so a page of
-    // due reminders reaches the reminder batcher together.
+    // the daemon was down. Pages of 1,000, all handed out at once, so a page of due
+    // reminders reaches the reminder batcher together.
     let timer_stop = CancellationToken::new();
-    let timer_options = timers::TimerServiceOptions::default();
     let (timer_handle, timer_task) = timers::TimerService::new(
         state.db.clone(),
         state.clock.clone(),
         timers::TimerServiceOptions {
-            concurrency: timer_options.page_size as usize,
-            ..timer_options
+            page_size: 1000,
+            concurrency: 1000,
+            ..timers::TimerServiceOptions::default()
         },
     )
     .with_handler(

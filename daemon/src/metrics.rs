@@ -66,6 +66,14 @@ pub struct Metrics {
     pub build_info: Family<BuildLabels, Gauge>,
     /// Conversation messages stored (any author, any channel).
     pub messages_stored: Counter<u64, AtomicU64>,
+    /// Deliveries waiting in the outbox (`queued`), read when scraped.
+    pub outbox_depth: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Age in seconds of the oldest queued delivery, read when scraped.
+    pub outbox_oldest_seconds: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Conversation actors alive, read when scraped.
+    pub actors_live: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Durable timers due and not yet fired, read when scraped.
+    pub timers_due: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Outbox deliveries by gateway instance and outcome.
     pub gateway_deliveries: Family<GatewayLabels, Counter>,
     /// Inbound gateway events by instance and outcome.
@@ -161,7 +169,35 @@ impl Metrics {
             "Seconds one plugin send took, waiting for a concurrency permit included",
             gateway_send_seconds.clone(),
         );
+        let outbox_depth = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "outbox_depth",
+            "Deliveries queued in the outbox",
+            outbox_depth.clone(),
+        );
+        let outbox_oldest_seconds = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "outbox_oldest_seconds",
+            "Age of the oldest queued delivery in seconds",
+            outbox_oldest_seconds.clone(),
+        );
+        let actors_live = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "actors_live",
+            "Conversation actors alive",
+            actors_live.clone(),
+        );
+        let timers_due = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "timers_due",
+            "Durable timers due and not yet fired",
+            timers_due.clone(),
+        );
         Self {
+            outbox_depth,
+            outbox_oldest_seconds,
+            actors_live,
+            timers_due,
             gateway_deliveries,
             gateway_inbound,
             gateway_send_seconds,

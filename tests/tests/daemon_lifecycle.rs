@@ -38,6 +38,13 @@ async fn ops_endpoints_answer() {
         metrics.contains("caremsg_http_responses_total"),
         "{metrics}"
     );
+    for gauge in [
+        "caremsg_outbox_depth 0",
+        "caremsg_timers_due 0",
+        "caremsg_actors_live 0",
+    ] {
+        assert!(metrics.contains(gauge), "{gauge}: {metrics}");
+    }
     d.stop().await.unwrap();
 }
 

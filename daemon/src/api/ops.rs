@@ -71,6 +71,9 @@ pub async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format")))]
 /// Prometheus metrics.
 pub async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
+    if let Err(err) = scrape_gauges(&state).await {
+        tracing::warn!(error = %err, "Metrics: the outbox and timer gauges could not be read.");
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -78,6 +81,39 @@ pub async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
         )],
         state.metrics.render(),
     )
+}
+
+/// The gauges that are read from the database when scraped.
+async fn scrape_gauges(state: &Shared) -> Result<(), sea_orm::DbErr> {
+    use caremsg_entities::{DeliveryStatus, delivery, timer};
+    use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
+    let now = state.clock.now();
+    let queued =
+        delivery::Entity::find().filter(delivery::Column::Status.eq(DeliveryStatus::Queued));
+    let depth = queued.clone().count(&state.db).await?;
+    let oldest = queued
+        .order_by_asc(delivery::Column::CreatedAt)
+        .one(&state.db)
+        .await?;
+    let due = timer::Entity::find()
+        .filter(timer::Column::Fired.eq(false))
+        .filter(timer::Column::DueAt.lte(now))
+        .count(&state.db)
+        .await?;
+    let metrics = &state.metrics;
+    metrics
+        .outbox_depth
+        .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    metrics
+        .outbox_oldest_seconds
+        .set(oldest.map_or(0, |d| (now - d.created_at).num_seconds().max(0)));
+    metrics
+        .timers_due
+        .set(i64::try_from(due).unwrap_or(i64::MAX));
+    metrics
+        .actors_live
+        .set(i64::try_from(state.conversations.live()).unwrap_or(i64::MAX));
+    Ok(())
 }
 
 /// The OpenAPI document of this API.

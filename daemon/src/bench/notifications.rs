@@ -182,7 +182,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
             for ignore in [false, true] {
                 let t = Instant::now();
                 let mut tasks = Vec::new();
-                for k in 0..64usize {
+                for k in 0..std::env::var("CAREMSG_TASKS").ok().and_then(|v| v.parse().ok()).unwrap_or(64usize) {
                     let writer = running.state().writer.clone();
                     tasks.push(tokio::spawn(async move {
                         for j in 0..100usize {
@@ -206,7 +206,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
                     }));
                 }
                 for task in tasks { task.await?; }
-                eprintln!("MICRO writer 64x100 units of 10 notification rows (ignore={ignore}): {:.0} rows/s", 64000.0 / t.elapsed().as_secs_f64());
+                eprintln!("MICRO writer 64x100 units of 10 notification rows (ignore={ignore}): {:.0} rows/s", (std::env::var("CAREMSG_TASKS").ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(64.0) * 1000.0) / t.elapsed().as_secs_f64());
             }
         }
         let state = running.state().clone();

@@ -50,8 +50,11 @@ pub const KIND: TimerKind = TimerKind::UnreadReminder;
 /// The precondition of a batch's firing (see the module's documentation).
 const BATCH_FIRE: &str = "every reminder of the batch due and not yet fired";
 
+/// Most due reminders taken at once.
+const MAX_BATCH: usize = 2000;
+
 /// Most reminders fired in one unit.
-const MAX_BATCH: usize = 1000;
+const CHUNK: usize = 250;
 
 /// The subject of the reminder of `user_id`'s streak in `patient_id`'s conversation
 /// that starts at message `seq`.
@@ -152,8 +155,9 @@ impl TimerHandler for ReminderHandler {
     }
 }
 
-/// Takes every due reminder waiting (up to [`MAX_BATCH`]) and fires them together;
-/// those that arrive meanwhile make the next batch.
+/// Takes every due reminder waiting (up to [`MAX_BATCH`]) and fires them in chunks of
+/// [`CHUNK`], all at once: their reads run side by side on the pool while the writer
+/// commits their units together. Those that arrive meanwhile make the next batch.
 async fn batcher(state: Weak<AppState>, mut queue: mpsc::UnboundedReceiver<Due>) {
     let mut batch = Vec::new();
     while let Some(first) = queue.recv().await {
@@ -170,10 +174,18 @@ async fn batcher(state: Weak<AppState>, mut queue: mpsc::UnboundedReceiver<Due>)
         for due in batch.drain(..) {
             by_now.entry(due.now).or_default().push(due);
         }
-        for (now, group) in by_now {
-            let size = group.len();
-            // A panic drops the group's replies: its timers stay due for the next tick.
-            if AssertUnwindSafe(fire_batch(&state, now, group))
+        let mut chunks = Vec::new();
+        for (now, mut group) in by_now {
+            while !group.is_empty() {
+                let rest = group.split_off(group.len().min(CHUNK));
+                chunks.push((now, std::mem::replace(&mut group, rest)));
+            }
+        }
+        let state = &state;
+        futures::future::join_all(chunks.into_iter().map(|(now, chunk)| async move {
+            let size = chunk.len();
+            // A panic drops the chunk's replies: its timers stay due for the next tick.
+            if AssertUnwindSafe(fire_batch(state, now, chunk))
                 .catch_unwind()
                 .await
                 .is_err()
@@ -183,7 +195,8 @@ async fn batcher(state: Weak<AppState>, mut queue: mpsc::UnboundedReceiver<Due>)
                     "Firing a batch of unread reminders panicked; they stay due."
                 );
             }
-        }
+        }))
+        .await;
     }
 }
 
