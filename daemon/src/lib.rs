@@ -194,9 +194,9 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
     };
     tracing::info!(%addr, database = backend, "caremsgd is serving.");
     notify::ready("Serving");
-    // Gateway and conversation counts (status parts) and the actors' progress probe
-    // join these hooks as those services land.
-    let watchdog = watchdog::Watchdog::start(&state, addr, watchdog::Hooks::default());
+    // The status line counts gateways and live conversations; the actor system must
+    // answer a ping before systemd's watchdog is fed.
+    let watchdog = watchdog::Watchdog::start(&state, addr, watchdog_hooks(&state));
     Ok(Running {
         addr,
         state,
@@ -210,6 +210,48 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         timer_task,
         timer_stop,
     })
+}
+
+/// What the watchdog reports beside the writer: counts for `STATUS=`, and a probe
+/// that the actor system still answers (a ping to a conversation actor).
+fn watchdog_hooks(state: &Shared) -> watchdog::Hooks {
+    let weak = Arc::downgrade(state);
+    let gateways: watchdog::StatusPart = Arc::new({
+        let weak = weak.clone();
+        move || {
+            weak.upgrade().map(|s| match s.gateways.names().count() {
+                1 => "1 gateway".to_owned(),
+                n => format!("{n} gateways"),
+            })
+        }
+    });
+    let conversations: watchdog::StatusPart = Arc::new({
+        let weak = weak.clone();
+        move || {
+            weak.upgrade()
+                .map(|s| format!("{} conversation actors live", s.conversations.live()))
+        }
+    });
+    let actors = watchdog::Probe::new("conversation actors", move || {
+        let weak = weak.clone();
+        Box::pin(async move {
+            let Some(state) = weak.upgrade() else {
+                return watchdog::Health::Degraded("stopping");
+            };
+            match state
+                .conversations
+                .send("caremsg-watchdog-probe", actors::conversation::Ping)
+                .await
+            {
+                Ok(()) => watchdog::Health::Ok,
+                Err(_) => watchdog::Health::Degraded("the actor system does not answer"),
+            }
+        })
+    });
+    watchdog::Hooks {
+        status: vec![gateways, conversations],
+        probes: vec![actors],
+    }
 }
 
 impl Running {

@@ -256,6 +256,7 @@ async fn fire_batch(state: &AppState, now: DateTime<Utc>, group: Vec<Due>) {
         }
     }
     let group = unique;
+    let t0 = std::time::Instant::now();
     let mut patients = BTreeSet::new();
     let mut users = BTreeSet::new();
     for due in &group {
@@ -276,6 +277,7 @@ async fn fire_batch(state: &AppState, now: DateTime<Utc>, group: Vec<Due>) {
             return;
         }
     };
+    let t1 = t0.elapsed();
     let panel: HashMap<(&str, &str), &Recipient> = rows
         .iter()
         .map(|r| ((r.patient_id.as_str(), r.user_id.as_str()), r))
@@ -301,7 +303,21 @@ async fn fire_batch(state: &AppState, now: DateTime<Utc>, group: Vec<Due>) {
         Expect::Exactly(ids.len() as u64),
         BATCH_FIRE,
     );
-    match state.writer.write(unit).await {
+    let t2 = t0.elapsed();
+    let written = state.writer.write(unit).await;
+    eprintln!(
+        "PROF {} batch={} query={:?} build={:?} write={:?}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
+            % 100000,
+        ids.len(),
+        t1,
+        t2 - t1,
+        t0.elapsed() - t2
+    );
+    match written {
         Ok(()) => {
             for (due, effect) in group.into_iter().zip(effects) {
                 let outcome = if effect.is_empty() {

@@ -1,20 +1,25 @@
 //! [`HyperHttp`]: the `http` service the daemon gives plugins, on hyper 1 and
 //! hyper-util's pooled client, with a timeout and a per-instance host allow-list.
 //!
-//! Plain `http://` only: TLS is not implemented yet, so an `https://` URL is refused
-//! with a clear error (production providers need it; adding a rustls connector here
-//! is the next step, and plugins will not change). Redirects are not followed.
+//! Both `http://` and `https://`: TLS is rustls (on ring), trusting the webpki roots
+//! (Mozilla's) plus any extra PEM roots given with [`HyperHttp::with_extra_roots`]
+//! (private CAs, tests). The operating system's trust store is not consulted.
+//! Redirects are not followed.
 
 use std::collections::HashMap;
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::{Method, Request, Uri};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use tokio::runtime::Handle;
 
 use crate::types::{HttpRequest, HttpResponse};
@@ -25,8 +30,8 @@ pub enum HttpError {
     /// The URL could not be parsed.
     #[error("the URL is not valid: {0}")]
     InvalidUrl(String),
-    /// The URL's scheme is not `http`.
-    #[error("only http:// URLs are supported: TLS is not implemented in this host yet")]
+    /// The URL's scheme is neither `http` nor `https`.
+    #[error("only http:// and https:// URLs are supported")]
     UnsupportedScheme,
     /// The URL's host is not on the instance's allow-list.
     #[error("host {host} is not on the allow-list of gateway instance {instance}")]
@@ -56,7 +61,9 @@ pub struct HyperHttp {
     /// The runtime whose reactor drives connections; blocking threads wait on it.
     runtime: Handle,
     /// One pooled client for every instance (connections are reused per host).
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// The roots TLS trusts: the webpki roots plus any extra ones.
+    roots: RootCertStore,
     /// The default timeout, also the ceiling of a plugin's own timeout.
     timeout: Duration,
     /// Responses larger than this are refused, so a plugin cannot exhaust memory.
@@ -81,17 +88,37 @@ impl HyperHttp {
     /// A client on `runtime` with a default (and maximum) timeout. No instance may
     /// reach any host until [`HyperHttp::set_allowed_hosts`] allows it.
     pub fn new(runtime: Handle, timeout: Duration) -> Self {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(HttpConnector::new());
+        let roots = RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let client = build_client(&roots);
         HyperHttp {
             runtime,
             client,
+            roots,
             timeout,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             allowed: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// Also trusts the root certificates in `pem` (one or more `CERTIFICATE` blocks),
+    /// for gateways behind a private CA. Fails if `pem` holds no certificate or one
+    /// that cannot be parsed.
+    pub fn with_extra_roots(mut self, pem: &[u8]) -> Result<Self, String> {
+        let mut added = 0_usize;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| format!("invalid PEM certificate: {e}"))?;
+            self.roots
+                .add(cert)
+                .map_err(|e| format!("invalid root certificate: {e}"))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err("no PEM certificate found".to_owned());
+        }
+        self.client = build_client(&self.roots);
+        Ok(self)
     }
 
     /// Changes the cap on response bodies.
@@ -156,7 +183,7 @@ impl HyperHttp {
             .parse()
             .map_err(|e: hyper::http::uri::InvalidUri| HttpError::InvalidUrl(e.to_string()))?;
         match uri.scheme_str() {
-            Some("http") => {}
+            Some("http" | "https") => {}
             Some(_) => return Err(HttpError::UnsupportedScheme),
             None => return Err(HttpError::InvalidUrl("the URL must be absolute".to_owned())),
         }
@@ -210,6 +237,31 @@ impl HyperHttp {
                 .unwrap_or(Err(HttpError::Timeout(timeout)))
         })
     }
+}
+
+/// A pooled client that speaks `http` and `https` (HTTP/1.1), trusting `roots`.
+fn build_client(roots: &RootCertStore) -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
+    // The provider is named rather than taken from the process default, so another
+    // crate enabling a second rustls provider cannot make this panic.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    #[allow(
+        clippy::expect_used,
+        reason = "ring supports the safe default protocol versions"
+    )]
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
 }
 
 fn describe(error: &(dyn std::error::Error + 'static)) -> String {
@@ -270,11 +322,19 @@ mod tests {
     }
 
     #[test]
-    fn refuses_https_and_relative_urls() {
+    fn allows_https_but_refuses_other_schemes_and_relative_urls() {
         let (_runtime, http) = client();
-        http.set_allowed_hosts("a", ["example.invalid"]);
+        // A loopback port with nothing behind it: https passes the scheme and
+        // allow-list checks, then the connection is refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        http.set_allowed_hosts("a", [format!("127.0.0.1:{port}"), "example.invalid".into()]);
+        let result = http.request("a", get(&format!("https://127.0.0.1:{port}/")));
+        assert!(matches!(result, Err(HttpError::Transport(_))), "{result:?}");
         assert!(matches!(
-            http.request("a", get("https://example.invalid/")),
+            http.request("a", get("ftp://example.invalid/")),
             Err(HttpError::UnsupportedScheme)
         ));
         assert!(matches!(
@@ -285,6 +345,15 @@ mod tests {
             http.request("b", get("http://example.invalid/")),
             Err(HttpError::NotAllowed { .. })
         ));
+    }
+
+    #[test]
+    fn extra_roots_must_be_pem_certificates() {
+        let (_runtime, http) = client();
+        let err = http
+            .with_extra_roots(b"not a certificate")
+            .expect_err("no PEM");
+        assert!(err.contains("no PEM certificate"), "{err}");
     }
 
     #[test]
