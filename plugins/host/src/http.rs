@@ -155,7 +155,12 @@ impl HyperHttp {
     fn check_allowed(&self, instance: &str, uri: &Uri) -> Result<(), HttpError> {
         let host = uri.host().unwrap_or_default().to_ascii_lowercase();
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let port = uri.port_u16().unwrap_or(80);
+        let default_port = if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        };
+        let port = uri.port_u16().unwrap_or(default_port);
         let allowed = self.allowed.read().unwrap_or_else(PoisonError::into_inner);
         let ok = allowed.get(instance).is_some_and(|entries| {
             entries.iter().any(|entry| {
