@@ -17,6 +17,7 @@ use crate::writer::{WriteUnit, Writer, WriterOptions};
 
 mod conversations;
 mod notifications;
+mod sms_auth;
 
 /// Which benchmark to run.
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -30,6 +31,16 @@ pub enum Which {
         /// Concurrent writing tasks.
         #[arg(long, default_value_t = 64)]
         tasks: usize,
+    },
+    /// A restart with many pending SMS authentications (time to ready, memory), then
+    /// date-of-birth replies through the inbound entry point, on SQLite.
+    SmsAuth {
+        /// Pending sessions at the restart.
+        #[arg(long, default_value_t = 100_000)]
+        sessions: usize,
+        /// Correct date-of-birth replies fed afterwards.
+        #[arg(long, default_value_t = 20_000)]
+        replies: usize,
     },
     /// Portal sends through the real HTTP API spread over many patients, on SQLite:
     /// messages/s, latency, and memory per live conversation actor.
@@ -90,6 +101,10 @@ pub async fn run(which: Which) -> anyhow::Result<()> {
         Which::Write { rows, tasks } => {
             let report = write(rows, tasks).await?;
             println!("{report}");
+            Ok(())
+        }
+        Which::SmsAuth { sessions, replies } => {
+            println!("{}", sms_auth::run(sessions, replies).await?);
             Ok(())
         }
         Which::Conversations {

@@ -201,13 +201,17 @@ async fn batcher(state: Weak<AppState>, mut queue: mpsc::UnboundedReceiver<Due>)
 }
 
 /// The batch form of [`timers::fire`] for the reminders `ids`.
+///
+/// "Not fired" is written `fired <> true`, which no index serves: with `fired =
+/// false`, SQLite (without statistics) walks the `(fired, due_at)` index over every
+/// due timer instead of looking the ids up — quadratic when 100,000 are due.
 fn fire_all(ids: &[String], now: DateTime<Utc>) -> sea_orm::sea_query::UpdateStatement {
     timer::Entity::update_many()
         .col_expr(timer::Column::Fired, Expr::value(true))
         .col_expr(timer::Column::FiredAt, Expr::value(Some(now)))
         .filter(timer::Column::Kind.eq(KIND))
         .filter(timer::Column::Id.is_in(ids.iter().cloned()))
-        .filter(timer::Column::Fired.eq(false))
+        .filter(timer::Column::Fired.ne(true))
         .filter(timer::Column::DueAt.lte(now))
         .into_query()
 }
@@ -256,7 +260,6 @@ async fn fire_batch(state: &AppState, now: DateTime<Utc>, group: Vec<Due>) {
         }
     }
     let group = unique;
-    let t0 = std::time::Instant::now();
     let mut patients = BTreeSet::new();
     let mut users = BTreeSet::new();
     for due in &group {
@@ -277,7 +280,6 @@ async fn fire_batch(state: &AppState, now: DateTime<Utc>, group: Vec<Due>) {
             return;
         }
     };
-    let t1 = t0.elapsed();
     let panel: HashMap<(&str, &str), &Recipient> = rows
         .iter()
         .map(|r| ((r.patient_id.as_str(), r.user_id.as_str()), r))
@@ -303,21 +305,7 @@ async fn fire_batch(state: &AppState, now: DateTime<Utc>, group: Vec<Due>) {
         Expect::Exactly(ids.len() as u64),
         BATCH_FIRE,
     );
-    let t2 = t0.elapsed();
-    let written = state.writer.write(unit).await;
-    eprintln!(
-        "PROF {} batch={} query={:?} build={:?} write={:?}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis()
-            % 100000,
-        ids.len(),
-        t1,
-        t2 - t1,
-        t0.elapsed() - t2
-    );
-    match written {
+    match state.writer.write(unit).await {
         Ok(()) => {
             for (due, effect) in group.into_iter().zip(effects) {
                 let outcome = if effect.is_empty() {
