@@ -200,16 +200,17 @@ async fn batcher(state: Weak<AppState>, mut queue: mpsc::UnboundedReceiver<Due>)
     }
 }
 
-/// The batch form of [`timers::fire`] for the reminders `ids`.
+/// The batch form of [`timers::fire`] for the reminders `ids` (primary keys of
+/// `unread_reminder` timers, so the kind needs no condition of its own).
 ///
-/// "Not fired" is written `fired <> true`, which no index serves: with `fired =
-/// false`, SQLite (without statistics) walks the `(fired, due_at)` index over every
-/// due timer instead of looking the ids up — quadratic when 100,000 are due.
+/// Only the ids may be indexable: SQLite, without statistics, would rather walk the
+/// `(fired, due_at)` index over every due timer (`fired = false`), or the `(kind,
+/// subject)` index over every reminder (`kind = ?`), than look 250 ids up —
+/// quadratic when 100,000 are due. Hence `fired <> true`, which no index serves.
 fn fire_all(ids: &[String], now: DateTime<Utc>) -> sea_orm::sea_query::UpdateStatement {
     timer::Entity::update_many()
         .col_expr(timer::Column::Fired, Expr::value(true))
         .col_expr(timer::Column::FiredAt, Expr::value(Some(now)))
-        .filter(timer::Column::Kind.eq(KIND))
         .filter(timer::Column::Id.is_in(ids.iter().cloned()))
         .filter(timer::Column::Fired.ne(true))
         .filter(timer::Column::DueAt.lte(now))
