@@ -245,7 +245,7 @@ fn email_if_notified(
 
 /// The oldest message of `patient_id` from the patient after `seq`: its sequence
 /// number and time.
-pub async fn first_patient_message_after(
+async fn first_patient_message_after(
     db: &impl ConnectionTrait,
     patient_id: &str,
     seq: i64,
@@ -279,26 +279,8 @@ pub async fn on_patient_message(
     if message.direction != Direction::FromPatient {
         return Ok(notify);
     }
-    let exp = std::env::var("CAREMSG_EXP").unwrap_or_default();
-    if exp == "noquery" {
-        return Ok(notify);
-    }
     let patients = BTreeSet::from([patient.id.clone()]);
     let recipients = recipients::in_panels(db, &patients, None).await?;
-    if exp == "nowrite" {
-        return Ok(notify);
-    }
-    let recipients: Vec<_> = if exp == "notimer" {
-        recipients
-            .into_iter()
-            .map(|mut r| {
-                r.prefs.unread_reminder = false;
-                r
-            })
-            .collect()
-    } else {
-        recipients
-    };
     let now = message.created_at;
     let after = chrono::Duration::from_std(config.notifications.unread_reminder_after)
         .unwrap_or(chrono::Duration::MAX);
