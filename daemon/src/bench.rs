@@ -72,10 +72,10 @@ pub enum Which {
         #[arg(long)]
         library: Option<std::path::PathBuf>,
     },
-    /// Staff notifications through the real daemon, on SQLite: portal messages through
-    /// the conversation actors to patients whose care teams are all notified (in-app
-    /// notifications/s), then every streak's unread reminder overdue at once after a
-    /// restart (time until all are delivered in-app).
+    /// Staff notifications through the real daemon, on SQLite (or PostgreSQL): portal
+    /// messages through the conversation actors to patients whose care teams are all
+    /// notified (in-app notifications/s), then every streak's unread reminder overdue
+    /// at once after a restart (time until all are delivered in-app).
     Notifications {
         /// Patients.
         #[arg(long, default_value_t = 10_000)]
@@ -92,6 +92,10 @@ pub enum Which {
         /// Concurrent senders.
         #[arg(long, default_value_t = 64)]
         clients: usize,
+        /// Run on a fresh database created (and dropped) on this PostgreSQL server,
+        /// e.g. `postgres://postgres@127.0.0.1:5432/postgres`, instead of SQLite.
+        #[arg(long)]
+        postgres: Option<String>,
     },
 }
 
@@ -137,6 +141,7 @@ pub async fn run(which: Which) -> anyhow::Result<()> {
             users,
             messages,
             clients,
+            postgres,
         } => {
             let plan = notifications::Plan {
                 patients,
@@ -145,7 +150,11 @@ pub async fn run(which: Which) -> anyhow::Result<()> {
                 messages,
                 clients,
             };
-            println!("{}", notifications::run(plan).await?);
+            let backend = postgres.map_or(
+                notifications::Backend::Sqlite,
+                notifications::Backend::Postgres,
+            );
+            println!("{}", notifications::run(plan, backend).await?);
             Ok(())
         }
     }

@@ -15,7 +15,9 @@ use caremsg_entities::{
 };
 use chrono::{NaiveDate, Utc};
 use sea_orm::ActiveValue::Set;
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
+};
 
 use crate::actors::conversation::{Author, SendMessage};
 use crate::clock::ManualClock;
@@ -37,10 +39,20 @@ pub struct Plan {
     pub clients: usize,
 }
 
+/// Where the benchmark's database lives.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// A fresh SQLite file in a temporary directory.
+    Sqlite,
+    /// A fresh database created on the PostgreSQL server at this URL (and dropped).
+    Postgres(String),
+}
+
 /// Figures of the notifications benchmark.
 #[derive(Debug, Clone)]
 pub struct Report {
     plan: Plan,
+    backend: &'static str,
     messages_per_second: f64,
     notifications: u64,
     notifications_per_second: f64,
@@ -57,7 +69,8 @@ impl std::fmt::Display for Report {
         let secs = |d: Duration| d.as_secs_f64();
         writeln!(
             f,
-            "notifications benchmark: SQLite, {} patients with care teams of {} (of {} users), {} portal messages through the actors from {} senders",
+            "notifications benchmark: {}, {} patients with care teams of {} (of {} users), {} portal messages through the actors from {} senders",
+            self.backend,
             self.plan.patients,
             self.plan.team,
             self.plan.users,
@@ -103,18 +116,43 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// Runs the benchmark in a temporary state directory.
-pub async fn run(plan: Plan) -> anyhow::Result<Report> {
+/// Runs the benchmark in a temporary state directory (and, for PostgreSQL, a
+/// temporary database).
+pub async fn run(plan: Plan, backend: Backend) -> anyhow::Result<Report> {
     let dir = std::env::temp_dir().join(format!("caremsg-bench-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir)?;
-    let result = measure(plan, &dir).await;
+    let result = match &backend {
+        Backend::Sqlite => measure(plan, &dir, None).await,
+        Backend::Postgres(server) => {
+            let name = format!("caremsg_bench_{}", uuid::Uuid::new_v4().simple());
+            let admin = sea_orm::Database::connect(server.as_str())
+                .await
+                .context("connecting to the PostgreSQL server")?;
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                .await?;
+            let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
+            let result = measure(plan, &dir, Some(format!("{base}/{name}"))).await;
+            if let Err(err) = admin
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await
+            {
+                tracing::warn!(error = %err, "The benchmark database could not be dropped.");
+            }
+            result
+        }
+    };
     if let Err(err) = std::fs::remove_dir_all(&dir) {
         tracing::warn!(error = %err, "The benchmark directory could not be removed.");
     }
     result
 }
 
-async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
+async fn measure(
+    plan: Plan,
+    dir: &std::path::Path,
+    database_url: Option<String>,
+) -> anyhow::Result<Report> {
     anyhow::ensure!(
         plan.team <= plan.users && plan.patients > 0 && plan.clients > 0,
         "a care team cannot be larger than the practice's staff"
@@ -130,6 +168,12 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
     settings.gateways.clear();
     settings.log.level = "warn".into();
     settings.writer.max_batch_units = 1024;
+    let backend = if database_url.is_some() {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    };
+    settings.database.url = database_url;
     let clock = ManualClock::new(Utc::now());
     let options = crate::Options {
         clock: Arc::new(clock.clone()),
@@ -211,6 +255,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
 
     Ok(Report {
         plan,
+        backend,
         messages_per_second: (plan.messages - failures) as f64 / took.as_secs_f64(),
         notifications,
         notifications_per_second: notifications as f64 / took.as_secs_f64(),
