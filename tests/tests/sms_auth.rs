@@ -201,6 +201,61 @@ async fn opt_in_confirm_and_converse() {
 }
 
 #[tokio::test]
+async fn status_changes_notify_two_way_texting_users() {
+    let d = clinic().await;
+    d.user("p1", "u2", &[]).await;
+    let (status, _) = d
+        .call_as(
+            Method::PUT,
+            "/v1/staff/settings/notifications",
+            Some(STAFF_TOKEN),
+            Some("u1"),
+            Some(&json!({"two_way_texting": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    start(&d, "pat1").await;
+    text(&d, PHONE, "04/07/1950").await;
+    text(&d, PHONE, "STOP").await;
+    let (status, list) = d
+        .call_as(
+            Method::GET,
+            "/v1/staff/notifications",
+            Some(STAFF_TOKEN),
+            Some("u1"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let kinds: Vec<&str> = list["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["sms_status", "sms_status"],
+        "enabled and opted out, not pending: {list}"
+    );
+    let (_, other) = d
+        .call_as(
+            Method::GET,
+            "/v1/staff/notifications",
+            Some(STAFF_TOKEN),
+            Some("u2"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        other["notifications"],
+        json!([]),
+        "u2 has Two-Way Texting off and is not on the panel"
+    );
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn three_wrong_replies_fail_and_a_restart_keeps_the_count() {
     let mut d = clinic().await;
     start(&d, "pat1").await;

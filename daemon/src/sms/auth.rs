@@ -245,6 +245,10 @@ struct Change<'a> {
     unit: WriteUnit,
     messages: Vec<message::Model>,
     status: Option<(SmsStatus, Option<SmsStatusReason>)>,
+    // The status change's history row id and its system message (Two-Way Texting).
+    change: Option<(String, i64)>,
+    // Who started the authentication this change belongs to (Two-Way Texting).
+    started_by: Option<String>,
 }
 
 impl<'a> Change<'a> {
@@ -265,6 +269,8 @@ impl<'a> Change<'a> {
             unit: WriteUnit::new(),
             messages: Vec::new(),
             status: None,
+            change: None,
+            started_by: None,
         }
     }
 
@@ -300,6 +306,7 @@ impl<'a> Change<'a> {
         by: Option<&str>,
         text: &str,
     ) {
+        let history_id = uuid::Uuid::now_v7().to_string();
         self.unit = std::mem::take(&mut self.unit)
             .exec(
                 patient::Entity::update_many()
@@ -315,7 +322,7 @@ impl<'a> Change<'a> {
                 "patient exists",
             )
             .insert(sms_status_history::ActiveModel {
-                id: Set(uuid::Uuid::now_v7().to_string()),
+                id: Set(history_id.clone()),
                 patient_id: Set(self.patient.id.clone()),
                 status: Set(status),
                 reason: Set(reason.map(|r| r.as_str().to_owned())),
@@ -325,6 +332,7 @@ impl<'a> Change<'a> {
             });
         self.system(text);
         self.status = Some((status, reason));
+        self.change = Some((history_id, self.seq));
     }
 
     /// An outbound text to `to` (an outbox row).
@@ -376,11 +384,31 @@ impl<'a> Change<'a> {
                 "conversation sequence",
             );
         }
-        let unit = match audit {
+        let mut unit = match audit {
             Some(audit) => audit.add_to(std::mem::take(&mut self.unit), self.now),
             None => std::mem::take(&mut self.unit),
         };
+        // Two-Way Texting notifications commit with the change they report.
+        let mut notify = None;
+        if let (Some((history_id, seq)), Some((status, _))) = (&self.change, self.status) {
+            let change = crate::notifications::SmsStatusChange {
+                patient_id: &self.patient.id,
+                subject: history_id,
+                status,
+                started_by: self.started_by.as_deref(),
+                message_seq: Some(*seq),
+                at: self.now,
+            };
+            let mut n =
+                crate::notifications::on_sms_status(&self.state.db, &self.settings, &change)
+                    .await?;
+            unit = unit.merge(n.take_unit());
+            notify = Some(n);
+        }
         self.state.writer.write(unit).await?;
+        if let Some(notify) = notify {
+            notify.publish(self.state);
+        }
         for m in &self.messages {
             self.state.metrics.messages_stored.inc();
             self.state
@@ -690,6 +718,7 @@ async fn start(
         return Err(SmsError::PhoneInUse);
     }
     let mut change = Change::new(state, patient, practice, seq);
+    change.started_by = Some(staff.id.clone());
     if let Some(old) = &pending {
         change.add(session_end(
             &old.id,
@@ -824,6 +853,7 @@ async fn staff_opt_out(
     }
     let pending = pending_session(state, &patient.id).await?;
     let mut change = Change::new(state, patient, practice, seq);
+    change.started_by = pending.as_ref().and_then(|s| s.started_by_user_id.clone());
     if let Some(session) = &pending {
         change.add(session_end(
             &session.id,
@@ -868,6 +898,7 @@ async fn expire(
         return Ok((seq, ReplyOutcome::NotForPatient));
     };
     let mut change = Change::new(state, patient, practice, seq);
+    change.started_by = session.started_by_user_id.clone();
     change.add(
         WriteUnit::new()
             .exec(
@@ -913,6 +944,7 @@ async fn carrier_unsubscribed(
     }
     let pending = pending_session(state, &patient.id).await?;
     let mut change = Change::new(state, patient, practice, seq);
+    change.started_by = pending.as_ref().and_then(|s| s.started_by_user_id.clone());
     let now = change.now;
     change.add(consent(
         &change.practice.id,
@@ -963,6 +995,8 @@ async fn reply(
     let pending = pending_session(state, &patient.id).await?;
     let opted_out_number = number_opted_out(state, &practice.id, &phone).await?;
     let mut change = Change::new(state, patient, practice, seq);
+    // A patient's START is started by nobody; everything else belongs to the session.
+    change.started_by = pending.as_ref().and_then(|s| s.started_by_user_id.clone());
     let now = change.now;
     let receipt = |outcome: &str| {
         WriteUnit::new().insert(inbound_receipt::ActiveModel {
@@ -1022,6 +1056,7 @@ async fn reply(
         Some(Keyword::OptIn)
             if opted_out_number || change.patient.sms_status == SmsStatus::OptedOut =>
         {
+            change.started_by = None;
             change.add(receipt("opt_in"));
             change.system("Patient texted to opt back in.");
             change.add(consent(
