@@ -358,6 +358,49 @@ impl<'a> Change<'a> {
         Ok(())
     }
 
+    /// A new pending session on `phone` (its window timer armed), the `pending`
+    /// status with its system message, and the opt-in text. Returns the session id.
+    async fn open_session(
+        &mut self,
+        phone: &str,
+        by: Option<&str>,
+        text: &str,
+    ) -> Result<String, SmsError> {
+        let session_id = uuid::Uuid::now_v7().to_string();
+        let window = chrono::Duration::from_std(self.settings.sms_auth.window)
+            .unwrap_or(chrono::Duration::days(14));
+        let now = self.now;
+        let expires_at = now + window;
+        self.add(
+            WriteUnit::new()
+                .insert(sms_auth_session::ActiveModel {
+                    id: Set(session_id.clone()),
+                    patient_id: Set(self.patient.id.clone()),
+                    practice_id: Set(self.practice.id.clone()),
+                    phone: Set(phone.to_owned()),
+                    status: Set(SmsAuthStatus::Pending),
+                    reason: Set(None),
+                    attempts: Set(0),
+                    started_by_user_id: Set(by.map(str::to_owned)),
+                    started_at: Set(now),
+                    last_sent_at: Set(now),
+                    expires_at: Set(expires_at),
+                    ended_at: Set(None),
+                })
+                .merge(timers::arm(
+                    TimerKind::SmsAuthWindow,
+                    &session_id,
+                    expires_at,
+                    now,
+                )),
+        );
+        self.started_by = by.map(str::to_owned);
+        self.status(SmsStatus::Pending, None, Some(&session_id), by, text);
+        let opt_in = texts::opt_in(PracticeName::of(&self.practice));
+        self.text(phone, opt_in, None).await?;
+        Ok(session_id)
+    }
+
     fn template(&self, which: Template) -> String {
         texts::render(
             &self.settings.sms_auth.templates,
@@ -727,51 +770,23 @@ async fn start(
             change.now,
         ));
     }
-    let session_id = uuid::Uuid::now_v7().to_string();
-    let window = chrono::Duration::from_std(change.settings.sms_auth.window)
-        .unwrap_or(chrono::Duration::days(14));
-    let expires_at = change.now + window;
-    let now = change.now;
     change.add(
-        WriteUnit::new()
-            .exec(
-                patient::Entity::update_many()
-                    .col_expr(patient::Column::MobilePhone, Expr::value(phone.clone()))
-                    .filter(patient::Column::Id.eq(change.patient.id.clone()))
-                    .into_query(),
-                Expect::Exactly(1),
-                "patient exists",
-            )
-            .insert(sms_auth_session::ActiveModel {
-                id: Set(session_id.clone()),
-                patient_id: Set(change.patient.id.clone()),
-                practice_id: Set(change.practice.id.clone()),
-                phone: Set(phone.clone()),
-                status: Set(SmsAuthStatus::Pending),
-                reason: Set(None),
-                attempts: Set(0),
-                started_by_user_id: Set(Some(staff.id.clone())),
-                started_at: Set(now),
-                last_sent_at: Set(now),
-                expires_at: Set(expires_at),
-                ended_at: Set(None),
-            })
-            .merge(timers::arm(
-                TimerKind::SmsAuthWindow,
-                &session_id,
-                expires_at,
-                now,
-            )),
+        WriteUnit::new().exec(
+            patient::Entity::update_many()
+                .col_expr(patient::Column::MobilePhone, Expr::value(phone.clone()))
+                .filter(patient::Column::Id.eq(change.patient.id.clone()))
+                .into_query(),
+            Expect::Exactly(1),
+            "patient exists",
+        ),
     );
-    change.status(
-        SmsStatus::Pending,
-        None,
-        Some(&session_id),
-        Some(&staff.id),
-        "Text messaging requested; waiting for the patient to confirm their date of birth.",
-    );
-    let text = texts::opt_in(PracticeName::of(&change.practice));
-    change.text(&phone, text, None).await?;
+    change
+        .open_session(
+            &phone,
+            Some(&staff.id),
+            "Text messaging requested; waiting for the patient to confirm their date of birth.",
+        )
+        .await?;
     let patient_id = change.patient.id.clone();
     let audit = AuditEntry {
         client,
@@ -1066,41 +1081,13 @@ async fn reply(
                 "patient_start",
                 now,
             ));
-            let session_id = uuid::Uuid::now_v7().to_string();
-            let window = chrono::Duration::from_std(change.settings.sms_auth.window)
-                .unwrap_or(chrono::Duration::days(14));
-            change.add(
-                WriteUnit::new()
-                    .insert(sms_auth_session::ActiveModel {
-                        id: Set(session_id.clone()),
-                        patient_id: Set(change.patient.id.clone()),
-                        practice_id: Set(change.practice.id.clone()),
-                        phone: Set(phone.clone()),
-                        status: Set(SmsAuthStatus::Pending),
-                        reason: Set(None),
-                        attempts: Set(0),
-                        started_by_user_id: Set(None),
-                        started_at: Set(now),
-                        last_sent_at: Set(now),
-                        expires_at: Set(now + window),
-                        ended_at: Set(None),
-                    })
-                    .merge(timers::arm(
-                        TimerKind::SmsAuthWindow,
-                        &session_id,
-                        now + window,
-                        now,
-                    )),
-            );
-            change.status(
-                SmsStatus::Pending,
-                None,
-                Some(&session_id),
-                None,
-                "Text messaging requested by the patient; waiting for the patient to confirm their date of birth.",
-            );
-            let text = texts::opt_in(PracticeName::of(&change.practice));
-            change.text(&phone, text, None).await?;
+            change
+                .open_session(
+                    &phone,
+                    None,
+                    "Text messaging requested by the patient; waiting for the patient to confirm their date of birth.",
+                )
+                .await?;
             Ok((change.commit(None).await?, ReplyOutcome::Handled))
         }
         _ => match (&pending, change.patient.sms_status) {
