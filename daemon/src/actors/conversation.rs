@@ -593,16 +593,9 @@ pub(crate) async fn try_send(
             crate::notifications::on_patient_message(db, &settings, &patient, &stored).await?
         }
     };
-    unit = unit.merge(notify.take_unit()).exec(
-        conversation::Entity::update_many()
-            .col_expr(conversation::Column::LastSeq, Expr::value(seq))
-            .col_expr(conversation::Column::LastMessageAt, Expr::value(now))
-            .filter(conversation::Column::PatientId.eq(patient.id.clone()))
-            .filter(conversation::Column::LastSeq.eq(current_seq))
-            .into_query(),
-        Expect::Exactly(1),
-        "conversation sequence",
-    );
+    unit = unit
+        .merge(notify.take_unit())
+        .merge(sequence_unit(&patient.id, current_seq, seq, now));
     if reader == Some(Reader::Patient) && unread_by_patient(state, &patient.id, seq).await? {
         unit = unit.merge(patient_read_unit(&patient.id, seq, now));
     }
@@ -625,6 +618,22 @@ pub(crate) async fn try_send(
             replayed: false,
         },
     ))
+}
+
+/// Moves the conversation's `last_seq` from `from` to `to`, or fails the unit if it
+/// is not at `from` any more: the guard that keeps sequence numbers gapless and
+/// unique whoever appends (messages, SMS status events).
+pub(crate) fn sequence_unit(patient_id: &str, from: i64, to: i64, now: DateTime<Utc>) -> WriteUnit {
+    WriteUnit::new().exec(
+        conversation::Entity::update_many()
+            .col_expr(conversation::Column::LastSeq, Expr::value(to))
+            .col_expr(conversation::Column::LastMessageAt, Expr::value(now))
+            .filter(conversation::Column::PatientId.eq(patient_id))
+            .filter(conversation::Column::LastSeq.eq(from))
+            .into_query(),
+        Expect::Exactly(1),
+        "conversation sequence",
+    )
 }
 
 async fn current_last_seq(state: &Shared, patient_id: &str) -> Result<i64, SendError> {

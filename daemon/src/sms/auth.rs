@@ -413,19 +413,34 @@ impl<'a> Change<'a> {
         self.unit = std::mem::take(&mut self.unit).merge(unit);
     }
 
+    /// Commits a change a staff user asked for, with its audit entry.
+    async fn commit_by(
+        self,
+        client: &str,
+        staff: &user::Model,
+        action: &'static str,
+    ) -> Result<i64, SmsError> {
+        let patient_id = self.patient.id.clone();
+        let audit = AuditEntry {
+            client,
+            actor_user_id: Some(&staff.id),
+            patient_id: Some(&patient_id),
+            action,
+            detail: None,
+        };
+        self.commit(Some(audit)).await
+    }
+
     /// Commits the change; returns the conversation's new last sequence number.
     async fn commit(mut self, audit: Option<AuditEntry<'_>>) -> Result<i64, SmsError> {
         if self.seq > self.first_seq {
-            self.unit = std::mem::take(&mut self.unit).exec(
-                conversation::Entity::update_many()
-                    .col_expr(conversation::Column::LastSeq, Expr::value(self.seq))
-                    .col_expr(conversation::Column::LastMessageAt, Expr::value(self.now))
-                    .filter(conversation::Column::PatientId.eq(self.patient.id.clone()))
-                    .filter(conversation::Column::LastSeq.eq(self.first_seq))
-                    .into_query(),
-                Expect::Exactly(1),
-                "conversation sequence",
+            let guard = crate::actors::conversation::sequence_unit(
+                &self.patient.id,
+                self.first_seq,
+                self.seq,
+                self.now,
             );
+            self.add(guard);
         }
         let mut unit = match audit {
             Some(audit) => audit.add_to(std::mem::take(&mut self.unit), self.now),
@@ -787,15 +802,10 @@ async fn start(
             "Text messaging requested; waiting for the patient to confirm their date of birth.",
         )
         .await?;
-    let patient_id = change.patient.id.clone();
-    let audit = AuditEntry {
-        client,
-        actor_user_id: Some(&staff.id),
-        patient_id: Some(&patient_id),
-        action: "sms.start",
-        detail: None,
-    };
-    Ok((change.commit(Some(audit)).await?, ReplyOutcome::Handled))
+    Ok((
+        change.commit_by(client, staff, "sms.start").await?,
+        ReplyOutcome::Handled,
+    ))
 }
 
 async fn resend(
@@ -841,15 +851,10 @@ async fn resend(
     );
     let text = texts::opt_in(PracticeName::of(&change.practice));
     change.text(&session.phone, text, None).await?;
-    let patient_id = change.patient.id.clone();
-    let audit = AuditEntry {
-        client,
-        actor_user_id: Some(&staff.id),
-        patient_id: Some(&patient_id),
-        action: "sms.resend",
-        detail: None,
-    };
-    Ok((change.commit(Some(audit)).await?, ReplyOutcome::Handled))
+    Ok((
+        change.commit_by(client, staff, "sms.resend").await?,
+        ReplyOutcome::Handled,
+    ))
 }
 
 async fn staff_opt_out(
@@ -884,15 +889,10 @@ async fn staff_opt_out(
         Some(&staff.id),
         "Patient opted out of text messages by staff.",
     );
-    let patient_id = change.patient.id.clone();
-    let audit = AuditEntry {
-        client,
-        actor_user_id: Some(&staff.id),
-        patient_id: Some(&patient_id),
-        action: "sms.staff_opt_out",
-        detail: None,
-    };
-    Ok((change.commit(Some(audit)).await?, ReplyOutcome::Handled))
+    Ok((
+        change.commit_by(client, staff, "sms.staff_opt_out").await?,
+        ReplyOutcome::Handled,
+    ))
 }
 
 async fn expire(
