@@ -213,6 +213,39 @@ impl std::fmt::Display for WriteReport {
     }
 }
 
+/// Runs `work` in a fresh scratch directory under the system's temporary folder and
+/// removes it afterwards, whatever `work` returned.
+pub(crate) async fn in_scratch_dir<T, Fut>(
+    work: impl FnOnce(std::path::PathBuf) -> Fut,
+) -> anyhow::Result<T>
+where
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let dir = std::env::temp_dir().join(format!("caremsg-bench-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).context("creating the benchmark directory")?;
+    let result = work(dir.clone()).await;
+    if let Err(err) = std::fs::remove_dir_all(&dir) {
+        tracing::warn!(error = %err, "The benchmark directory could not be removed.");
+    }
+    result
+}
+
+/// The settings of a benchmark daemon: the embedded default with its state in `dir`,
+/// an ephemeral port, no gateways, and large write batches.
+pub(crate) fn scratch_settings(dir: &std::path::Path) -> anyhow::Result<caremsg_config::Settings> {
+    let text = caremsg_config::EMBEDDED_DEFAULT
+        .replace(
+            "state_dir = \"state\"",
+            &format!("state_dir = {:?}", dir.display().to_string()),
+        )
+        .replace("listen = \"127.0.0.1:8680\"", "listen = \"127.0.0.1:0\"");
+    let mut settings = caremsg_config::from_toml_str(&text)?;
+    settings.gateways.clear();
+    settings.log.level = "warn".into();
+    settings.writer.max_batch_units = 1024;
+    Ok(settings)
+}
+
 fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
@@ -221,9 +254,7 @@ const PATIENT: &str = "bench-patient";
 
 /// Measures the three write variants, each on a fresh SQLite file.
 pub async fn write(rows: usize, tasks: usize) -> anyhow::Result<WriteReport> {
-    let dir = std::env::temp_dir().join(format!("caremsg-bench-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).context("creating the benchmark directory")?;
-    let result = async {
+    in_scratch_dir(|dir| async move {
         let per_transaction = {
             let db = fresh_db(&dir, "a").await?;
             let seq = Arc::new(AtomicI64::new(0));
@@ -290,12 +321,8 @@ pub async fn write(rows: usize, tasks: usize) -> anyhow::Result<WriteReport> {
             group_commit,
             ceiling,
         })
-    }
-    .await;
-    if let Err(err) = std::fs::remove_dir_all(&dir) {
-        tracing::warn!(error = %err, "The benchmark directory could not be removed.");
-    }
-    result
+    })
+    .await
 }
 
 /// The ceiling: one task inserting `rows` message rows as 1,000-row INSERT

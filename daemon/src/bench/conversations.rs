@@ -116,27 +116,12 @@ fn rss_bytes() -> Option<u64> {
 
 /// Runs the benchmark in a temporary state directory.
 pub async fn run(plan: Plan) -> anyhow::Result<Report> {
-    let dir = std::env::temp_dir().join(format!("caremsg-bench-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir)?;
-    let result = measure(plan, &dir).await;
-    if let Err(err) = std::fs::remove_dir_all(&dir) {
-        tracing::warn!(error = %err, "The benchmark directory could not be removed.");
-    }
-    result
+    super::in_scratch_dir(|dir| async move { measure(plan, &dir).await }).await
 }
 
 async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
     let ceiling = super::write_ceiling(dir, 50_000).await?;
-    let text = caremsg_config::EMBEDDED_DEFAULT
-        .replace(
-            "state_dir = \"state\"",
-            &format!("state_dir = {:?}", dir.display().to_string()),
-        )
-        .replace("listen = \"127.0.0.1:8680\"", "listen = \"127.0.0.1:0\"");
-    let mut settings = caremsg_config::from_toml_str(&text)?;
-    settings.gateways.clear();
-    settings.log.level = "warn".into();
-    settings.writer.max_batch_units = 1024;
+    let settings = super::scratch_settings(dir)?;
     let running = crate::start(settings, crate::Options::default())
         .await
         .context("starting the daemon")?;

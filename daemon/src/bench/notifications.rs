@@ -119,33 +119,30 @@ impl std::fmt::Display for Report {
 /// Runs the benchmark in a temporary state directory (and, for PostgreSQL, a
 /// temporary database).
 pub async fn run(plan: Plan, backend: Backend) -> anyhow::Result<Report> {
-    let dir = std::env::temp_dir().join(format!("caremsg-bench-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir)?;
-    let result = match &backend {
-        Backend::Sqlite => measure(plan, &dir, None).await,
-        Backend::Postgres(server) => {
-            let name = format!("caremsg_bench_{}", uuid::Uuid::new_v4().simple());
-            let admin = sea_orm::Database::connect(server.as_str())
-                .await
-                .context("connecting to the PostgreSQL server")?;
-            admin
-                .execute_unprepared(&format!("CREATE DATABASE {name}"))
-                .await?;
-            let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
-            let result = measure(plan, &dir, Some(format!("{base}/{name}"))).await;
-            if let Err(err) = admin
-                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .await
-            {
-                tracing::warn!(error = %err, "The benchmark database could not be dropped.");
+    super::in_scratch_dir(|dir| async move {
+        match &backend {
+            Backend::Sqlite => measure(plan, &dir, None).await,
+            Backend::Postgres(server) => {
+                let name = format!("caremsg_bench_{}", uuid::Uuid::new_v4().simple());
+                let admin = sea_orm::Database::connect(server.as_str())
+                    .await
+                    .context("connecting to the PostgreSQL server")?;
+                admin
+                    .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                    .await?;
+                let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
+                let result = measure(plan, &dir, Some(format!("{base}/{name}"))).await;
+                if let Err(err) = admin
+                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                {
+                    tracing::warn!(error = %err, "The benchmark database could not be dropped.");
+                }
+                result
             }
-            result
         }
-    };
-    if let Err(err) = std::fs::remove_dir_all(&dir) {
-        tracing::warn!(error = %err, "The benchmark directory could not be removed.");
-    }
-    result
+    })
+    .await
 }
 
 async fn measure(
@@ -158,16 +155,7 @@ async fn measure(
         "a care team cannot be larger than the practice's staff"
     );
     let ceiling = super::write_ceiling(dir, 50_000).await?;
-    let text = caremsg_config::EMBEDDED_DEFAULT
-        .replace(
-            "state_dir = \"state\"",
-            &format!("state_dir = {:?}", dir.display().to_string()),
-        )
-        .replace("listen = \"127.0.0.1:8680\"", "listen = \"127.0.0.1:0\"");
-    let mut settings = caremsg_config::from_toml_str(&text)?;
-    settings.gateways.clear();
-    settings.log.level = "warn".into();
-    settings.writer.max_batch_units = 1024;
+    let mut settings = super::scratch_settings(dir)?;
     let backend = if database_url.is_some() {
         "PostgreSQL"
     } else {

@@ -71,25 +71,12 @@ fn phone(i: usize) -> String {
 
 /// Runs the benchmark in a temporary state directory.
 pub async fn run(sessions: usize, replies: usize) -> anyhow::Result<Report> {
-    let dir = std::env::temp_dir().join(format!("caremsg-bench-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir)?;
-    let result = measure(&dir, sessions, replies.min(sessions)).await;
-    if let Err(err) = std::fs::remove_dir_all(&dir) {
-        tracing::warn!(error = %err, "The benchmark directory could not be removed.");
-    }
-    result
+    super::in_scratch_dir(|dir| async move { measure(&dir, sessions, replies.min(sessions)).await })
+        .await
 }
 
 async fn measure(dir: &std::path::Path, sessions: usize, replies: usize) -> anyhow::Result<Report> {
-    let text = caremsg_config::EMBEDDED_DEFAULT
-        .replace(
-            "state_dir = \"state\"",
-            &format!("state_dir = {:?}", dir.display().to_string()),
-        )
-        .replace("listen = \"127.0.0.1:8680\"", "listen = \"127.0.0.1:0\"");
-    let mut settings = caremsg_config::from_toml_str(&text)?;
-    settings.gateways.clear();
-    settings.writer.max_batch_units = 1024;
+    let settings = super::scratch_settings(dir)?;
     {
         let db = crate::open_database(&settings).await?;
         seed(&db, sessions).await.context("seeding the sessions")?;
