@@ -42,6 +42,33 @@ pub struct GatewayLabels {
     pub outcome: String,
 }
 
+/// Labels of a notification created.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotificationLabels {
+    /// `new_patient_message`, `unread_reminder` or `sms_status`.
+    pub kind: String,
+    /// `in_app` (stored and pushed live) or `email` (queued for the email gateway).
+    pub channel: String,
+}
+
+/// Labels of an outbound rate-limit wait.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    /// The gateway instance's name.
+    pub gateway: String,
+    /// `instance` (the account's rate) or `recipient` (the per-recipient rate).
+    pub limit: String,
+}
+
+/// Labels of a webhook request the plugin refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookRejectLabels {
+    /// The gateway instance's name.
+    pub gateway: String,
+    /// The 4xx status the plugin answered (403: signature or source refused).
+    pub status: String,
+}
+
 /// Every metric the daemon exports.
 pub struct Metrics {
     // The registry renders the text format; the handles below update it.
@@ -80,6 +107,12 @@ pub struct Metrics {
     pub gateway_inbound: Family<GatewayLabels, Counter>,
     /// Seconds one plugin `send` took, queueing for a concurrency permit included.
     pub gateway_send_seconds: Histogram,
+    /// Notifications created, by kind and channel.
+    pub notifications: Family<NotificationLabels, Counter>,
+    /// Outbound sends held back by a rate limit, by gateway and limit.
+    pub rate_limit_waits: Family<RateLimitLabels, Counter>,
+    /// Webhook requests the plugin refused (4xx), by gateway and status.
+    pub webhook_rejects: Family<WebhookRejectLabels, Counter>,
 }
 
 impl Metrics {
@@ -193,7 +226,28 @@ impl Metrics {
             "Durable timers due and not yet fired",
             timers_due.clone(),
         );
+        let notifications = Family::<NotificationLabels, Counter>::default();
+        registry.register(
+            "notifications",
+            "Staff notifications created, by kind and channel",
+            notifications.clone(),
+        );
+        let rate_limit_waits = Family::<RateLimitLabels, Counter>::default();
+        registry.register(
+            "rate_limit_waits",
+            "Outbound sends held back by a gateway rate limit, by gateway and limit",
+            rate_limit_waits.clone(),
+        );
+        let webhook_rejects = Family::<WebhookRejectLabels, Counter>::default();
+        registry.register(
+            "webhook_rejects",
+            "Provider webhook requests the gateway plugin refused, by gateway and status",
+            webhook_rejects.clone(),
+        );
         Self {
+            notifications,
+            rate_limit_waits,
+            webhook_rejects,
             outbox_depth,
             outbox_oldest_seconds,
             actors_live,
@@ -247,6 +301,36 @@ impl Metrics {
             .get_or_create(&GatewayLabels {
                 gateway: gateway.to_owned(),
                 outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts `n` notifications of `kind` created for `channel`.
+    pub fn notification(&self, kind: &str, channel: &str, n: u64) {
+        self.notifications
+            .get_or_create(&NotificationLabels {
+                kind: kind.to_owned(),
+                channel: channel.to_owned(),
+            })
+            .inc_by(n);
+    }
+
+    /// Counts one outbound send of `gateway` held back by its `limit`.
+    pub fn rate_limit_wait(&self, gateway: &str, limit: &str) {
+        self.rate_limit_waits
+            .get_or_create(&RateLimitLabels {
+                gateway: gateway.to_owned(),
+                limit: limit.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one webhook request of `gateway` its plugin refused with `status`.
+    pub fn webhook_reject(&self, gateway: &str, status: u16) {
+        self.webhook_rejects
+            .get_or_create(&WebhookRejectLabels {
+                gateway: gateway.to_owned(),
+                status: status.to_string(),
             })
             .inc();
     }

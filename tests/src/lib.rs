@@ -255,6 +255,24 @@ impl TestDaemon {
         (status, json)
     }
 
+    /// The value of one sample on `/metrics`, named with its labels exactly as the
+    /// text format prints them (`caremsg_x_total{a="b"}`); 0 when it is absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("the daemon answers")
+            .text()
+            .await
+            .unwrap_or_default();
+        text.lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// `PUT` as the admin client.
     pub async fn admin_put(&self, path: &str, body: Value) -> (StatusCode, Value) {
         self.call(Method::PUT, path, Some(ADMIN_TOKEN), Some(&body))

@@ -136,6 +136,46 @@ async fn a_reply_from_an_unknown_number_is_kept_once_for_operators() {
 }
 
 #[tokio::test]
+async fn requests_the_plugin_refuses_store_nothing_and_are_counted() {
+    let d = TestDaemon::start().await.unwrap();
+    setup(&d, SmsStatus::Enabled).await;
+    let not_json = d
+        .http
+        .post(format!("{}/v1/hooks/loopback", d.base))
+        .body("from=+12015550123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_json.status(), StatusCode::BAD_REQUEST);
+    let wrong_method = d
+        .http
+        .put(format!("{}/v1/hooks/loopback", d.base))
+        .json(&json!({"from": MOBILE, "to": practice_number(), "body": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(message::Entity::find().count(db(&d)).await.unwrap(), 0);
+    assert_eq!(
+        unmatched_inbound::Entity::find()
+            .count(db(&d))
+            .await
+            .unwrap(),
+        0
+    );
+    let rejects = |status: &str| {
+        format!(r#"caremsg_webhook_rejects_total{{gateway="loopback",status="{status}"}}"#)
+    };
+    assert_eq!(d.metric(&rejects("400")).await, 1.0);
+    assert_eq!(d.metric(&rejects("405")).await, 1.0);
+    // An accepted reply is not a reject.
+    let body = json!({"from": MOBILE, "to": practice_number(), "body": "hi", "id": "ok1"});
+    assert_eq!(reply(&d, &body).await.0, StatusCode::OK);
+    assert_eq!(d.metric(&rejects("400")).await, 1.0);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_sender_over_its_inbound_limit_is_dropped() {
     let limit = "inbound_per_sender = { per_second = 0.001, burst = 2 }\n";
     let d = TestDaemon::start_with(|text| text + limit).await.unwrap();

@@ -513,6 +513,8 @@ async fn rate_limits_hold_and_a_reload_changes_them() {
     assert!(report.limited_for.is_some(), "{report:?}");
     assert_eq!(count(&d, DeliveryStatus::Sent).await, 3);
     assert_eq!(count(&d, DeliveryStatus::Queued).await, 7);
+    let waits = r#"caremsg_rate_limit_waits_total{gateway="loopback",limit="instance"}"#;
+    assert_eq!(d.metric(waits).await, 1.0);
     outbox::run_once(d.daemon().state(), "loopback")
         .await
         .unwrap();
@@ -567,6 +569,8 @@ async fn the_per_recipient_limit_defers_only_that_recipient() {
         }
     }
     assert_eq!(sent, 1);
+    let waits = r#"caremsg_rate_limit_waits_total{gateway="loopback",limit="recipient"}"#;
+    assert_eq!(d.metric(waits).await, 2.0);
     d.stop().await.unwrap();
 }
 

@@ -185,6 +185,8 @@ async fn a_portal_message_notifies_exactly_the_notified_panel_and_staff_messages
         assert_eq!(row.read_at, None);
     }
     assert_eq!(message["seq"], 1);
+    let in_app = r#"caremsg_notifications_total{kind="new_patient_message",channel="in_app"}"#;
+    assert_eq!(d.metric(in_app).await, 2.0);
 
     let (status, list) = staff(&d, Method::GET, "member", "/v1/staff/notifications", None).await;
     assert_eq!(status, StatusCode::OK, "{list}");
@@ -441,6 +443,8 @@ async fn the_reminder_comes_at_24_hours_once_and_only_while_wanted() {
     d.clock.advance(Duration::hours(30));
     tick(&d).await;
     assert_eq!(stored(&d, NotificationKind::UnreadReminder).await.len(), 1);
+    let in_app = r#"caremsg_notifications_total{kind="unread_reminder",channel="in_app"}"#;
+    assert_eq!(d.metric(in_app).await, 1.0);
     let (_, list) = staff(&d, Method::GET, "member", "/v1/staff/notifications", None).await;
     assert_eq!(list["notifications"][0]["kind"], "unread_reminder");
     d.stop().await.unwrap();

@@ -211,6 +211,11 @@ async fn a_canary_patients_notification_emails_carry_no_phi() {
             "{expected:?} missing from:\n{email}"
         );
     }
+    let counted = |channel: &str| {
+        format!(r#"caremsg_notifications_total{{kind="new_patient_message",channel="{channel}"}}"#)
+    };
+    assert_eq!(d.metric(&counted("email")).await, 1.0);
+    assert_eq!(d.metric(&counted("in_app")).await, 0.0);
     // Email only: the in-app list keeps it, already read.
     let (_, list) = staff(&d, Method::GET, "nurse", "/v1/staff/notifications", None).await;
     assert_eq!(list["unread"], 0);

@@ -139,6 +139,11 @@ pub async fn hook(
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     }
+    if (400..500).contains(&outcome.response.status) {
+        state
+            .metrics
+            .webhook_reject(gateway.name(), outcome.response.status);
+    }
     plugin_response(outcome.response)
 }
 

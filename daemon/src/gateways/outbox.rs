@@ -413,12 +413,14 @@ async fn plugin_pass(
             1
         };
         if let Check::Wait(wait) = limits.check_instance(cells) {
+            state.metrics.rate_limit_wait(gateway.name(), "instance");
             report.limited_for = Some(wait);
             break;
         }
         if let Some(recipient) = row.recipient.as_deref()
             && let Check::Wait(wait) = limits.check_recipient(recipient)
         {
+            state.metrics.rate_limit_wait(gateway.name(), "recipient");
             deferred.push((row.id, now + to_delta(wait)));
             continue;
         }

@@ -63,10 +63,18 @@ pub struct Notify {
     inserts: WriteUnit,
     // Email deliveries, inserted only if their notification row exists.
     after: WriteUnit,
-    // Every notification built, and whether it is shown in-app (pushed live).
-    created: Vec<(notification::Model, bool)>,
-    // Email deliveries built.
-    emails: usize,
+    // Every notification built, with its channels.
+    created: Vec<Created>,
+}
+
+/// A notification built, and where it goes.
+#[derive(Debug)]
+struct Created {
+    row: notification::Model,
+    // Shown in-app (pushed live).
+    in_app: bool,
+    // An email delivery was built for it.
+    email: bool,
 }
 
 impl Notify {
@@ -78,12 +86,12 @@ impl Notify {
 
     /// The notifications built.
     pub fn notifications(&self) -> impl Iterator<Item = &notification::Model> {
-        self.created.iter().map(|(n, _)| n)
+        self.created.iter().map(|c| &c.row)
     }
 
     /// How many emails were built.
     pub fn emails(&self) -> usize {
-        self.emails
+        self.created.iter().filter(|c| c.email).count()
     }
 
     /// Whether nothing is notified.
@@ -103,15 +111,21 @@ impl Notify {
     /// After the commit: pushes the in-app notifications to their users' event
     /// streams and wakes the email dispatcher.
     pub fn publish(self, state: &AppState) {
-        for (notification, live) in self.created {
-            if live {
+        let emails = self.emails();
+        for Created { row, in_app, email } in self.created {
+            let kind = row.kind.as_str();
+            if email {
+                state.metrics.notification(kind, "email", 1);
+            }
+            if in_app {
+                state.metrics.notification(kind, "in_app", 1);
                 state.events.publish(Event::Notification {
-                    user_id: notification.user_id.clone(),
-                    notification: Arc::new(notification),
+                    user_id: row.user_id.clone(),
+                    notification: Arc::new(row),
                 });
             }
         }
-        if self.emails > 0 {
+        if emails > 0 {
             state.gateways.wake();
         }
     }
@@ -146,6 +160,7 @@ impl Notify {
                 notification::Column::Subject,
             ],
         );
+        let email = route.email.is_some();
         if let Some((gateway, address)) = route.email {
             let email = email::compose(config, &to.practice_name, kind, &to.patient_id);
             let delivery = delivery::Model {
@@ -176,9 +191,12 @@ impl Notify {
                 Expect::Any,
                 "notification email",
             );
-            self.emails += 1;
         }
-        self.created.push((row, route.in_app));
+        self.created.push(Created {
+            row,
+            in_app: route.in_app,
+            email,
+        });
     }
 }
 
