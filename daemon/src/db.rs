@@ -64,6 +64,9 @@ pub async fn connect(options: &DbOptions) -> Result<DatabaseConnection, DbError>
         }
         let pool = SqlitePoolOptions::new()
             .max_connections(options.max_connections.max(1))
+            // A file cannot drop a connection the way a server can, and sqlx's ping
+            // is one more round trip to the connection's worker thread per query.
+            .test_before_acquire(false)
             .acquire_timeout(options.connect_timeout)
             .connect_with(connect)
             .await

@@ -168,6 +168,122 @@ async fn a_failing_unit_does_not_fail_its_batch_mates() {
     db.drop_database().await;
 }
 
+/// Moves `patient`'s conversation from `from` to `to`, with a message at `to`.
+fn advance(patient: &str, from: i64, to: i64) -> WriteUnit {
+    use conversation::Column as C;
+    let mut row = message(to);
+    row.patient_id = Set(patient.to_owned());
+    WriteUnit::new().insert(row).compare_and_set(
+        (C::PatientId, patient.into()),
+        (C::LastSeq, from.into()),
+        vec![
+            (C::LastSeq, to.into()),
+            (C::LastMessageAt, Some(Utc::now()).into()),
+        ],
+        "conversation sequence",
+    )
+}
+
+#[tokio::test]
+async fn compare_and_sets_share_a_batch_and_a_stale_one_fails_alone() {
+    let (_dir, db, conn) = setup().await;
+    let (writer, task, stop) = start(&conn);
+    for other in ["pat2", "pat3"] {
+        let copy = |id: &str| -> (patient::ActiveModel, conversation::ActiveModel) {
+            let now = Utc::now();
+            (
+                patient::ActiveModel {
+                    id: Set(id.into()),
+                    practice_id: Set("p".into()),
+                    first_name: Set("A".into()),
+                    last_name: Set("B".into()),
+                    search_name: Set("a b".into()),
+                    date_of_birth: Set(chrono::NaiveDate::from_ymd_opt(1950, 1, 1).unwrap()),
+                    mobile_phone: Set(None),
+                    portal_enrolled: Set(true),
+                    sms_status: Set(SmsStatus::None),
+                    sms_status_reason: Set(None),
+                    last_activity_at: Set(None),
+                    active: Set(true),
+                    created_at: Set(now),
+                    updated_at: Set(now),
+                },
+                conversation::ActiveModel {
+                    patient_id: Set(id.into()),
+                    practice_id: Set("p".into()),
+                    last_seq: Set(0),
+                    last_message_at: Set(None),
+                    created_at: Set(now),
+                },
+            )
+        };
+        let (p, c) = copy(other);
+        writer
+            .write(WriteUnit::new().insert(p).insert(c))
+            .await
+            .unwrap();
+    }
+
+    // One batch, in this order: the same row twice (the second sees the first),
+    // another row, and a stale guard (pat3 is at 0, not 5).
+    writer.pause();
+    let resume = {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            while writer.queued() < 4 {
+                tokio::task::yield_now().await;
+            }
+            writer.resume();
+        })
+    };
+    let (a, b, c, d) = tokio::join!(
+        writer.write(advance("pat", 0, 1)),
+        writer.write(advance("pat", 1, 2)),
+        writer.write(advance("pat2", 0, 1)),
+        writer.write(advance("pat3", 5, 6)),
+    );
+    resume.await.unwrap();
+    assert_eq!((a, b, c), (Ok(()), Ok(()), Ok(())));
+    assert_eq!(d, Err(WriteError::Precondition("conversation sequence")));
+    let seq = |id: &'static str| {
+        let conn = conn.clone();
+        async move {
+            conversation::Entity::find_by_id(id.to_owned())
+                .one(&conn)
+                .await
+                .unwrap()
+                .unwrap()
+                .last_seq
+        }
+    };
+    assert_eq!(
+        (seq("pat").await, seq("pat2").await, seq("pat3").await),
+        (2, 1, 0)
+    );
+    let messages = |id: &'static str| {
+        message::Entity::find()
+            .filter(message::Column::PatientId.eq(id))
+            .count(&conn)
+    };
+    assert_eq!(messages("pat").await.unwrap(), 2);
+    assert_eq!(
+        messages("pat3").await.unwrap(),
+        0,
+        "the stale unit's insert is rolled back"
+    );
+
+    // Alone, a stale guard fails too (the unit-by-unit path).
+    assert_eq!(
+        writer.write(advance("pat2", 0, 2)).await,
+        Err(WriteError::Precondition("conversation sequence"))
+    );
+    assert_eq!(seq("pat2").await, 1);
+    stop.cancel();
+    task.join().await;
+    conn.close().await.unwrap();
+    db.drop_database().await;
+}
+
 #[tokio::test]
 async fn callers_are_answered_only_after_commit() {
     let (_dir, db, conn) = setup().await;

@@ -559,7 +559,9 @@ pub(crate) async fn try_send(
     // Inserts first, then the statements that update: the writer merges every unit's
     // leading inserts across a batch into multi-row INSERTs, so this order is what
     // makes a busy conversation cheap to store.
-    let mut unit = WriteUnit::new().insert(message::ActiveModel::from(stored.clone()));
+    let mut unit = WriteUnit::new()
+        .insert(message::ActiveModel::from(stored.clone()))
+        .merge(sequence_unit(&patient.id, current_seq, seq, now));
     for d in &deliveries {
         unit = unit.insert(delivery::ActiveModel::from(d.clone()));
     }
@@ -593,9 +595,7 @@ pub(crate) async fn try_send(
             crate::notifications::on_patient_message(db, &settings, &patient, &stored).await?
         }
     };
-    unit = unit
-        .merge(notify.take_unit())
-        .merge(sequence_unit(&patient.id, current_seq, seq, now));
+    unit = unit.merge(notify.take_unit());
     if reader == Some(Reader::Patient) && unread_by_patient(state, &patient.id, seq).await? {
         unit = unit.merge(patient_read_unit(&patient.id, seq, now));
     }
@@ -623,15 +623,18 @@ pub(crate) async fn try_send(
 /// Moves the conversation's `last_seq` from `from` to `to`, or fails the unit if it
 /// is not at `from` any more: the guard that keeps sequence numbers gapless and
 /// unique whoever appends (messages, SMS status events).
+///
+/// A compare-and-set: put it among the unit's leading inserts, so that the guards of
+/// a whole batch are one statement.
 pub(crate) fn sequence_unit(patient_id: &str, from: i64, to: i64, now: DateTime<Utc>) -> WriteUnit {
-    WriteUnit::new().exec(
-        conversation::Entity::update_many()
-            .col_expr(conversation::Column::LastSeq, Expr::value(to))
-            .col_expr(conversation::Column::LastMessageAt, Expr::value(now))
-            .filter(conversation::Column::PatientId.eq(patient_id))
-            .filter(conversation::Column::LastSeq.eq(from))
-            .into_query(),
-        Expect::Exactly(1),
+    use conversation::Column as C;
+    WriteUnit::new().compare_and_set(
+        (C::PatientId, patient_id.into()),
+        (C::LastSeq, from.into()),
+        vec![
+            (C::LastSeq, to.into()),
+            (C::LastMessageAt, Some(now).into()),
+        ],
         "conversation sequence",
     )
 }
