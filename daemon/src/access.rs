@@ -55,10 +55,7 @@ pub async fn patient_for(
     user: &user::Model,
     patient_id: &str,
 ) -> Result<Result<(patient::Model, practice::Model), Denied>, DbErr> {
-    let Some(patient) = active_patient(db, patient_id).await? else {
-        return Ok(Err(Denied::NotFound));
-    };
-    let Some(practice) = active_practice(db, &patient.practice_id).await? else {
+    let Some((patient, practice)) = active_patient(db, patient_id).await? else {
         return Ok(Err(Denied::NotFound));
     };
     if patient.practice_id != user.practice_id {
@@ -76,30 +73,18 @@ pub async fn patient_for_portal(
     db: &impl ConnectionTrait,
     patient_id: &str,
 ) -> Result<Option<(patient::Model, practice::Model)>, DbErr> {
-    let Some(patient) = active_patient(db, patient_id).await? else {
-        return Ok(None);
-    };
-    Ok(active_practice(db, &patient.practice_id)
-        .await?
-        .map(|practice| (patient, practice)))
+    active_patient(db, patient_id).await
 }
 
-async fn active_patient(
+/// The active patient `id` with its practice, if that is active too (one query).
+pub(crate) async fn active_patient(
     db: &impl ConnectionTrait,
     id: &str,
-) -> Result<Option<patient::Model>, DbErr> {
+) -> Result<Option<(patient::Model, practice::Model)>, DbErr> {
     Ok(patient::Entity::find_by_id(id.to_owned())
+        .find_also_related(practice::Entity)
         .one(db)
         .await?
-        .filter(|p| p.active))
-}
-
-async fn active_practice(
-    db: &impl ConnectionTrait,
-    id: &str,
-) -> Result<Option<practice::Model>, DbErr> {
-    Ok(practice::Entity::find_by_id(id.to_owned())
-        .one(db)
-        .await?
-        .filter(|p| p.active))
+        .and_then(|(patient, practice)| Some((patient, practice?)))
+        .filter(|(patient, practice)| patient.active && practice.active))
 }

@@ -61,6 +61,10 @@ pub struct SendMessage {
     pub body: Phi<String>,
     /// The client's transaction id, scoped to the author.
     pub client_txn_id: Option<String>,
+    /// For a portal message: the patient's and practice's rows, as the caller read
+    /// them just before (nothing in them picks a channel), so the actor need not
+    /// read them again. Ignored for other authors.
+    pub rows: Option<Box<(patient::Model, practice::Model)>>,
 }
 
 impl SendMessage {
@@ -77,6 +81,7 @@ impl SendMessage {
             client: format!("gateway:{gateway}"),
             body,
             client_txn_id: None,
+            rows: None,
         }
     }
 }
@@ -350,16 +355,17 @@ pub(crate) async fn try_send(
     msg: SendMessage,
 ) -> Result<(i64, Stored), SendError> {
     let db = &state.db;
-    let patient = patient::Entity::find_by_id(patient_id.to_owned())
-        .one(db)
-        .await?
-        .filter(|p| p.active)
-        .ok_or(SendError::NotFound)?;
-    let practice = practice::Entity::find_by_id(patient.practice_id.clone())
-        .one(db)
-        .await?
-        .filter(|p| p.active)
-        .ok_or(SendError::NotFound)?;
+    let known = match (&msg.author, msg.rows) {
+        (Author::Patient, Some(rows)) if rows.0.id == patient_id => Some(*rows),
+        _ => None,
+    };
+    let (patient, practice) = match known {
+        Some(rows) => Some(rows),
+        None => crate::access::active_patient(db, patient_id).await?,
+    }
+    .filter(|(patient, practice)| patient.active && practice.active)
+    .ok_or(SendError::NotFound)?;
+    let msg = SendMessage { rows: None, ..msg };
     if matches!(msg.author, Author::Patient) {
         if !practice.portal_enabled {
             return Err(SendError::PortalDisabled);

@@ -93,16 +93,17 @@ pub async fn send(
     Path(patient_id): Path<String>,
     ApiJson(input): ApiJson<SendIn>,
 ) -> ApiResult<impl IntoResponse> {
-    let (patient, _) = portal_patient(&state, &patient_id).await?;
+    let (patient, practice) = portal_patient(&state, &patient_id).await?;
     let stored = state
         .conversations
         .send(
-            &patient.id,
+            &patient.id.clone(),
             SendMessage {
                 author: Author::Patient,
                 client: caller.client,
                 body: Phi::new(input.body),
                 client_txn_id: input.client_txn_id,
+                rows: Some(Box::new((patient, practice))),
             },
         )
         .await??;

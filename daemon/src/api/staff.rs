@@ -480,6 +480,7 @@ pub async fn send(
                 client: staff.caller.client.clone(),
                 body: Phi::new(input.body),
                 client_txn_id: input.client_txn_id,
+                rows: None,
             },
         )
         .await??;

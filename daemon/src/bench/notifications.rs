@@ -194,6 +194,7 @@ async fn measure(
                         client: "bench".to_owned(),
                         body: Phi::new("Could someone call me about my refill?".to_owned()),
                         client_txn_id: Some(format!("n{i}")),
+                        rows: None,
                     };
                     let sent = state
                         .conversations
