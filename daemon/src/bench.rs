@@ -246,6 +246,27 @@ pub(crate) fn scratch_settings(dir: &std::path::Path) -> anyhow::Result<caremsg_
     Ok(settings)
 }
 
+/// "N batches, M units/batch, T ms/commit" from the writer's histograms.
+pub(crate) fn writer_summary(metrics: &str) -> String {
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+    };
+    let batches = value("caremsg_writer_batch_units_count ");
+    let units = value("caremsg_writer_batch_units_sum ");
+    let seconds = value("caremsg_writer_commit_seconds_sum ");
+    format!(
+        "{batches:.0} batches, {:.1} units/batch, {:.2} ms/batch",
+        units / batches.max(1.0),
+        seconds * 1000.0 / batches.max(1.0)
+    )
+}
+
 fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }

@@ -113,10 +113,13 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
     let db = open_database(&settings)
         .await
         .context("opening the database")?;
+    let writer_db = db::connect_writer(&db_options(&settings))
+        .await
+        .context("opening the writer's database connection")?;
     let metrics = Arc::new(Metrics::new());
     let writer_stop = CancellationToken::new();
     let (writer, writer_task) = Writer::start(
-        db.clone(),
+        writer_db,
         WriterOptions {
             max_batch_units: settings.writer.max_batch_units,
             queue_depth: settings.writer.queue_depth,
@@ -162,7 +165,7 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         state.clock.clone(),
         timers::TimerServiceOptions {
             page_size: 1000,
-            concurrency: 1000,
+            concurrency: 2000,
             ..timers::TimerServiceOptions::default()
         },
     )
@@ -339,9 +342,10 @@ pub async fn run(
     options: Options,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let running = start(settings, options).await?;
+    // Before start: systemd may send the reload's SIGHUP as soon as READY=1 is out.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
+    let running = start(settings, options).await?;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

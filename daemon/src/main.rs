@@ -159,21 +159,25 @@ fn init_tracing(settings: &caremsg_config::Settings) -> caremsgd::reload::LogFil
     })
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is called
+/// (before the daemon starts and tells systemd it is ready), not when the future is
+/// first polled, so a signal in between is not the default "terminate at once".
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        _ => {
-            tracing::error!("Cannot install signal handlers; stopping only on Ctrl-C.");
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                tracing::error!("Cannot install signal handlers; stopping only on Ctrl-C.");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

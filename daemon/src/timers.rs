@@ -249,12 +249,13 @@ pub enum TimerError {
 /// which does the same. The service awaits the returned future before it reads the
 /// next page, and never dispatches one timer twice in a tick.
 pub trait TimerHandler: Send + Sync {
-    /// Fires `timer`, which was due at `now`.
+    /// Fires `timer`, which was due at `now`. Called when the timer is handed out;
+    /// the future it returns owns what it needs.
     fn on_due(
         &self,
         timer: timer::Model,
         now: DateTime<Utc>,
-    ) -> BoxFuture<'_, Result<FireOutcome, TimerError>>;
+    ) -> BoxFuture<'static, Result<FireOutcome, TimerError>>;
 }
 
 /// A [`TimerHandler`] made of a function (see [`handler_fn`]).
@@ -269,7 +270,7 @@ where
         &self,
         timer: timer::Model,
         now: DateTime<Utc>,
-    ) -> BoxFuture<'_, Result<FireOutcome, TimerError>> {
+    ) -> BoxFuture<'static, Result<FireOutcome, TimerError>> {
         (self.0)(timer, now).boxed()
     }
 }
@@ -372,36 +373,48 @@ impl TimerService {
     /// One tick at `now`: every timer due at `now` and not fired is handed to its
     /// handler, page by page, until none is left. A timer whose handler fails is
     /// passed over until the next tick.
+    ///
+    /// Pages overlap: the next page is read (keyset paging needs only the previous
+    /// page's last timer) while the handlers of the pages before it run, and handed
+    /// out whole once fewer than `concurrency` of those are still running, so the
+    /// reads of one page and the commits of the previous one proceed together.
     pub async fn run_once(&self, now: DateTime<Utc>) -> Result<Tick, TimerError> {
         let mut tick = Tick::default();
         let mut unhandled: HashMap<TimerKind, usize> = HashMap::new();
         let mut last: Option<timer::Model> = None;
         let page_size = self.options.page_size.max(1);
+        let concurrency = self.options.concurrency.max(1);
+        let mut running = futures::stream::FuturesUnordered::new();
+        let count = |tick: &mut Tick, outcome: Option<FireOutcome>| match outcome {
+            Some(FireOutcome::Fired) => tick.fired += 1,
+            Some(FireOutcome::FiredWithoutEffect) => tick.fired_without_effect += 1,
+            Some(FireOutcome::Skipped) => tick.skipped += 1,
+            None => tick.failed += 1,
+        };
         loop {
             let page = due_after(&self.db, now, last.as_ref(), page_size).await?;
             let full = page.len() as u64 == page_size;
-            last = page.last().cloned();
+            last = page.last().cloned().or(last);
             tick.due += page.len();
-            let mut runs = Vec::with_capacity(page.len());
-            for timer in page {
-                match self.handlers.get(&timer.kind) {
-                    Some(handler) => runs.push(dispatch(handler.clone(), timer, now)),
-                    None => *unhandled.entry(timer.kind).or_default() += 1,
+            // Room first, then the whole page at once: a batching handler sees the
+            // page together.
+            while running.len() >= concurrency {
+                if let Some(outcome) = running.next().await {
+                    count(&mut tick, outcome);
                 }
             }
-            let mut results =
-                futures::stream::iter(runs).buffer_unordered(self.options.concurrency.max(1));
-            while let Some(outcome) = results.next().await {
-                match outcome {
-                    Some(FireOutcome::Fired) => tick.fired += 1,
-                    Some(FireOutcome::FiredWithoutEffect) => tick.fired_without_effect += 1,
-                    Some(FireOutcome::Skipped) => tick.skipped += 1,
-                    None => tick.failed += 1,
+            for timer in page {
+                match self.handlers.get(&timer.kind) {
+                    Some(handler) => running.push(dispatch(handler.clone(), timer, now)),
+                    None => *unhandled.entry(timer.kind).or_default() += 1,
                 }
             }
             if !full {
                 break;
             }
+        }
+        while let Some(outcome) = running.next().await {
+            count(&mut tick, outcome);
         }
         for (kind, count) in unhandled {
             tick.unhandled += count;
@@ -455,17 +468,33 @@ impl TimerService {
 
 /// Runs one handler, containing its failure or panic to this timer. `None` when it
 /// failed.
-async fn dispatch(
+fn dispatch(
     handler: Arc<dyn TimerHandler>,
     timer: timer::Model,
     now: DateTime<Utc>,
-) -> Option<FireOutcome> {
+) -> impl Future<Output = Option<FireOutcome>> {
     let kind = timer.kind.as_str();
     let id = timer.id.clone();
-    // The handler is called inside the caught future, so a panic while it builds its
-    // future is contained as well as one while it runs.
-    let run = async move { handler.on_due(timer, now).await };
-    match AssertUnwindSafe(run).catch_unwind().await {
+    // The handler is called now, not when the future is first polled, so that a page
+    // of due timers reaches a batching handler together; a panic while it builds its
+    // future is caught here, one while the future runs below.
+    let run = std::panic::catch_unwind(AssertUnwindSafe(|| handler.on_due(timer, now)));
+    async move {
+        let outcome = match run {
+            Ok(run) => AssertUnwindSafe(run).catch_unwind().await,
+            Err(panic) => Err(panic),
+        };
+        report(kind, &id, outcome)
+    }
+}
+
+/// The outcome of one dispatch, logged when the timer stays due.
+fn report(
+    kind: &'static str,
+    id: &str,
+    outcome: std::thread::Result<Result<FireOutcome, TimerError>>,
+) -> Option<FireOutcome> {
+    match outcome {
         Ok(Ok(outcome)) => Some(outcome),
         Ok(Err(err)) => {
             tracing::warn!(

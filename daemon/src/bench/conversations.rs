@@ -86,27 +86,6 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// "N batches, M units/batch, T ms/commit" from the writer's histograms.
-fn writer_summary(metrics: &str) -> String {
-    let value = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(name)
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-            })
-            .unwrap_or(0.0)
-    };
-    let batches = value("caremsg_writer_batch_units_count ");
-    let units = value("caremsg_writer_batch_units_sum ");
-    let seconds = value("caremsg_writer_commit_seconds_sum ");
-    format!(
-        "{batches:.0} batches, {:.1} units/batch, {:.2} ms/batch",
-        units / batches.max(1.0),
-        seconds * 1000.0 / batches.max(1.0)
-    )
-}
-
 fn rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -166,7 +145,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
             failures += f;
         }
         let took = started.elapsed();
-        let writer = writer_summary(&running.state().metrics.render());
+        let writer = super::writer_summary(&running.state().metrics.render());
         latencies.sort_unstable();
         let at = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q) as usize).copied().unwrap_or_default();
 

@@ -61,6 +61,7 @@ pub struct Report {
     start_up: Duration,
     reminders: u64,
     reminders_took: Duration,
+    writer: [String; 2],
     ceiling: f64,
 }
 
@@ -82,6 +83,7 @@ impl std::fmt::Display for Report {
             "  messages acknowledged            {:>10.0} messages/s ({} failed)",
             self.messages_per_second, self.failures
         )?;
+        writeln!(f, "  writer                           {}", self.writer[0])?;
         writeln!(
             f,
             "  in-app notifications created     {:>10.0} /s ({} in all; target >= 20,000/s: {})",
@@ -108,6 +110,7 @@ impl std::fmt::Display for Report {
                 self.reminders >= 100_000 && self.reminders_took < Duration::from_secs(10)
             )
         )?;
+        writeln!(f, "  writer                           {}", self.writer[1])?;
         write!(
             f,
             "  ceiling (1,000-row INSERTs)      {:>10.0} rows/s (the write benchmark's baseline, this run)",
@@ -218,11 +221,12 @@ async fn measure(
             .filter(timer::Column::Kind.eq(TimerKind::UnreadReminder))
             .count(db)
             .await?;
-        Ok::<_, anyhow::Error>((took, failures, notifications, armed))
+        let writer = super::writer_summary(&running.state().metrics.render());
+        Ok::<_, anyhow::Error>((took, failures, notifications, armed, writer))
     }
     .await;
     running.shutdown().await?;
-    let (took, failures, notifications, reminders_armed) = phase?;
+    let (took, failures, notifications, reminders_armed, writer_sends) = phase?;
 
     // 2. Down across the due time; the start-up tick catches up.
     clock.advance(chrono::Duration::hours(25));
@@ -235,12 +239,13 @@ async fn measure(
         // Waits for the catch-up tick (or is it): every due reminder has fired.
         running.tick_timers().await?;
         let reminders_took = started.elapsed();
+        let writer = super::writer_summary(&running.state().metrics.render());
         let reminders = count(&running.state().db, NotificationKind::UnreadReminder).await?;
-        Ok::<_, anyhow::Error>((reminders_took, reminders))
+        Ok::<_, anyhow::Error>((reminders_took, reminders, writer))
     }
     .await;
     running.shutdown().await?;
-    let (reminders_took, reminders) = phase?;
+    let (reminders_took, reminders, writer_reminders) = phase?;
 
     Ok(Report {
         plan,
@@ -253,6 +258,7 @@ async fn measure(
         start_up,
         reminders,
         reminders_took,
+        writer: [writer_sends, writer_reminders],
         ceiling,
     })
 }

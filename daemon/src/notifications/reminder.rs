@@ -31,8 +31,8 @@ use std::sync::{Arc, Weak};
 
 use caremsg_entities::{TimerKind, timer};
 use chrono::{DateTime, Utc};
-use futures::FutureExt;
 use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryTrait};
 use tokio::sync::{mpsc, oneshot};
@@ -54,7 +54,10 @@ const BATCH_FIRE: &str = "every reminder of the batch due and not yet fired";
 const MAX_BATCH: usize = 2000;
 
 /// Most reminders fired in one unit.
-const CHUNK: usize = 250;
+const CHUNK: usize = 1000;
+
+/// Most batches firing at once.
+const BATCHES_IN_FLIGHT: usize = 2;
 
 /// The subject of the reminder of `user_id`'s streak in `patient_id`'s conversation
 /// that starts at message `seq`.
@@ -140,7 +143,7 @@ impl TimerHandler for ReminderHandler {
         &self,
         timer: timer::Model,
         now: DateTime<Utc>,
-    ) -> BoxFuture<'_, Result<FireOutcome, TimerError>> {
+    ) -> BoxFuture<'static, Result<FireOutcome, TimerError>> {
         let (reply, answer) = oneshot::channel();
         let queued = self.due.send(Due { timer, now, reply }).is_ok();
         async move {
@@ -157,47 +160,73 @@ impl TimerHandler for ReminderHandler {
 
 /// Takes every due reminder waiting (up to [`MAX_BATCH`]) and fires them in chunks of
 /// [`CHUNK`], all at once: their reads run side by side on the pool while the writer
-/// commits their units together. Those that arrive meanwhile make the next batch.
+/// commits their units together. Those that arrive meanwhile make the next batch,
+/// which starts while the one before it is still committing (at most
+/// [`BATCHES_IN_FLIGHT`] at a time), so one batch's reads overlap another's commit.
 async fn batcher(state: Weak<AppState>, mut queue: mpsc::UnboundedReceiver<Due>) {
-    let mut batch = Vec::new();
-    while let Some(first) = queue.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(due) => batch.push(due),
-                Err(_) => break,
+    let mut running = futures::stream::FuturesUnordered::new();
+    let mut open = true;
+    while open || !running.is_empty() {
+        tokio::select! {
+            Some(()) = running.next(), if !running.is_empty() => {}
+            first = queue.recv(), if open && running.len() < BATCHES_IN_FLIGHT => {
+                let Some(first) = first else {
+                    open = false;
+                    continue;
+                };
+                // A page of due timers arrives in a burst: take what is there, and
+                // again after a yield while more keeps coming.
+                let mut batch = vec![first];
+                loop {
+                    let before = batch.len();
+                    while batch.len() < MAX_BATCH {
+                        match queue.try_recv() {
+                            Ok(due) => batch.push(due),
+                            Err(_) => break,
+                        }
+                    }
+                    if batch.len() == before || batch.len() >= MAX_BATCH {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                // The daemon is gone: dropping the batch answers its timers "not fired".
+                let Some(state) = state.upgrade() else { break };
+                running.push(fire_batches(state, batch));
             }
         }
-        // The daemon is gone: dropping the batch answers its timers "not fired".
-        let Some(state) = state.upgrade() else { break };
-        let mut by_now: BTreeMap<DateTime<Utc>, Vec<Due>> = BTreeMap::new();
-        for due in batch.drain(..) {
-            by_now.entry(due.now).or_default().push(due);
-        }
-        let mut chunks = Vec::new();
-        for (now, mut group) in by_now {
-            while !group.is_empty() {
-                let rest = group.split_off(group.len().min(CHUNK));
-                chunks.push((now, std::mem::replace(&mut group, rest)));
-            }
-        }
-        let state = &state;
-        futures::future::join_all(chunks.into_iter().map(|(now, chunk)| async move {
-            let size = chunk.len();
-            // A panic drops the chunk's replies: its timers stay due for the next tick.
-            if AssertUnwindSafe(fire_batch(state, now, chunk))
-                .catch_unwind()
-                .await
-                .is_err()
-            {
-                tracing::error!(
-                    reminders = size,
-                    "Firing a batch of unread reminders panicked; they stay due."
-                );
-            }
-        }))
-        .await;
     }
+}
+
+/// Fires one batch, chunk by chunk, all chunks at once.
+async fn fire_batches(state: Arc<AppState>, batch: Vec<Due>) {
+    let mut by_now: BTreeMap<DateTime<Utc>, Vec<Due>> = BTreeMap::new();
+    for due in batch {
+        by_now.entry(due.now).or_default().push(due);
+    }
+    let mut chunks = Vec::new();
+    for (now, mut group) in by_now {
+        while !group.is_empty() {
+            let rest = group.split_off(group.len().min(CHUNK));
+            chunks.push((now, std::mem::replace(&mut group, rest)));
+        }
+    }
+    let state = &state;
+    futures::future::join_all(chunks.into_iter().map(|(now, chunk)| async move {
+        let size = chunk.len();
+        // A panic drops the chunk's replies: its timers stay due for the next tick.
+        if AssertUnwindSafe(fire_batch(state, now, chunk))
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                reminders = size,
+                "Firing a batch of unread reminders panicked; they stay due."
+            );
+        }
+    }))
+    .await;
 }
 
 /// The batch form of [`timers::fire`] for the reminders `ids` (primary keys of
