@@ -42,8 +42,20 @@ async fn setup() -> (tempfile::TempDir, TestDb, DatabaseConnection) {
             created_at: Set(now),
             updated_at: Set(now),
         })
+        .merge(patient_with_conversation("pat"));
+    let (writer, task, stop) = start(&conn);
+    writer.write(unit).await.unwrap();
+    stop.cancel();
+    task.join().await;
+    (dir, db, conn)
+}
+
+/// An active patient `id` of practice `p` with its empty conversation.
+fn patient_with_conversation(id: &str) -> WriteUnit {
+    let now = Utc::now();
+    WriteUnit::new()
         .insert(patient::ActiveModel {
-            id: Set("pat".into()),
+            id: Set(id.into()),
             practice_id: Set("p".into()),
             first_name: Set("A".into()),
             last_name: Set("B".into()),
@@ -59,17 +71,12 @@ async fn setup() -> (tempfile::TempDir, TestDb, DatabaseConnection) {
             updated_at: Set(now),
         })
         .insert(conversation::ActiveModel {
-            patient_id: Set("pat".into()),
+            patient_id: Set(id.into()),
             practice_id: Set("p".into()),
             last_seq: Set(0),
             last_message_at: Set(None),
             created_at: Set(now),
-        });
-    let (writer, task, stop) = start(&conn);
-    writer.write(unit).await.unwrap();
-    stop.cancel();
-    task.join().await;
-    (dir, db, conn)
+        })
 }
 
 fn start(conn: &DatabaseConnection) -> (Writer, caremsgd::writer::WriterTask, CancellationToken) {
@@ -189,37 +196,8 @@ async fn compare_and_sets_share_a_batch_and_a_stale_one_fails_alone() {
     let (_dir, db, conn) = setup().await;
     let (writer, task, stop) = start(&conn);
     for other in ["pat2", "pat3"] {
-        let copy = |id: &str| -> (patient::ActiveModel, conversation::ActiveModel) {
-            let now = Utc::now();
-            (
-                patient::ActiveModel {
-                    id: Set(id.into()),
-                    practice_id: Set("p".into()),
-                    first_name: Set("A".into()),
-                    last_name: Set("B".into()),
-                    search_name: Set("a b".into()),
-                    date_of_birth: Set(chrono::NaiveDate::from_ymd_opt(1950, 1, 1).unwrap()),
-                    mobile_phone: Set(None),
-                    portal_enrolled: Set(true),
-                    sms_status: Set(SmsStatus::None),
-                    sms_status_reason: Set(None),
-                    last_activity_at: Set(None),
-                    active: Set(true),
-                    created_at: Set(now),
-                    updated_at: Set(now),
-                },
-                conversation::ActiveModel {
-                    patient_id: Set(id.into()),
-                    practice_id: Set("p".into()),
-                    last_seq: Set(0),
-                    last_message_at: Set(None),
-                    created_at: Set(now),
-                },
-            )
-        };
-        let (p, c) = copy(other);
         writer
-            .write(WriteUnit::new().insert(p).insert(c))
+            .write(patient_with_conversation(other))
             .await
             .unwrap();
     }
