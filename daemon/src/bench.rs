@@ -311,7 +311,7 @@ pub async fn write(rows: usize, tasks: usize) -> anyhow::Result<WriteReport> {
                 },
                 Arc::new(Metrics::new()),
                 stop.clone(),
-            );
+            )?;
             let seq = Arc::new(AtomicI64::new(0));
             let started = Instant::now();
             let mut handles = Vec::new();

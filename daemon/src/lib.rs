@@ -126,7 +126,8 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         },
         metrics.clone(),
         writer_stop.clone(),
-    );
+    )
+    .context("starting the writer's thread")?;
     // After the writer: the gateways write through it from their first pass.
     let gateways = gateways::Gateways::load(&settings)
         .await

@@ -348,7 +348,8 @@ mod tests {
             },
             metrics.clone(),
             stop.clone(),
-        );
+        )
+        .unwrap();
         (writer, metrics, stop)
     }
 

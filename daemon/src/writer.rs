@@ -295,14 +295,16 @@ pub struct Writer {
 
 /// The writer task; await [`WriterTask::join`] after shutdown to know it has flushed.
 pub struct WriterTask {
-    handle: tokio::task::JoinHandle<()>,
+    // Answered when the writer's thread has run the task to its end; dropped
+    // unanswered if the task panicked.
+    done: oneshot::Receiver<()>,
 }
 
 impl WriterTask {
     /// Waits until every accepted unit is committed (or failed) and the task ended.
     pub async fn join(self) {
-        if let Err(err) = self.handle.await {
-            tracing::error!(error = %err, "The writer task ended abnormally.");
+        if self.done.await.is_err() {
+            tracing::error!("The writer task ended abnormally.");
         }
     }
 }
@@ -317,26 +319,40 @@ pub struct WriterOptions {
 }
 
 impl Writer {
-    /// Starts the writer task on `db`. It stops once `stop` is cancelled and every
-    /// unit already accepted is committed.
+    /// Starts the writer task on `db`, on a thread of its own (the only error: that
+    /// thread could not be created). It stops once `stop` is cancelled and every unit
+    /// already accepted is committed. Call it from within the Tokio runtime.
     pub fn start(
         db: DatabaseConnection,
         options: WriterOptions,
         metrics: Arc<Metrics>,
         stop: CancellationToken,
-    ) -> (Writer, WriterTask) {
+    ) -> std::io::Result<(Writer, WriterTask)> {
         let (jobs, rx) = mpsc::channel(options.queue_depth.max(1));
         let max = options.max_batch_units.max(1);
         let (paused, gate) = watch::channel(false);
-        let handle = tokio::spawn(run(db, rx, max, metrics, stop, gate));
-        (
+        let (finished, done) = oneshot::channel();
+        let task = run(db, rx, max, metrics, stop, gate);
+        // The writer's task runs on a thread of its own, not among the runtime's
+        // workers: it is the one serial stage every write passes through, and on a
+        // busy worker each of a batch's statements waited behind the HTTP and actor
+        // tasks queued there before the next could be sent. Its I/O and timers
+        // stay with the runtime (`Handle::block_on`).
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("caremsg-writer".into())
+            .spawn(move || {
+                runtime.block_on(task);
+                let _ = finished.send(());
+            })?;
+        Ok((
             Writer {
                 jobs,
                 paused: Arc::new(paused),
                 waiting: Arc::default(),
             },
-            WriterTask { handle },
-        )
+            WriterTask { done },
+        ))
     }
 
     /// Stops taking new batches until [`Writer::resume`]; the batch in progress finishes.
@@ -365,13 +381,15 @@ impl Writer {
                 self.0.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        self.waiting.fetch_add(1, Ordering::AcqRel);
-        let _waiting = Waiting(&self.waiting);
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job { unit, reply })
             .await
             .map_err(|_| WriteError::Closed)?;
+        // Counted once in the queue, so that a count of n means n units the writer
+        // can take (its next batch takes every unit waiting).
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.waiting);
         answer.await.map_err(|_| WriteError::Closed)?
     }
 
@@ -422,26 +440,28 @@ async fn run(
         let started = Instant::now();
         // Watchdog heartbeats are empty units; they are not writes.
         let units = batch.iter().filter(|job| !job.unit.is_empty()).count();
-        commit_batch(&db, &mut batch).await;
+        let results = commit_batch(&db, &batch).await;
+        // Counted before anyone is answered: a caller that has its answer sees its
+        // batch in the metrics.
         if units > 0 {
             metrics.writer_batch(units, started.elapsed());
+        }
+        for (job, result) in batch.drain(..).zip(results) {
+            // A caller that went away no longer needs its answer; its unit is committed.
+            let _ = job.reply.send(result);
         }
     }
     tracing::info!("The writer has flushed every accepted write and stopped.");
 }
 
-/// Commits one batch and answers every job in it.
-async fn commit_batch(db: &DatabaseConnection, batch: &mut Vec<Job>) {
-    let results = match try_commit(db, batch).await {
+/// Commits one batch: the answer of every job in it, in order.
+async fn commit_batch(db: &DatabaseConnection, batch: &[Job]) -> Vec<Result<(), WriteError>> {
+    match try_commit(db, batch).await {
         Ok(results) => results,
         Err(err) => {
             tracing::error!(error = %err, units = batch.len(), "A write batch failed to commit.");
             vec![Err(WriteError::from_db(&err)); batch.len()]
         }
-    };
-    for (job, result) in batch.drain(..).zip(results) {
-        // A caller that went away no longer needs its answer; its unit is committed.
-        let _ = job.reply.send(result);
     }
 }
 

@@ -92,7 +92,8 @@ impl Harness {
             },
             metrics.clone(),
             writer_stop.clone(),
-        );
+        )
+        .unwrap();
         Self {
             db,
             writer,

@@ -89,7 +89,8 @@ fn start(conn: &DatabaseConnection) -> (Writer, caremsgd::writer::WriterTask, Ca
         },
         Arc::new(Metrics::new()),
         stop.clone(),
-    );
+    )
+    .unwrap();
     (writer, task, stop)
 }
 
