@@ -365,7 +365,8 @@ impl Writer {
         self.paused.send_replace(false);
     }
 
-    /// Units handed to [`Writer::write`] whose callers have not been answered yet.
+    /// Units in the writer's queue or batch whose [`Writer::write`] callers have not
+    /// been answered yet (a unit still waiting for room in a full queue is not counted).
     pub fn queued(&self) -> usize {
         self.waiting.load(Ordering::Acquire)
     }
