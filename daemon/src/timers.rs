@@ -246,8 +246,9 @@ pub enum TimerError {
 ///
 /// An implementation commits [`fire`] together with the timer's effect — usually
 /// through [`fire_with`] — or hands the timer to the actor that owns its subject,
-/// which does the same. The service awaits the returned future before it reads the
-/// next page, and never dispatches one timer twice in a tick.
+/// which does the same. The service runs up to its `concurrency` of the returned
+/// futures at once, reading the next page while they run, and never dispatches one
+/// timer twice in a tick.
 pub trait TimerHandler: Send + Sync {
     /// Fires `timer`, which was due at `now`. Called when the timer is handed out;
     /// the future it returns owns what it needs.

@@ -149,7 +149,9 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
         latencies.sort_unstable();
         let at = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q) as usize).copied().unwrap_or_default();
 
-        // Memory: activate `actors` more conversations with a no-op message.
+        // Memory: activate `actors` more conversations with a no-op message. RSS after
+        // minus before: the allocator may first reuse memory freed earlier in the run,
+        // so a small `actors` gives a lower bound (100,000 gives a stable figure).
         let conversations = &running.state().conversations;
         let before_live = conversations.live();
         let before = rss_bytes().unwrap_or(0);
