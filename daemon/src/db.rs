@@ -9,7 +9,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use caremsg_migration::{Migrator, MigratorTrait};
-use sea_orm::{DatabaseConnection, DbBackend, SqlxPostgresConnector, SqlxSqliteConnector};
+use sea_orm::{
+    DatabaseConnection, DbBackend, DbErr, RuntimeErr, SqlxPostgresConnector, SqlxSqliteConnector,
+};
+use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
@@ -163,6 +166,123 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbError> {
 /// Whether every known migration has been applied.
 pub async fn migrations_applied(db: &DatabaseConnection) -> Result<bool, sea_orm::DbErr> {
     Ok(Migrator::get_pending_migrations(db).await?.is_empty())
+}
+
+/// What a database error says about the storage behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The storage cannot take or serve work now and may later: a full disk, an I/O
+    /// error, a lock held past the busy timeout, no connection, a serialization
+    /// failure. The request may be retried.
+    Storage,
+    /// The operation broke off half-way (a lost connection, a protocol error, a
+    /// crashed worker, an I/O error): a `COMMIT` that fails so may or may not have
+    /// taken effect.
+    Interrupted,
+}
+
+/// Classifies `err`: `None` for errors that say nothing about the storage (a
+/// constraint, a syntax error, a decoding error).
+pub fn fault(err: &DbErr) -> Option<Fault> {
+    let sqlx = match err {
+        DbErr::ConnectionAcquire(_) => return Some(Fault::Storage),
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => e,
+        DbErr::Conn(_) => return Some(Fault::Interrupted),
+        _ => return None,
+    };
+    match &**sqlx {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => {
+            Some(Fault::Interrupted)
+        }
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+            Some(Fault::Storage)
+        }
+        sqlx::Error::Database(db) => {
+            let code = db.code()?;
+            // SQLite's IOERR (and its extended codes): a write or sync failed.
+            if code.parse::<i32>().is_ok_and(|c| c & 0xff == 10) {
+                return Some(Fault::Interrupted);
+            }
+            storage_code(&code).then_some(Fault::Storage)
+        }
+        _ => None,
+    }
+}
+
+/// Whether a database error code names a storage fault: SQLite's result codes
+/// (extended, as decimal) and PostgreSQL's SQLSTATEs.
+fn storage_code(code: &str) -> bool {
+    if let Ok(extended) = code.parse::<i32>() {
+        // BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL,
+        // NOTADB: the primary code is the low byte.
+        return matches!(extended & 0xff, 5 | 6 | 7 | 8 | 10 | 11 | 13 | 14 | 15 | 26);
+    }
+    // Connection exceptions, insufficient resources (disk full, out of memory, too
+    // many connections), operator intervention (shutdown, cannot connect now),
+    // system errors (I/O), serialization failure and deadlock.
+    ["08", "53", "57P", "58"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || matches!(code, "40001" | "40P01")
+}
+
+/// Whether the writer's connection is outside any transaction, as both sqlx and
+/// the database see it: sqlx's transaction depth is 0 and, on SQLite, the handle is
+/// in autocommit mode (`sqlite3_get_autocommit`). On PostgreSQL a connection whose
+/// `COMMIT` failed is discarded ([`discard_writer_connection`]) rather than reused,
+/// so sqlx's depth is the check.
+pub async fn outside_transaction(db: &DatabaseConnection) -> Result<bool, DbErr> {
+    let acquire = |e: sqlx::Error| DbErr::Conn(RuntimeErr::SqlxError(e.into()));
+    match db.get_database_backend() {
+        DbBackend::Sqlite => {
+            let mut conn = db
+                .get_sqlite_connection_pool()
+                .acquire()
+                .await
+                .map_err(acquire)?;
+            if conn.is_in_transaction() {
+                return Ok(false);
+            }
+            let mut handle = conn.lock_handle().await.map_err(acquire)?;
+            let raw = handle.as_raw_handle().as_ptr();
+            // SAFETY: `raw` is this connection's open handle, locked for the call so
+            // no other thread uses it; sqlite3_get_autocommit only reads its state.
+            #[allow(unsafe_code)]
+            let autocommit = unsafe { libsqlite3_sys::sqlite3_get_autocommit(raw) };
+            Ok(autocommit != 0)
+        }
+        DbBackend::Postgres => {
+            let conn = db
+                .get_postgres_connection_pool()
+                .acquire()
+                .await
+                .map_err(acquire)?;
+            Ok(!conn.is_in_transaction())
+        }
+        _ => Ok(true),
+    }
+}
+
+/// Closes the writer's connection and takes it out of its pool, so that the next
+/// batch starts on a new one: whatever transaction or savepoints a failed `COMMIT`
+/// or `ROLLBACK` left open on it end with it (the database rolls them back). Errors
+/// closing a broken connection are of no interest.
+pub async fn discard_writer_connection(db: &DatabaseConnection) {
+    match db.get_database_backend() {
+        DbBackend::Sqlite => {
+            if let Ok(conn) = db.get_sqlite_connection_pool().acquire().await {
+                let _ = conn.detach().close().await;
+            }
+        }
+        DbBackend::Postgres => {
+            if let Ok(conn) = db.get_postgres_connection_pool().acquire().await {
+                let _ = conn.detach().close().await;
+            }
+        }
+        _ => {}
+    }
 }
 
 /// A short name of the back end, for logs and metrics.

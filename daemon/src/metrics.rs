@@ -97,6 +97,8 @@ pub struct Metrics {
     pub outbox_depth: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Age in seconds of the oldest queued delivery, read when scraped.
     pub outbox_oldest_seconds: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Deliveries whose outcome is unknown (`reconcile`), read when scraped.
+    pub deliveries_reconcile: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Conversation actors alive, read when scraped.
     pub actors_live: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Durable timers due and not yet fired, read when scraped.
@@ -208,6 +210,12 @@ impl Metrics {
             "Deliveries queued in the outbox",
             outbox_depth.clone(),
         );
+        let deliveries_reconcile = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "deliveries_reconcile",
+            "Deliveries whose outcome is unknown after a crash, waiting for an operator",
+            deliveries_reconcile.clone(),
+        );
         let outbox_oldest_seconds = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         registry.register(
             "outbox_oldest_seconds",
@@ -249,6 +257,7 @@ impl Metrics {
             rate_limit_waits,
             webhook_rejects,
             outbox_depth,
+            deliveries_reconcile,
             outbox_oldest_seconds,
             actors_live,
             timers_due,

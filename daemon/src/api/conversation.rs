@@ -218,6 +218,7 @@ impl From<SendError> for ApiError {
             )
             .field("client_txn_id"),
             SendError::Storage(cause) => ApiError::internal(&cause),
+            SendError::Unavailable(cause) => ApiError::from(cause),
         }
     }
 }

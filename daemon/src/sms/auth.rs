@@ -113,17 +113,28 @@ pub enum SmsError {
     /// Storage failed.
     #[error("storage failed: {0}")]
     Storage(String),
+    /// The storage cannot take or serve writes now, or the commit's outcome is
+    /// unknown ([`WriteError::is_storage`]).
+    #[error("{0}")]
+    Unavailable(WriteError),
 }
 
 impl From<DbErr> for SmsError {
     fn from(err: DbErr) -> Self {
-        Self::Storage(err.to_string())
+        match SendError::from(err) {
+            SendError::Unavailable(err) => Self::Unavailable(err),
+            other => Self::Storage(other.to_string()),
+        }
     }
 }
 
 impl From<WriteError> for SmsError {
     fn from(err: WriteError) -> Self {
-        Self::Storage(err.to_string())
+        if err.is_storage() {
+            Self::Unavailable(err)
+        } else {
+            Self::Storage(err.to_string())
+        }
     }
 }
 
@@ -131,6 +142,7 @@ impl From<SendError> for SmsError {
     fn from(err: SendError) -> Self {
         match err {
             SendError::NotFound => Self::NotFound,
+            SendError::Unavailable(err) => Self::Unavailable(err),
             other => Self::Storage(other.to_string()),
         }
     }
