@@ -12,6 +12,16 @@
 //! transaction, each unit in its own savepoint: a failing unit is rolled back alone
 //! and its caller gets its own error while its batch-mates commit.
 //!
+//! **Storage faults.** A batch starts only on a connection verified to be outside any
+//! transaction; after any failed batch the connection is discarded and replaced, so
+//! a `COMMIT` or `ROLLBACK` that failed half-way (SQLite rolling back on its own after
+//! `SQLITE_FULL`, a killed PostgreSQL backend) can never leave a later batch inside a
+//! stale transaction where its "commit" would only release a savepoint. Callers of a
+//! failed batch get [`WriteError::Unavailable`], or [`WriteError::OutcomeUnknown`]
+//! when the `COMMIT` itself broke off. While the last attempt failed the writer is
+//! [`StorageHealth::Failing`]: it retries a probe write every [`PROBE_RETRY`] and
+//! before each batch, and refuses batches untried until one commits.
+//!
 //! **Architecture Invariant:** a caller that got `Ok(())` from [`Writer::write`] can
 //! read its rows back from any other connection.
 
