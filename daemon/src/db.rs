@@ -201,27 +201,32 @@ pub fn fault(err: &DbErr) -> Option<Fault> {
         }
         sqlx::Error::Database(db) => {
             let code = db.code()?;
-            // SQLite's IOERR (and its extended codes): a write or sync failed.
-            if code.parse::<i32>().is_ok_and(|c| c & 0xff == 10) {
-                return Some(Fault::Interrupted);
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                sqlite_fault(code.parse().ok()?)
+            } else {
+                postgres_storage_state(&code).then_some(Fault::Storage)
             }
-            storage_code(&code).then_some(Fault::Storage)
         }
         _ => None,
     }
 }
 
-/// Whether a database error code names a storage fault: SQLite's result codes
-/// (extended, as decimal) and PostgreSQL's SQLSTATEs.
-fn storage_code(code: &str) -> bool {
-    if let Ok(extended) = code.parse::<i32>() {
-        // BUSY, LOCKED, NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL,
-        // NOTADB: the primary code is the low byte.
-        return matches!(extended & 0xff, 5 | 6 | 7 | 8 | 10 | 11 | 13 | 14 | 15 | 26);
+/// What a SQLite (extended) result code says: the primary code is its low byte.
+fn sqlite_fault(extended: i32) -> Option<Fault> {
+    match extended & 0xff {
+        // IOERR: a read, write or sync failed half-way.
+        10 => Some(Fault::Interrupted),
+        // BUSY, LOCKED, NOMEM, READONLY, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB.
+        5 | 6 | 7 | 8 | 11 | 13 | 14 | 15 | 26 => Some(Fault::Storage),
+        _ => None,
     }
-    // Connection exceptions, insufficient resources (disk full, out of memory, too
-    // many connections), operator intervention (shutdown, cannot connect now),
-    // system errors (I/O), serialization failure and deadlock.
+}
+
+/// Whether a PostgreSQL SQLSTATE names a storage fault: connection exceptions (08),
+/// insufficient resources (53: disk full, out of memory, too many connections),
+/// operator intervention (57P: shutdown, cannot connect now), system errors (58:
+/// I/O), serialization failure and deadlock.
+fn postgres_storage_state(code: &str) -> bool {
     ["08", "53", "57P", "58"]
         .iter()
         .any(|class| code.starts_with(class))
@@ -291,5 +296,38 @@ pub fn backend_name(db: &DatabaseConnection) -> &'static str {
         DbBackend::Sqlite => "sqlite",
         DbBackend::Postgres => "postgres",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_faults_are_told_from_errors_of_the_request() {
+        // SQLite: BUSY, BUSY_SNAPSHOT, FULL, READONLY, CANTOPEN are storage faults;
+        // IOERR and its extended codes broke off; constraints and errors are not.
+        for code in [5, 517, 13, 8, 14] {
+            assert_eq!(sqlite_fault(code), Some(Fault::Storage), "{code}");
+        }
+        for code in [10, 266, 778] {
+            assert_eq!(sqlite_fault(code), Some(Fault::Interrupted), "{code}");
+        }
+        for code in [1, 19, 787, 1555, 2067] {
+            assert_eq!(sqlite_fault(code), None, "{code}");
+        }
+        for state in ["08006", "53100", "57P01", "58030", "40001", "40P01"] {
+            assert!(postgres_storage_state(state), "{state}");
+        }
+        for state in ["23505", "23503", "42601", "22001"] {
+            assert!(!postgres_storage_state(state), "{state}");
+        }
+        let lost = DbErr::Exec(RuntimeErr::SqlxError(std::sync::Arc::new(sqlx::Error::Io(
+            std::io::ErrorKind::ConnectionReset.into(),
+        ))));
+        assert_eq!(fault(&lost), Some(Fault::Interrupted));
+        let busy_pool = DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::Timeout);
+        assert_eq!(fault(&busy_pool), Some(Fault::Storage));
+        assert_eq!(fault(&DbErr::Custom("x".into())), None);
     }
 }

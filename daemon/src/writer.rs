@@ -990,6 +990,36 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_that_broke_off_is_unknown_and_nothing_else_is_ok() {
+        let lost = DbErr::Exec(sea_orm::RuntimeErr::SqlxError(Arc::new(sqlx::Error::Io(
+            std::io::ErrorKind::ConnectionReset.into(),
+        ))));
+        assert!(matches!(
+            WriteError::commit_failed(&lost),
+            WriteError::OutcomeUnknown(_)
+        ));
+        // Before the COMMIT, a lost connection stored nothing.
+        assert!(matches!(
+            WriteError::not_committed(&lost),
+            WriteError::Unavailable(_)
+        ));
+        let other = DbErr::Custom("no such savepoint".into());
+        assert!(matches!(
+            WriteError::from_db(&other),
+            WriteError::Database(_)
+        ));
+        for failed in [
+            WriteError::commit_failed(&other),
+            WriteError::not_committed(&other),
+        ] {
+            assert!(
+                matches!(failed, WriteError::Unavailable(_)),
+                "a failed batch is a storage fault: {failed:?}"
+            );
+        }
+    }
+
+    #[test]
     fn waves_name_each_row_once_and_keep_the_order() {
         let all = [
             cas("a", 0, 1),

@@ -193,3 +193,37 @@ impl From<WriteError> for ApiError {
 
 /// The result of a handler.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_faults_answer_503_with_retry_after_never_500() {
+        for (err, code) in [
+            (
+                WriteError::Unavailable("disk full".into()),
+                "storage_unavailable",
+            ),
+            (
+                WriteError::OutcomeUnknown("connection reset".into()),
+                "storage_outcome_unknown",
+            ),
+        ] {
+            let response = ApiError::from(err).into_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(
+                response.headers().get(header::RETRY_AFTER),
+                Some(&HeaderValue::from(STORAGE_RETRY_AFTER)),
+                "{code}"
+            );
+        }
+        let busy = sea_orm::DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::Timeout);
+        assert_eq!(ApiError::from(busy).code, "storage_unavailable");
+        let bug = ApiError::from(WriteError::Database("syntax error".into()));
+        assert_eq!(
+            (bug.status, bug.code),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        );
+    }
+}
