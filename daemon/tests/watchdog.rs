@@ -131,11 +131,16 @@ fn start(dir: &Path, notify_socket: &Path) -> Daemon {
                     .to_string()
             ),
         );
-    let path = dir.join("caremsg.toml");
-    std::fs::write(&path, config).unwrap();
+    std::fs::write(dir.join("caremsg.toml"), config).unwrap();
+    spawn(dir, notify_socket, &[])
+}
+
+/// Starts the daemon on the config `start` wrote in `dir`, with `env` added.
+fn spawn(dir: &Path, notify_socket: &Path, env: &[(&str, &str)]) -> Daemon {
     let mut child = Command::new(BIN)
         .arg("--config")
-        .arg(&path)
+        .arg(dir.join("caremsg.toml"))
+        .envs(env.iter().copied())
         .env("NOTIFY_SOCKET", notify_socket)
         .env("WATCHDOG_USEC", WATCHDOG.as_micros().to_string())
         .env_remove("WATCHDOG_PID")
@@ -371,6 +376,21 @@ fn a_full_disk_stops_the_pings_until_space_returns() {
         "pinged while the disk was full: {during:#?}"
     );
 
+    // Killed while the disk is full, and started again on it: it serves, says so in
+    // its log and on /readyz, and pings only once space returns.
+    let mut killed = daemon;
+    let _ = killed.child.kill();
+    let _ = killed.child.wait();
+    let first_logs = killed.logs.take().unwrap().join().unwrap().join("\n");
+    let listen = format!("127.0.0.1:{port}");
+    let daemon = spawn(&state, &socket, &[("CAREMSG__SERVER__LISTEN", &listen)]);
+    notifications.until("READY=1");
+    let ready = response(request(port, "GET", "/readyz", ""));
+    assert!(status_of(&ready).starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(ready.contains("full"), "{ready}");
+    let stalled = notifications.until("STATUS=Stalled");
+    assert!(stalled.contains("the writer made no progress"), "{stalled}");
+
     // Space returns: the probe write commits, pings resume, writes are taken.
     std::fs::remove_file(&filler).unwrap();
     notifications.until("WATCHDOG=1");
@@ -387,7 +407,17 @@ fn a_full_disk_stops_the_pings_until_space_returns() {
     daemon.signal("-TERM");
     notifications.until("STOPPING=1");
     let logs = daemon.wait();
-    assert!(logs.contains("The writer cannot commit"), "{logs}");
+    assert!(
+        first_logs.contains("The writer cannot commit"),
+        "{first_logs}"
+    );
+    assert!(
+        logs.contains("The writer cannot commit"),
+        "started full: {logs}"
+    );
     assert!(logs.contains("The writer commits again"), "{logs}");
-    assert!(!logs.contains("Full Clinic"), "no request data in logs");
+    assert!(
+        !(logs + &first_logs).contains("Full Clinic"),
+        "no request data in logs"
+    );
 }
