@@ -22,6 +22,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{Admin, ApiJson};
+use super::staff::{decode_cursor, encode_cursor, page_limit};
 use crate::audit::AuditEntry;
 use crate::state::Shared;
 use crate::writer::{Expect, WriteError, WriteUnit};
@@ -139,20 +140,8 @@ pub async fn list(
         Some(text) => serde_json::from_value(serde_json::Value::String(text.to_owned()))
             .map_err(|_| ApiError::invalid("status", "Not a delivery status."))?,
     };
-    let limit = match query.limit.unwrap_or(50) {
-        n @ 1..=200 => n,
-        _ => return Err(ApiError::invalid("limit", "Must be between 1 and 200.")),
-    };
-    let cursor: Option<Cursor> = query
-        .cursor
-        .as_deref()
-        .map(|text| {
-            hex::decode(text)
-                .ok()
-                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-                .ok_or_else(|| ApiError::invalid("cursor", "Not a cursor this API returned."))
-        })
-        .transpose()?;
+    let limit = page_limit(query.limit)?;
+    let cursor: Option<Cursor> = query.cursor.as_deref().map(decode_cursor).transpose()?;
     let mut select = delivery::Entity::find().filter(delivery::Column::Status.eq(status));
     if let Some(c) = &cursor {
         select = select.filter(
@@ -175,12 +164,10 @@ pub async fn list(
     rows.truncate(limit as usize);
     let next_cursor = if more {
         rows.last().and_then(|d| {
-            serde_json::to_vec(&Cursor {
+            encode_cursor(&Cursor {
                 created_at: d.created_at,
                 id: d.id.clone(),
             })
-            .ok()
-            .map(hex::encode)
         })
     } else {
         None

@@ -114,18 +114,21 @@ struct ListCursor {
     id: String,
 }
 
-fn encode_cursor<T: Serialize>(cursor: &T) -> Option<String> {
+/// A page's cursor as the API hands it out (hex of its JSON); shared by the lists.
+pub(crate) fn encode_cursor<T: Serialize>(cursor: &T) -> Option<String> {
     serde_json::to_vec(cursor).ok().map(hex::encode)
 }
 
-fn decode_cursor<T: for<'de> Deserialize<'de>>(text: &str) -> ApiResult<T> {
+/// A cursor [`encode_cursor`] made, or 422 on `cursor`.
+pub(crate) fn decode_cursor<T: for<'de> Deserialize<'de>>(text: &str) -> ApiResult<T> {
     hex::decode(text)
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .ok_or_else(|| ApiError::invalid("cursor", "Not a cursor this API returned."))
 }
 
-fn page_limit(limit: Option<u64>) -> ApiResult<u64> {
+/// `?limit=`: 50 by default, 1 to 200, or 422 on `limit`.
+pub(crate) fn page_limit(limit: Option<u64>) -> ApiResult<u64> {
     match limit.unwrap_or(50) {
         n @ 1..=200 => Ok(n),
         _ => Err(ApiError::invalid("limit", "Must be between 1 and 200.")),
