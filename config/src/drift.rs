@@ -90,6 +90,8 @@ fn full_settings() -> Settings {
             rate_limit: limit(),
             per_recipient: limit(),
             inbound_per_sender: limit(),
+            health_interval: Duration::from_secs(30),
+            down_fails_readiness: false,
         }],
     }
 }

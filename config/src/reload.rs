@@ -265,6 +265,8 @@ fn diff_gateways(d: &mut Diff, old: &[Gateway], new: &[Gateway]) -> Result<(), R
             rate_limit,
             per_recipient,
             inbound_per_sender,
+            health_interval,
+            down_fails_readiness,
         } = new;
         d.fixed(at("name"), &old.name, name)?;
         d.fixed(at("kind"), &old.kind, kind)?;
@@ -278,6 +280,12 @@ fn diff_gateways(d: &mut Diff, old: &[Gateway], new: &[Gateway]) -> Result<(), R
             at("inbound_per_sender"),
             &old.inbound_per_sender,
             inbound_per_sender,
+        );
+        d.reloadable(at("health_interval"), &old.health_interval, health_interval);
+        d.reloadable(
+            at("down_fails_readiness"),
+            &old.down_fails_readiness,
+            down_fails_readiness,
         );
     }
     d.fixed("gateways", &old.len(), &new.len())

@@ -491,6 +491,21 @@ pub struct Gateway {
     /// Default: absent (unlimited). Reloadable: yes.
     #[serde(default)]
     pub inbound_per_sender: Option<RateLimit>,
+    /// How often the daemon asks the plugin for its health (a blocking call under the
+    /// instance's concurrency limit); the answer is the `caremsg_gateway_health` gauge,
+    /// a field of `/readyz`, and a log line when it changes. At least 1s.
+    /// Default: "30s". Reloadable: yes.
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// Whether `/readyz` answers 503 while the plugin reports itself down; otherwise a
+    /// down gateway is only reported in its JSON.
+    /// Default: false. Reloadable: yes.
+    #[serde(default)]
+    pub down_fails_readiness: bool,
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn empty_object() -> serde_json::Value {
@@ -514,6 +529,8 @@ impl fmt::Debug for Gateway {
             .field("rate_limit", &self.rate_limit)
             .field("per_recipient", &self.per_recipient)
             .field("inbound_per_sender", &self.inbound_per_sender)
+            .field("health_interval", &self.health_interval)
+            .field("down_fails_readiness", &self.down_fails_readiness)
             .finish()
     }
 }
@@ -612,6 +629,8 @@ mod tests {
             rate_limit: None,
             per_recipient: None,
             inbound_per_sender: None,
+            health_interval: std::time::Duration::from_secs(30),
+            down_fails_readiness: false,
         });
         let debug = format!("{s:?}");
         assert!(!debug.contains("hunter2"), "{debug}");

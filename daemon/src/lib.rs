@@ -128,16 +128,20 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         writer_stop.clone(),
     )
     .context("starting the writer's thread")?;
+    for warning in settings.warnings() {
+        tracing::warn!(field = %warning.field, "Configuration: {}.", warning.message);
+    }
+    let listen = settings.server.listen;
+    let settings = Arc::new(ArcSwap::from_pointee(settings));
     // After the writer: the gateways write through it from their first pass.
-    let gateways = gateways::Gateways::load(&settings)
+    let gateways = gateways::Gateways::load(settings.clone(), options.clock.clone())
         .await
         .context("loading the gateway plugins")?;
-    let listener = tokio::net::TcpListener::bind(settings.server.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding {}", settings.server.listen))?;
+        .with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
     let backend = db::backend_name(&db);
-    let settings = Arc::new(ArcSwap::from_pointee(settings));
     let http_stop = CancellationToken::new();
     let actor_system = actors::ActorSystem::start().context("starting the actor system")?;
     let state: Shared = Arc::new_cyclic(|weak| AppState {
@@ -277,6 +281,12 @@ impl Running {
         self.timers.tick().await
     }
 
+    /// Polls every gateway plugin's health now and waits for the answers: what the
+    /// periodic poll does every `health_interval`, on demand.
+    pub async fn poll_gateway_health(&self) {
+        self.state.gateways.poll_health(&self.state).await;
+    }
+
     /// Reloads the configuration, as SIGHUP does.
     pub fn reload(&self) -> ReloadOutcome {
         self.reloader.reload()
@@ -347,6 +357,8 @@ pub async fn run(
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
     let running = start(settings, options).await?;
+    // One line on stdout for whoever started it by hand (journald keeps it too).
+    println!("caremsgd: listening on http://{}", running.local_addr());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

@@ -69,6 +69,13 @@ pub struct WebhookRejectLabels {
     pub status: String,
 }
 
+/// Labels of a gateway's health.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayHealthLabels {
+    /// The gateway instance's name.
+    pub gateway: String,
+}
+
 /// Every metric the daemon exports.
 pub struct Metrics {
     // The registry renders the text format; the handles below update it.
@@ -113,6 +120,8 @@ pub struct Metrics {
     pub rate_limit_waits: Family<RateLimitLabels, Counter>,
     /// Webhook requests the plugin refused (4xx), by gateway and status.
     pub webhook_rejects: Family<WebhookRejectLabels, Counter>,
+    /// Each gateway plugin's health at the last poll: 2 ok, 1 degraded, 0 down.
+    pub gateway_health: Family<GatewayHealthLabels, Gauge>,
 }
 
 impl Metrics {
@@ -244,7 +253,14 @@ impl Metrics {
             "Provider webhook requests the gateway plugin refused, by gateway and status",
             webhook_rejects.clone(),
         );
+        let gateway_health = Family::<GatewayHealthLabels, Gauge>::default();
+        registry.register(
+            "gateway_health",
+            "Gateway plugin health at the last poll: 2 ok, 1 degraded, 0 down",
+            gateway_health.clone(),
+        );
         Self {
+            gateway_health,
             notifications,
             rate_limit_waits,
             webhook_rejects,

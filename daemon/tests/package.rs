@@ -359,7 +359,7 @@ const EXPECTED: &[(&str, &str)] = &[
         "-rw-r--r--",
     ),
     (
-        "./usr/lib/caremsg/plugins/libcaremsg_sms_loopback.so",
+        "./usr/lib/caremsg/plugins/libcaremsg_sms_telnyx.so",
         "-rw-r--r--",
     ),
     ("./etc/caremsg/caremsg.toml", "-rw-r-----"),

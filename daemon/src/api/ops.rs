@@ -9,7 +9,10 @@ use sea_orm::ConnectionTrait;
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
+use std::collections::BTreeMap;
+
 use super::ApiDoc;
+use crate::gateways::health::GatewayHealth;
 use crate::state::Shared;
 
 /// The ops routes (no token; bind the daemon to loopback).
@@ -26,6 +29,11 @@ pub fn routes() -> Router<Shared> {
 pub struct Health {
     /// `ok` or what is wrong.
     pub status: String,
+    /// `/readyz` only: each gateway plugin's health at the last poll, by instance
+    /// name. A gateway that is down turns readiness to 503 only with its
+    /// `down_fails_readiness` setting (`status` then says `gateway down`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateways: Option<BTreeMap<String, GatewayHealth>>,
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = Health)))]
@@ -33,12 +41,14 @@ pub struct Health {
 pub async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".to_owned(),
+        gateways: None,
     })
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses((status = 200, body = Health), (status = 503, body = Health)))]
-/// The database answers and every migration is applied.
+/// The database answers and every migration is applied (and no gateway that is
+/// required for readiness reports itself down); lists every gateway's health.
 pub async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
     let ping = state.db.execute_unprepared("SELECT 1").await;
     let status = match ping {
@@ -55,6 +65,12 @@ pub async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
             }
         },
     };
+    let (gateways, gateway_down) = state.gateways.health_report(&state.settings.load());
+    let status = if status == "ok" && gateway_down {
+        "gateway down"
+    } else {
+        status
+    };
     let code = if status == "ok" {
         StatusCode::OK
     } else {
@@ -64,6 +80,7 @@ pub async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
         code,
         Json(Health {
             status: status.to_owned(),
+            gateways: Some(gateways),
         }),
     )
 }

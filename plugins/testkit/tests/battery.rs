@@ -149,3 +149,15 @@ fn the_binary_prints_the_summary_and_sets_the_exit_code() {
     assert!(!bad.status.success(), "{stdout}");
     assert!(stdout.contains("FAIL send maps accepted"), "{stdout}");
 }
+
+#[test]
+fn the_plugin_template_passes_its_own_suite() {
+    let (report, out) = battery("caremsg-plugin-template", &suite("template/testkit.json"));
+    assert_eq!(report.failed(), 0, "{out}");
+    assert!(
+        report
+            .check("send maps 200 as sent")
+            .is_some_and(|c| c.detail.contains("request as expected")),
+        "{out}"
+    );
+}

@@ -67,6 +67,13 @@ fn unsafe_code_is_allowed_only_in_the_two_ffi_modules() {
     // sdk/src/lib.rs: only the `#[unsafe(no_mangle)]` entry symbol in `export_plugin!`.
     assert_eq!(
         allowed,
-        ["host/src/ffi.rs", "sdk/src/ffi.rs", "sdk/src/lib.rs"]
+        [
+            "host/src/ffi.rs",
+            "sdk/src/ffi.rs",
+            "sdk/src/lib.rs",
+            // The SDK frozen at ABI 1.0 (a copy, for the compatibility test plugin).
+            "testplugins/sdk-v1_0/src/ffi.rs",
+            "testplugins/sdk-v1_0/src/lib.rs",
+        ]
     );
 }
