@@ -306,7 +306,7 @@ impl WebhookEvents<'_> {
     /// retried request is recognised by its provider message ids, so events taken
     /// before the refusal are not stored twice.
     ///
-    /// ```ignore
+    /// ```text
     /// if let Err(busy) = events.emit_all(&found) { return busy; }
     /// WebhookResponse::empty(204)
     /// ```

@@ -98,7 +98,11 @@ impl Gateway for Telnyx {
     }
 
     fn send(&self, message: &Outbound<'_>) -> SendResult {
-        let from = if message.from.is_empty() { self.config.from.as_str() } else { message.from };
+        let from = if message.from.is_empty() {
+            self.config.from.as_str()
+        } else {
+            message.from
+        };
         let mut body = serde_json::json!({ "from": from, "to": message.to, "text": message.body });
         if let Some(profile) = &self.config.messaging_profile_id {
             body["messaging_profile_id"] = Value::from(profile.as_str());
@@ -130,8 +134,13 @@ impl Gateway for Telnyx {
                 return SendResult::retryable(format!("Telnyx could not be reached: {error}"));
             }
         };
-        self.credentials_refused.store(response.status == 401, Ordering::Relaxed);
-        let result = map_answer(response.status, response.header("retry-after"), &response.body);
+        self.credentials_refused
+            .store(response.status == 401, Ordering::Relaxed);
+        let result = map_answer(
+            response.status,
+            response.header("retry-after"),
+            &response.body,
+        );
         if let SendResult::Sent { provider_id } = &result {
             self.host.info(&format!(
                 "Telnyx accepted delivery {} as {provider_id}.",
@@ -150,7 +159,8 @@ impl Gateway for Telnyx {
             return WebhookResponse::empty(405).with_header("allow", "POST");
         }
         if let Err(why) = self.authentic(request) {
-            self.host.warn(&format!("A Telnyx webhook was refused: {why}."));
+            self.host
+                .warn(&format!("A Telnyx webhook was refused: {why}."));
             return WebhookResponse::text(403, "The signature is missing, wrong or stale.");
         }
         let Ok(document) = serde_json::from_slice::<Value>(request.body) else {
@@ -159,10 +169,13 @@ impl Gateway for Telnyx {
         let data = &document["data"];
         let payload = &data["payload"];
         let id = payload["id"].as_str().unwrap_or_default();
-        let to = payload["to"][0]["phone_number"].as_str().unwrap_or_default();
-        let code = payload["errors"][0]["code"].as_str().map(str::to_owned).or_else(|| {
-            payload["errors"][0]["code"].as_u64().map(|c| c.to_string())
-        });
+        let to = payload["to"][0]["phone_number"]
+            .as_str()
+            .unwrap_or_default();
+        let code = payload["errors"][0]["code"]
+            .as_str()
+            .map(str::to_owned)
+            .or_else(|| payload["errors"][0]["code"].as_u64().map(|c| c.to_string()));
         let receipt = |status| Event::DeliveryReceipt {
             provider_message_id: id,
             status,
@@ -239,7 +252,9 @@ pub fn map_answer(status: u16, retry_after: Option<&str>, body: &[u8]) -> SendRe
             Some(id) if !id.is_empty() => SendResult::sent(id),
             _ => SendResult::permanent(
                 "telnyx-malformed-response",
-                format!("Telnyx answered HTTP {status} without a message id; the message may have been sent, so it is not retried."),
+                format!(
+                    "Telnyx answered HTTP {status} without a message id; the message may have been sent, so it is not retried."
+                ),
             ),
         };
     }
@@ -248,17 +263,26 @@ pub fn map_answer(status: u16, retry_after: Option<&str>, body: &[u8]) -> SendRe
         .as_str()
         .map(str::to_owned)
         .or_else(|| error["code"].as_u64().map(|c| c.to_string()));
-    let detail = error["detail"].as_str().or(error["title"].as_str()).unwrap_or("no detail");
+    let detail = error["detail"]
+        .as_str()
+        .or(error["title"].as_str())
+        .unwrap_or("no detail");
     let reason = format!(
         "Telnyx answered HTTP {status} with error {}: {}",
         code.as_deref().unwrap_or("(none)"),
         redact::scrub(detail, MAX_DETAIL)
     );
-    let after = retry_after.and_then(|s| s.trim().parse().ok()).map(Duration::from_secs);
+    let after = retry_after
+        .and_then(|s| s.trim().parse().ok())
+        .map(Duration::from_secs);
     let code_or_status = code.clone().unwrap_or_else(|| status.to_string());
     match status {
         _ if code.as_deref() == Some(OPTED_OUT) => SendResult::unsubscribed(reason),
-        429 | 408 | 500..=599 => SendResult::Retryable { after, code: Some(code_or_status), reason },
+        429 | 408 | 500..=599 => SendResult::Retryable {
+            after,
+            code: Some(code_or_status),
+            reason,
+        },
         400..=499 => SendResult::permanent(code_or_status, reason),
         _ => SendResult::permanent(format!("http-{status}"), reason),
     }

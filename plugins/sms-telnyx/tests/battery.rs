@@ -40,7 +40,9 @@ fn sms_telnyx_passes_the_battery() {
     assert!(sent.detail.contains("request as expected"), "{out}");
     let pressure = report.check("emit back-pressure").unwrap();
     assert!(
-        pressure.detail.contains("answered 200 without back-pressure, then 503"),
+        pressure
+            .detail
+            .contains("answered 200 without back-pressure, then 503"),
         "{out}"
     );
 }

@@ -52,13 +52,22 @@ fn a_send_posts_json_with_the_bearer_key_and_the_hook_url() {
     let outcome = h.instance().send(&outbound()).unwrap();
     assert_eq!(outcome, SendOutcome::sent("m-1"));
     let got = h.fake().received().pop().unwrap();
-    assert_eq!((got.method.as_str(), got.path_and_query.as_str()), ("POST", "/v2/messages"));
+    assert_eq!(
+        (got.method.as_str(), got.path_and_query.as_str()),
+        ("POST", "/v2/messages")
+    );
     assert_eq!(got.header("authorization"), Some("Bearer KEY1"));
     let body: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
-    assert_eq!(body["from"], "+15550199", "the configured sender fills an empty from");
+    assert_eq!(
+        body["from"], "+15550199",
+        "the configured sender fills an empty from"
+    );
     assert_eq!(body["to"], "+15550100");
     assert_eq!(body["text"], "Hello");
-    assert_eq!(body["webhook_url"], "http://127.0.0.1:8080/v1/hooks/testkit");
+    assert_eq!(
+        body["webhook_url"],
+        "http://127.0.0.1:8080/v1/hooks/testkit"
+    );
     assert!(h.logs().iter().all(|(_, line)| !line.contains("+1555")));
 }
 
@@ -66,9 +75,15 @@ fn a_send_posts_json_with_the_bearer_key_and_the_hook_url() {
 fn a_refused_key_turns_health_down_until_a_send_succeeds() {
     let h = start();
     assert_eq!(h.instance().health().unwrap(), Health::Ok);
-    h.fake().set(answer(401, r#"{"errors":[{"code":"10009","title":"Authentication failed"}]}"#));
+    h.fake().set(answer(
+        401,
+        r#"{"errors":[{"code":"10009","title":"Authentication failed"}]}"#,
+    ));
     let outcome = h.instance().send(&outbound()).unwrap();
-    assert!(matches!(outcome, SendOutcome::Permanent { ref code, .. } if code == "10009"), "{outcome:?}");
+    assert!(
+        matches!(outcome, SendOutcome::Permanent { ref code, .. } if code == "10009"),
+        "{outcome:?}"
+    );
     assert!(matches!(h.instance().health().unwrap(), Health::Down(_)));
     h.fake().set(answer(200, r#"{"data":{"id":"m-2"}}"#));
     h.instance().send(&outbound()).unwrap();
@@ -87,11 +102,24 @@ fn answers_map_to_send_results() {
             reason: "Telnyx answered HTTP 429 with error 10011: no detail".into()
         }
     );
-    let stop = map_answer(400, None, br#"{"errors":[{"code":"40300","detail":"+15550100 replied STOP"}]}"#);
-    assert!(matches!(stop, SendOutcome::Unsubscribed { ref reason } if !reason.contains("15550100")), "{stop:?}");
-    assert!(matches!(map_answer(502, None, b"<html>"), SendOutcome::Retryable { code: Some(ref c), .. } if c == "502"));
-    assert!(matches!(map_answer(422, None, br#"{"errors":[{"code":40310}]}"#), SendOutcome::Permanent { ref code, .. } if code == "40310"));
-    assert!(matches!(map_answer(200, None, b"{}"), SendOutcome::Permanent { ref code, .. } if code == "telnyx-malformed-response"));
+    let stop = map_answer(
+        400,
+        None,
+        br#"{"errors":[{"code":"40300","detail":"+15550100 replied STOP"}]}"#,
+    );
+    assert!(
+        matches!(stop, SendOutcome::Unsubscribed { ref reason } if !reason.contains("15550100")),
+        "{stop:?}"
+    );
+    assert!(
+        matches!(map_answer(502, None, b"<html>"), SendOutcome::Retryable { code: Some(ref c), .. } if c == "502")
+    );
+    assert!(
+        matches!(map_answer(422, None, br#"{"errors":[{"code":40310}]}"#), SendOutcome::Permanent { ref code, .. } if code == "40310")
+    );
+    assert!(
+        matches!(map_answer(200, None, b"{}"), SendOutcome::Permanent { ref code, .. } if code == "telnyx-malformed-response")
+    );
 }
 
 /// A webhook signed the way Telnyx signs, built by the testkit's signer.
@@ -107,7 +135,10 @@ fn signed(ts: u64, body: &str, seed: &str) -> WebhookRequest {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 const FINALIZED: &str = r#"{"data":{"event_type":"message.finalized","payload":{"id":"m-9","to":[{"phone_number":"+15550100","status":"delivery_failed"}],"errors":[{"code":"40300"}]}}}"#;
@@ -115,7 +146,10 @@ const FINALIZED: &str = r#"{"data":{"event_type":"message.finalized","payload":{
 #[test]
 fn webhooks_are_verified_fresh_and_mapped() {
     let h = start();
-    let outcome = h.instance().handle_webhook(&signed(now(), FINALIZED, SEED)).unwrap();
+    let outcome = h
+        .instance()
+        .handle_webhook(&signed(now(), FINALIZED, SEED))
+        .unwrap();
     assert_eq!(outcome.response.status, 200);
     assert_eq!(
         outcome.events,
@@ -125,18 +159,38 @@ fn webhooks_are_verified_fresh_and_mapped() {
                 status: ReceiptStatus::Undelivered,
                 error_code: Some("40300".into())
             },
-            Event::OptOut { number: "+15550100".into() }
+            Event::OptOut {
+                number: "+15550100".into()
+            }
         ]
     );
     for (request, why) in [
         (signed(now() - 301, FINALIZED, SEED), "stale"),
         (signed(now() + 301, FINALIZED, SEED), "ahead"),
-        (signed(now(), FINALIZED, "CfUdD6AFkdKAxpUcpcWSFj+MFG9fEhYXPqeRuVPVD6I="), "other key"),
+        (
+            signed(
+                now(),
+                FINALIZED,
+                "CfUdD6AFkdKAxpUcpcWSFj+MFG9fEhYXPqeRuVPVD6I=",
+            ),
+            "other key",
+        ),
     ] {
         let outcome = h.instance().handle_webhook(&request).unwrap();
-        assert_eq!((outcome.response.status, outcome.events.len()), (403, 0), "{why}");
+        assert_eq!(
+            (outcome.response.status, outcome.events.len()),
+            (403, 0),
+            "{why}"
+        );
     }
     let mut tampered = signed(now(), FINALIZED, SEED);
     tampered.body = FINALIZED.replace("m-9", "m-8").into_bytes();
-    assert_eq!(h.instance().handle_webhook(&tampered).unwrap().response.status, 403);
+    assert_eq!(
+        h.instance()
+            .handle_webhook(&tampered)
+            .unwrap()
+            .response
+            .status,
+        403
+    );
 }
