@@ -391,6 +391,7 @@ fn mutated(full: &Value, pointer: &str) -> Settings {
         .into_iter()
         .map(Value::String)
         .collect(),
+        Value::Bool(b) => vec![json!(!b)],
         Value::Array(items) => {
             let mut longer = items.clone();
             longer.extend(items.first().cloned());

@@ -451,12 +451,26 @@ mod tests {
             s.server.public_url = public_url.to_owned();
             s.gateways[0].library = PathBuf::from(library);
             assert_eq!(s.validate(), Ok(()));
-            s.warnings().iter().map(|w| w.field.clone()).collect::<Vec<_>>()
+            s.warnings()
+                .iter()
+                .map(|w| w.field.clone())
+                .collect::<Vec<_>>()
         };
         let loopback = "/usr/lib/caremsg/plugins/libcaremsg_sms_loopback.so";
-        assert_eq!(warned("https://caremsg.clinic.example", loopback), ["gateways[0].library"]);
-        assert_eq!(warned("http://10.0.0.5:8680/", loopback), ["gateways[0].library"]);
-        for local in ["http://127.0.0.1:8680", "http://localhost:8680", "http://[::1]:8680", "http://127.1.2.3"] {
+        assert_eq!(
+            warned("https://caremsg.clinic.example", loopback),
+            ["gateways[0].library"]
+        );
+        assert_eq!(
+            warned("http://10.0.0.5:8680/", loopback),
+            ["gateways[0].library"]
+        );
+        for local in [
+            "http://127.0.0.1:8680",
+            "http://localhost:8680",
+            "http://[::1]:8680",
+            "http://127.1.2.3",
+        ] {
             assert!(warned(local, loopback).is_empty(), "{local}");
         }
         assert!(warned("https://caremsg.clinic.example", "libcaremsg_sms_twilio.so").is_empty());

@@ -214,13 +214,20 @@ fn run_tells_systemd_about_start_reload_and_stop() {
 fn check_config_warns_about_a_loopback_gateway_behind_a_public_url() {
     let dir = tempfile::tempdir().unwrap();
     let local = config_with(dir.path(), "");
-    let out = Command::new(BIN).arg("check-config").arg(&local).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&local)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success() && !text.contains("warning"), "{text}");
 
     let public = dir.path().join("public.toml");
     let config = std::fs::read_to_string(&local).unwrap();
-    assert!(config.contains("public_url = \"http://127.0.0.1:8680\""), "{config}");
+    assert!(
+        config.contains("public_url = \"http://127.0.0.1:8680\""),
+        "{config}"
+    );
     std::fs::write(
         &public,
         config.replace(
@@ -229,7 +236,11 @@ fn check_config_warns_about_a_loopback_gateway_behind_a_public_url() {
         ),
     )
     .unwrap();
-    let out = Command::new(BIN).arg("check-config").arg(&public).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&public)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "a warning is not an error: {text}");
     assert!(

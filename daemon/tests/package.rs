@@ -509,7 +509,10 @@ fn the_debian_package_builds_and_holds_what_an_operator_installs() {
 #[test]
 fn production_leaves_the_loopback_gateway_out() {
     let example = read("config/caremsg.production.toml");
-    assert!(!example.contains("sms_loopback"), "the production example names the loopback gateway");
+    assert!(
+        !example.contains("sms_loopback"),
+        "the production example names the loopback gateway"
+    );
     let settings = caremsg_config::from_toml_str(&example).unwrap();
     assert!(settings.warnings().is_empty(), "{:?}", settings.warnings());
     let manifest = read("daemon/Cargo.toml");
@@ -517,7 +520,17 @@ fn production_leaves_the_loopback_gateway_out() {
         .split("[package.metadata.deb]")
         .nth(1)
         .expect("the package metadata");
-    assert!(!assets.contains("libcaremsg_sms_loopback.so"), "the package ships the loopback gateway");
-    assert!(assets.contains("libcaremsg_sms_telnyx.so"), "the package ships the Telnyx gateway");
-    assert!(EXPECTED.iter().all(|(path, _)| !path.contains("sms_loopback")));
+    assert!(
+        !assets.contains("libcaremsg_sms_loopback.so"),
+        "the package ships the loopback gateway"
+    );
+    assert!(
+        assets.contains("libcaremsg_sms_telnyx.so"),
+        "the package ships the Telnyx gateway"
+    );
+    assert!(
+        EXPECTED
+            .iter()
+            .all(|(path, _)| !path.contains("sms_loopback"))
+    );
 }

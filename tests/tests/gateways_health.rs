@@ -34,7 +34,12 @@ async fn daemon(extra: &str) -> (TestDaemon, PathBuf, tempfile::TempDir) {
 }
 
 async fn readyz(d: &TestDaemon) -> (StatusCode, Value) {
-    let response = d.http.get(format!("{}/readyz", d.base)).send().await.unwrap();
+    let response = d
+        .http
+        .get(format!("{}/readyz", d.base))
+        .send()
+        .await
+        .unwrap();
     let status = response.status();
     (status, response.json().await.unwrap())
 }
@@ -46,8 +51,18 @@ fn set_health(file: &Path, text: &str) {
 #[tokio::test]
 async fn an_abi_1_0_plugin_loads_takes_webhooks_and_reports_its_health() {
     let (d, file, _folder) = daemon("").await;
-    let plugin = d.daemon().state().gateways.instance("v10").unwrap().plugin().clone();
-    assert_eq!((plugin.metadata().abi_major, plugin.metadata().abi_minor), (1, 0));
+    let plugin = d
+        .daemon()
+        .state()
+        .gateways
+        .instance("v10")
+        .unwrap()
+        .plugin()
+        .clone();
+    assert_eq!(
+        (plugin.metadata().abi_major, plugin.metadata().abi_minor),
+        (1, 0)
+    );
 
     // Its webhook works through the daemon: the event is committed, then 204.
     let response = d
@@ -73,7 +88,10 @@ async fn an_abi_1_0_plugin_loads_takes_webhooks_and_reports_its_health() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "ok");
     assert_eq!(body["gateways"]["v10"]["health"], "down");
-    assert_eq!(body["gateways"]["v10"]["detail"], "The health file says down.");
+    assert_eq!(
+        body["gateways"]["v10"]["detail"],
+        "The health file says down."
+    );
     assert_eq!(body["gateways"]["loopback"]["health"], "ok");
     d.stop().await.unwrap();
 }
@@ -101,12 +119,18 @@ async fn health_is_polled_every_health_interval_without_being_asked() {
     // Bounded polling of the observable gauge: the daemon's own poll must change it.
     let deadline = Instant::now() + Duration::from_secs(20);
     while d.metric(GAUGE).await != 0.0 {
-        assert!(Instant::now() < deadline, "the gauge never showed the plugin down");
+        assert!(
+            Instant::now() < deadline,
+            "the gauge never showed the plugin down"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     set_health(&file, "up");
     while d.metric(GAUGE).await != 2.0 {
-        assert!(Instant::now() < deadline, "the gauge never showed the plugin up again");
+        assert!(
+            Instant::now() < deadline,
+            "the gauge never showed the plugin up again"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     d.stop().await.unwrap();

@@ -96,7 +96,11 @@ pub(crate) async fn poll(instance: &GatewayInstance, metrics: &Metrics) -> Gatew
                 tracing::info!(gateway, "The gateway plugin is healthy again.");
             }
             (HealthState::Degraded, _) => {
-                tracing::warn!(gateway, detail, "The gateway plugin reports itself degraded.");
+                tracing::warn!(
+                    gateway,
+                    detail,
+                    "The gateway plugin reports itself degraded."
+                );
             }
             (HealthState::Down, _) => {
                 tracing::error!(gateway, detail, "The gateway plugin reports itself down.");

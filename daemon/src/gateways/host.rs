@@ -95,8 +95,14 @@ pub(crate) fn scrub(message: &str) -> String {
     // id such as a UUID or `lb-…`, whose digit groups are not phone numbers.
     let in_id = |at: usize| {
         let part = |c: &char| c.is_alphanumeric() || matches!(c, '-' | '_');
-        let start = chars[..at].iter().rposition(|c| !part(c)).map_or(0, |p| p + 1);
-        let end = chars[at..].iter().position(|c| !part(c)).map_or(chars.len(), |p| at + p);
+        let start = chars[..at]
+            .iter()
+            .rposition(|c| !part(c))
+            .map_or(0, |p| p + 1);
+        let end = chars[at..]
+            .iter()
+            .position(|c| !part(c))
+            .map_or(chars.len(), |p| at + p);
         chars[start..end].iter().any(|c| c.is_alphabetic())
     };
     while i < chars.len() {
@@ -143,7 +149,10 @@ mod tests {
             "id 0192c3e4-5b6a-7c8d-9e0f-123456789012.",
         );
         check("to +1-2015550123 now", "to +1-[redacted] now");
-        check("to -2015550123 and 2015550123-", "to -[redacted] and [redacted]-");
+        check(
+            "to -2015550123 and 2015550123-",
+            "to -[redacted] and [redacted]-",
+        );
         check("3 segment(s), 160 chars", "3 segment(s), 160 chars");
         check("line\nbreak", "line break");
     }

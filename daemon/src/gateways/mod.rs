@@ -325,7 +325,10 @@ impl Gateways {
     pub fn health_report(
         &self,
         settings: &Settings,
-    ) -> (std::collections::BTreeMap<String, health::GatewayHealth>, bool) {
+    ) -> (
+        std::collections::BTreeMap<String, health::GatewayHealth>,
+        bool,
+    ) {
         let mut fails = false;
         let mut report = std::collections::BTreeMap::new();
         for (name, instance) in &self.instances {

@@ -196,7 +196,10 @@ mod tests {
         // RFC 4231 test case 2 and RFC 2202 test case 2.
         let sha256 = "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843";
         assert_eq!(
-            to_hex(&hmac_sha256(b"Jefe", &[b"what do ya want ", b"for nothing?"])),
+            to_hex(&hmac_sha256(
+                b"Jefe",
+                &[b"what do ya want ", b"for nothing?"]
+            )),
             sha256
         );
         let sha1 = "effcdf6ae5eb2fa2d27416d5f184df9c259a7c79";
@@ -205,8 +208,16 @@ mod tests {
             sha1
         );
         let good = hex(sha256).unwrap();
-        assert!(hmac_sha256_matches(b"Jefe", &[b"what do ya want for nothing?"], &good));
-        assert!(!hmac_sha256_matches(b"Jefe", &[b"what do ya want for nothing!"], &good));
+        assert!(hmac_sha256_matches(
+            b"Jefe",
+            &[b"what do ya want for nothing?"],
+            &good
+        ));
+        assert!(!hmac_sha256_matches(
+            b"Jefe",
+            &[b"what do ya want for nothing!"],
+            &good
+        ));
         assert!(hmac_sha1_matches(
             b"Jefe",
             &[b"what do ya want for nothing?"],

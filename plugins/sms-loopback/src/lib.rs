@@ -191,7 +191,11 @@ impl Gateway for Loopback {
         let config: Config = serde_json::from_str(config)
             .map_err(|e| format!("The sms-loopback configuration is invalid: {e}."))?;
         let outbox = Outbox::open(config.outbox)?;
-        if config.secret.as_deref().is_some_and(|s| s.trim().is_empty()) {
+        if config
+            .secret
+            .as_deref()
+            .is_some_and(|s| s.trim().is_empty())
+        {
             return Err("The sms-loopback secret, when given, must not be empty.".to_owned());
         }
         Ok(Loopback {
@@ -338,7 +342,9 @@ mod tests {
     fn a_configured_secret_is_required_even_from_loopback() {
         let block = |value: &[u8]| caremsg_plugin_sdk::headers::encode([(SECRET_HEADER, value)]);
         let (right, wrong) = (block(b"s3cret"), block(b"s3creT"));
-        let cases: [(&[u8], Option<&str>, Result<(), u16>); 5] = [
+        // (the header block, the configured secret, the expected outcome)
+        type Case<'a> = (&'a [u8], Option<&'a str>, Result<(), u16>);
+        let cases: [Case<'_>; 5] = [
             (&right, Some("s3cret"), Ok(())),
             (&wrong, Some("s3cret"), Err(403)),
             (&[], Some("s3cret"), Err(403)),
@@ -350,14 +356,19 @@ mod tests {
                 headers: Headers::new(headers),
                 ..request("POST", Some("127.0.0.1:5000"), GOOD.as_bytes())
             };
-            let got = accept_reply(&request, secret).map(|_| ()).map_err(|r| r.status);
+            let got = accept_reply(&request, secret)
+                .map(|_| ())
+                .map_err(|r| r.status);
             assert_eq!(got, expected, "{secret:?}");
         }
         let reverse_proxied = WebhookRequest {
             headers: Headers::new(&right),
             ..request("POST", Some("192.0.2.1:5000"), GOOD.as_bytes())
         };
-        assert!(accept_reply(&reverse_proxied, Some("s3cret")).is_err(), "the secret does not replace the loopback check");
+        assert!(
+            accept_reply(&reverse_proxied, Some("s3cret")).is_err(),
+            "the secret does not replace the loopback check"
+        );
     }
 
     #[test]

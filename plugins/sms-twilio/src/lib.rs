@@ -152,7 +152,11 @@ impl Config {
         if config.from.is_none() && config.messaging_service_sid.is_none() {
             return Err("Set from (a sender number) or messaging_service_sid.".into());
         }
-        if config.hook_url.as_deref().is_some_and(|url| !is_http_url(url)) {
+        if config
+            .hook_url
+            .as_deref()
+            .is_some_and(|url| !is_http_url(url))
+        {
             return Err("hook_url must be an http:// or https:// URL.".into());
         }
         Ok(config)

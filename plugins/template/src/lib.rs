@@ -54,7 +54,11 @@ impl Gateway for Template {
     }
 
     fn send(&self, message: &Outbound<'_>) -> SendResult {
-        let from = if message.from.is_empty() { &self.config.from } else { message.from };
+        let from = if message.from.is_empty() {
+            &self.config.from
+        } else {
+            message.from
+        };
         let body = serde_json::json!({
             "from": from, "to": message.to, "text": message.body, "callback": self.host.hook_url(),
         })
@@ -66,7 +70,10 @@ impl Gateway for Template {
         let request = HttpRequest {
             method: "POST",
             url: &url,
-            headers: &[("authorization", auth.as_str()), ("content-type", "application/json")],
+            headers: &[
+                ("authorization", auth.as_str()),
+                ("content-type", "application/json"),
+            ],
             body: body.as_bytes(),
             timeout: Some(Duration::from_secs(10)),
         };
@@ -79,7 +86,10 @@ impl Gateway for Template {
             (200..=299, Some(id)) => SendResult::sent(id),
             (200..=299, None) => SendResult::permanent("malformed", "No id in the answer."),
             (429 | 500..=599, _) => SendResult::Retryable {
-                after: response.header("retry-after").and_then(|s| s.parse().ok()).map(Duration::from_secs),
+                after: response
+                    .header("retry-after")
+                    .and_then(|s| s.parse().ok())
+                    .map(Duration::from_secs),
                 code: Some(response.status.to_string()),
                 reason: format!("The provider answered {}.", response.status),
             },
@@ -87,23 +97,42 @@ impl Gateway for Template {
         }
     }
 
-    fn handle_webhook(&self, request: &WebhookRequest<'_>, events: &mut WebhookEvents<'_>) -> WebhookResponse {
+    fn handle_webhook(
+        &self,
+        request: &WebhookRequest<'_>,
+        events: &mut WebhookEvents<'_>,
+    ) -> WebhookResponse {
         if request.method != "POST" {
             return WebhookResponse::empty(405).with_header("allow", "POST");
         }
         let timestamp = request.headers.get_str("x-timestamp").unwrap_or_default();
         let fresh = verify::check_timestamp(timestamp, self.host.now(), Duration::from_secs(300));
-        let signature = request.headers.get_str("x-signature").and_then(verify::hex).unwrap_or_default();
+        let signature = request
+            .headers
+            .get_str("x-signature")
+            .and_then(verify::hex)
+            .unwrap_or_default();
         let message = [timestamp.as_bytes(), b".", request.body];
-        if fresh.is_err() || !verify::hmac_sha256_matches(self.config.secret.as_bytes(), &message, &signature) {
+        if fresh.is_err()
+            || !verify::hmac_sha256_matches(self.config.secret.as_bytes(), &message, &signature)
+        {
             return WebhookResponse::text(403, "Bad or stale signature.");
         }
         let Ok(hook) = serde_json::from_slice::<Hook>(request.body) else {
             return WebhookResponse::text(400, "Expected a JSON event.");
         };
         let event = match hook.r#type.as_str() {
-            "inbound" => Event::InboundMessage { from: &hook.from, to: &hook.to, body: &hook.text, provider_message_id: &hook.id },
-            "delivered" => Event::DeliveryReceipt { provider_message_id: &hook.id, status: ReceiptStatus::Delivered, error_code: None },
+            "inbound" => Event::InboundMessage {
+                from: &hook.from,
+                to: &hook.to,
+                body: &hook.text,
+                provider_message_id: &hook.id,
+            },
+            "delivered" => Event::DeliveryReceipt {
+                provider_message_id: &hook.id,
+                status: ReceiptStatus::Delivered,
+                error_code: None,
+            },
             _ => return WebhookResponse::empty(204),
         };
         match events.emit_all([&event]) {
@@ -113,4 +142,9 @@ impl Gateway for Template {
     }
 }
 
-export_plugin!(Template, "sms-template", env!("CARGO_PKG_VERSION"), Kind::Sms);
+export_plugin!(
+    Template,
+    "sms-template",
+    env!("CARGO_PKG_VERSION"),
+    Kind::Sms
+);

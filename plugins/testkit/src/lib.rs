@@ -45,13 +45,13 @@ use caremsg_plugin_host::{
 };
 
 use crate::fake::Fake;
+use crate::fake::Received;
 use crate::recorder::Recorder;
 pub use crate::signer::ed25519_public_key;
 pub use crate::signer::request_of as webhook_request;
 use crate::signer::request_of;
 pub use crate::suite::Suite;
 use crate::suite::{Expect, ExpectRequest, SendCase, WebhookCase};
-use crate::fake::Received;
 
 /// The instance name the battery starts plugins under.
 pub const INSTANCE: &str = "testkit";
@@ -445,7 +445,9 @@ fn request_matches(expected: &ExpectRequest, got: &Received) -> Result<(), Strin
             match fields.iter().find(|(n, _)| n == name) {
                 Some((_, value)) if value == want => {}
                 Some((_, value)) => {
-                    return Err(format!("form field {name:?} is {value:?}, expected {want:?}"));
+                    return Err(format!(
+                        "form field {name:?} is {value:?}, expected {want:?}"
+                    ));
                 }
                 None => return Err(format!("form field {name:?} is missing")),
             }
@@ -625,12 +627,14 @@ fn back_pressure(
                 match within(DEADLINE, move || i.handle_webhook(&request)) {
                     None => Err(late("handle_webhook while the host was busy")),
                     Some(Err(error)) => Err(error.to_string()),
-                    Some(Ok(outcome)) if matches!(outcome.response.status, 429 | 503) => Ok(format!(
-                        "webhook {:?} answered {} without back-pressure, then {} promptly while the host was busy",
-                        case.name,
-                        baseline.and_then(Result::ok).unwrap_or_default(),
-                        outcome.response.status
-                    )),
+                    Some(Ok(outcome)) if matches!(outcome.response.status, 429 | 503) => {
+                        Ok(format!(
+                            "webhook {:?} answered {} without back-pressure, then {} promptly while the host was busy",
+                            case.name,
+                            baseline.and_then(Result::ok).unwrap_or_default(),
+                            outcome.response.status
+                        ))
+                    }
                     Some(Ok(outcome)) => Err(format!(
                         "webhook {:?} answered {} while its events were refused; expected 429 or 503 so the provider retries",
                         case.name, outcome.response.status

@@ -33,8 +33,8 @@ pub fn request_of(case: &WebhookCase) -> Result<WebhookRequest, String> {
         let message = fill(&signer.message)
             .replace("${URL}", &case.public_url)
             .replace("${BODY}", &body);
-        let value = sign(signer, message.as_bytes())
-            .map_err(|e| format!("case {:?}: {e}", case.name))?;
+        let value =
+            sign(signer, message.as_bytes()).map_err(|e| format!("case {:?}: {e}", case.name))?;
         headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&signer.header));
         headers.push((signer.header.to_ascii_lowercase(), value.into_bytes()));
     }
@@ -95,8 +95,8 @@ mod tests {
     use crate::suite::Suite;
 
     fn case(json: &str) -> WebhookCase {
-        let suite = Suite::from_json(&format!(r#"{{"config":{{}},"webhooks":[{json}]}}"#))
-            .expect("suite");
+        let suite =
+            Suite::from_json(&format!(r#"{{"config":{{}},"webhooks":[{json}]}}"#)).expect("suite");
         suite.webhooks[0].clone()
     }
 
@@ -147,8 +147,14 @@ mod tests {
                 "sign":{"algorithm":"hmac-sha256","key":"k","header":"x-sig","encoding":"hex","prefix":"sha256="}}"#,
         ))
         .unwrap();
-        let expected = format!("sha256={}", verify::to_hex(&verify::hmac_sha256(b"k", &[b"b"])));
-        assert_eq!(request.headers, vec![("x-sig".to_owned(), expected.into_bytes())]);
+        let expected = format!(
+            "sha256={}",
+            verify::to_hex(&verify::hmac_sha256(b"k", &[b"b"]))
+        );
+        assert_eq!(
+            request.headers,
+            vec![("x-sig".to_owned(), expected.into_bytes())]
+        );
         let bad = case(
             r#"{"name":"x","expect_status":200,"sign":{"algorithm":"ed25519","key":"AA==","header":"s"}}"#,
         );

@@ -333,8 +333,14 @@ pub fn substitute_now(text: &str, now: u64) -> String {
         let offset = &after[..end];
         let value = match offset.as_bytes().first() {
             None => Some(now),
-            Some(b'-') => offset[1..].parse::<u64>().ok().map(|s| now.saturating_sub(s)),
-            Some(b'+') => offset[1..].parse::<u64>().ok().map(|s| now.saturating_add(s)),
+            Some(b'-') => offset[1..]
+                .parse::<u64>()
+                .ok()
+                .map(|s| now.saturating_sub(s)),
+            Some(b'+') => offset[1..]
+                .parse::<u64>()
+                .ok()
+                .map(|s| now.saturating_add(s)),
             Some(_) => None,
         };
         match value {

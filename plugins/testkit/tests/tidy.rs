@@ -102,5 +102,8 @@ fn code_lines(plugin: &str) -> usize {
 fn the_telnyx_plugin_stays_small_on_the_sdk_helpers() {
     // Issue 16: a provider written on the SDK's helpers takes at most 250 lines.
     let lines = code_lines("sms-telnyx");
-    assert!((100..=250).contains(&lines), "sms-telnyx has {lines} lines of code");
+    assert!(
+        (100..=250).contains(&lines),
+        "sms-telnyx has {lines} lines of code"
+    );
 }
