@@ -406,24 +406,25 @@ impl Request {
         }
     }
 
-    /// A portal message to `patient`, its body also its `client_txn_id`.
+    /// A portal message to `patient`; its `client_txn_id` is the body's head (the
+    /// tests' bodies are unique within their first 40 characters).
     pub fn portal_send(patient: &str, body: &str) -> Self {
         Self {
             method: Method::POST,
             path: format!("/v1/portal/patients/{patient}/messages"),
             token: Some(PORTAL),
             user: None,
-            body: Some(json!({"body": body, "client_txn_id": body})),
+            body: Some(json!({"body": body, "client_txn_id": txn_id(body)})),
         }
     }
 
-    /// A staff message to `patient`, its body also its `client_txn_id`.
+    /// A staff message to `patient`, with the body's head as its `client_txn_id`.
     pub fn staff_send(patient: &str, user: &str, body: &str) -> Self {
         Self::staff(
             Method::POST,
             format!("/v1/staff/patients/{patient}/messages"),
             user,
-            Some(json!({"body": body, "client_txn_id": body})),
+            Some(json!({"body": body, "client_txn_id": txn_id(body)})),
         )
     }
 
@@ -437,6 +438,11 @@ impl Request {
             body: Some(json!({"from": from, "to": to, "body": body, "id": id})),
         }
     }
+}
+
+/// The `client_txn_id` of a test message: its first 40 characters.
+fn txn_id(body: &str) -> String {
+    body.chars().take(40).collect()
 }
 
 /// What became of a request.
@@ -851,7 +857,7 @@ pub async fn read_back(db: &DatabaseConnection, ops: &[Op], patients: &[String])
         ..Readback::default()
     };
     for op in ops {
-        let label = format!("{:?} {}", op.kind, op.key);
+        let label = format!("{:?} {}", op.kind, txn_id(&op.key));
         let (count, seq) = match op.kind {
             Kind::Portal | Kind::Staff => {
                 let found = by_body.get(&(op.patient.as_str(), op.key.as_str()));
