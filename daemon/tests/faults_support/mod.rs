@@ -770,8 +770,9 @@ pub struct Readback {
     pub wrong_seq: Vec<String>,
     /// Conversations whose sequence has a gap or disagrees with `last_seq`.
     pub gaps: Vec<String>,
-    /// Writes answered with an error (not retried) that are stored nevertheless.
-    pub stored_after_error: usize,
+    /// Writes answered with an error (not yet retried) that are stored nevertheless:
+    /// honest only where the error said the outcome is unknown.
+    pub stored_after_error: Vec<String>,
 }
 
 impl Readback {
@@ -882,8 +883,11 @@ pub async fn read_back(db: &DatabaseConnection, ops: &[Op], patients: &[String])
         if !op.maybe_arrived() && count > 0 {
             out.phantoms.push(label.clone());
         }
-        if !op.acked() && op.retried.is_none() && op.answer.status().is_some() && count > 0 {
-            out.stored_after_error += 1;
+        if !op.acked() && op.retried.is_none() && count > 0 {
+            if let Answer::Status(status, body) = &op.answer {
+                out.stored_after_error
+                    .push(format!("{label}: {status} {body}"));
+            }
         }
         if op.answer.ok()
             && let (Some(stored), Some(answered)) = (seq, op.answer.json()["seq"].as_i64())
