@@ -160,7 +160,10 @@ async fn sigkill_under_load_loses_no_acknowledged_write() {
     let mut retry_503 = 0;
     let mut in_flight = 0;
 
+    // Time spent creating patients, under load until the kill, restarting, checking.
+    let mut phases = [Duration::ZERO; 4];
     for round in 0..rounds {
+        let phase = Instant::now();
         // Two patients whose SMS authentication starts (and is answered) in this
         // round; created before the fault.
         let api = daemon.api();
@@ -265,7 +268,9 @@ async fn sigkill_under_load_loses_no_acknowledged_write() {
             }));
         }
         // The fault: SIGKILL once a random number of writes has been acknowledged.
-        let target = rng.random_range(4..60);
+        phases[0] += phase.elapsed();
+        let phase = Instant::now();
+        let target = rng.random_range(4..40);
         until("the load makes progress", Duration::from_secs(60), || {
             acked.load(Ordering::SeqCst) >= target
         })
@@ -276,11 +281,14 @@ async fn sigkill_under_load_loses_no_acknowledged_write() {
             w.await.unwrap();
         }
 
+        phases[1] += phase.elapsed();
         let restarting = Instant::now();
         daemon = Daemon::start(&launch, None).await;
         let took = restarting.elapsed();
         restart_total += took;
         restart_max = restart_max.max(took);
+        phases[2] += took;
+        let phase = Instant::now();
         let api = daemon.api();
         let ops = ledger.all();
         in_flight += ops[from..]
@@ -329,6 +337,7 @@ async fn sigkill_under_load_loses_no_acknowledged_write() {
             "round {round}: texts sent twice: {:?}",
             outbox.twice
         );
+        phases[3] += phase.elapsed();
     }
 
     // A last read-back after a clean stop and start.
@@ -353,7 +362,8 @@ async fn sigkill_under_load_loses_no_acknowledged_write() {
         "{TEST}: {rounds} rounds ({}); {} writes {by_kind:?}, {} acknowledged, answers {:?}; \
          {in_flight} in flight at the kill, {retried} retried ({retry_503} × 503 on the way); \
          {} messages stored, lost 0, duplicates 0, gaps 0; outbox {} lines ({} torn), \
-         texts sent twice 0; restart {:?} on average, {:?} at most; {:?} in all",
+         texts sent twice 0; restart {:?} on average, {:?} at most; {:?} in all (patients {:?}, load {:?}, \
+         restarts {:?}, checks {:?})",
         if store.sqlite_file().is_some() {
             "SQLite"
         } else {
@@ -368,6 +378,10 @@ async fn sigkill_under_load_loses_no_acknowledged_write() {
         restart_total / rounds.max(1) as u32,
         restart_max,
         began.elapsed(),
+        phases[0],
+        phases[1],
+        phases[2],
+        phases[3],
     );
     assert!(daemon.stop());
     db.close().await.unwrap();
