@@ -373,11 +373,11 @@ async fn two_stops_at_once_from_an_unknown_number_are_confirmed_once() {
     d.practice("p1").await;
     for round in 0..6 {
         let stranger = format!("+1201555{:04}", 700 + round);
-        let (a, b) = tokio::join!(
-            text(&d, &stranger, "STOP", &format!("x{round}a")),
-            text(&d, &stranger, "stop", &format!("x{round}b")),
+        let (ida, idb) = (format!("x{round}a"), format!("x{round}b"));
+        tokio::join!(
+            text(&d, &stranger, "STOP", &ida),
+            text(&d, &stranger, "stop", &idb),
         );
-        let ((), ()) = (a, b);
         let confirmations = delivery::Entity::find()
             .filter(delivery::Column::Recipient.eq(stranger.as_str()))
             .filter(delivery::Column::Subject.eq("opt_out_confirmation"))
