@@ -57,6 +57,12 @@ fn full_settings() -> Settings {
             max_batch_units: 512,
             queue_depth: 8192,
         },
+        retention: Retention {
+            operational: Duration::from_secs(3600),
+            unmatched_inbound: Duration::from_secs(7200),
+            prune_interval: Duration::from_secs(60),
+            prune_batch: 10,
+        },
         conversations: Conversations {
             idle_timeout: Duration::from_secs(600),
             sms_body_max_chars: 1600,
@@ -89,7 +95,7 @@ fn full_settings() -> Settings {
             allowed_hosts: vec!["x.example".to_owned()],
             rate_limit: limit(),
             per_recipient: limit(),
-            inbound_per_sender: limit(),
+            auto_answers_per_sender: limit(),
         }],
     }
 }
@@ -232,7 +238,7 @@ fn production_example_lists_every_field() {
          a commented `# key = default` line with its doc"
     );
     // The walk itself is not vacuous.
-    assert!(wanted.contains("gateways.inbound_per_sender.burst"));
+    assert!(wanted.contains("gateways.auto_answers_per_sender.burst"));
     assert!(wanted.contains("sms_auth.templates.opted_out"));
     assert!(wanted.contains("gateways.config"));
 }
@@ -357,6 +363,7 @@ const STRUCT_POINTERS: &[(&str, &[&str])] = &[
     ("ApiClient", &["/clients/0"]),
     ("Writer", &["/writer"]),
     ("Conversations", &["/conversations"]),
+    ("Retention", &["/retention"]),
     ("SmsAuth", &["/sms_auth"]),
     ("SmsTemplates", &["/sms_auth/templates"]),
     ("Notifications", &["/notifications"]),
@@ -366,7 +373,7 @@ const STRUCT_POINTERS: &[(&str, &[&str])] = &[
         &[
             "/gateways/0/rate_limit",
             "/gateways/0/per_recipient",
-            "/gateways/0/inbound_per_sender",
+            "/gateways/0/auto_answers_per_sender",
         ],
     ),
 ];

@@ -47,6 +47,9 @@ pub struct Settings {
     /// Staff notifications: the unread reminder and notification emails.
     /// Default: see the fields of `Notifications`. Reloadable: per field.
     pub notifications: Notifications,
+    /// How long operational rows are kept before the background pruner removes them.
+    /// Default: see the fields of `Retention`. Reloadable: per field.
+    pub retention: Retention,
     /// The gateway plugin instances (`[[gateways]]` tables), one per provider account.
     /// Adding, removing, renaming or reordering instances needs a restart.
     /// Default: none. Reloadable: per field (the list itself: no).
@@ -65,6 +68,7 @@ impl Default for Settings {
             conversations: Conversations::default(),
             sms_auth: SmsAuth::default(),
             notifications: Notifications::default(),
+            retention: Retention::default(),
             gateways: Vec::new(),
         }
     }
@@ -333,6 +337,44 @@ impl Default for Conversations {
     }
 }
 
+/// How long operational rows are kept. Messages, the audit log and the SMS status
+/// history are records and are never pruned; these are what caremsg keeps only to
+/// work: fired timers, inbound receipts (the provider-retry dedup), parked delivery
+/// receipts, and the texts of unknown numbers (PHI).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// Fired (and dead-lettered) timers, inbound receipts and parked delivery receipts
+    /// older than this are pruned. Keep it longer than any provider retries a webhook.
+    /// Default: "30days". Reloadable: yes.
+    #[serde(with = "humantime_serde")]
+    pub operational: Duration,
+    /// Texts from numbers that are no patient's (`unmatched_inbound`, PHI from
+    /// unknown numbers) older than this are pruned.
+    /// Default: "30days". Reloadable: yes.
+    #[serde(with = "humantime_serde")]
+    pub unmatched_inbound: Duration,
+    /// Time between two pruning runs.
+    /// Default: "1h". Reloadable: yes.
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+    /// Most rows one pruning statement removes (each batch is one write unit, so
+    /// pruning never holds the writer long).
+    /// Default: 1000. Reloadable: yes.
+    pub prune_batch: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            operational: Duration::from_secs(30 * 24 * 60 * 60),
+            unmatched_inbound: Duration::from_secs(30 * 24 * 60 * 60),
+            prune_interval: Duration::from_secs(60 * 60),
+            prune_batch: 1000,
+        }
+    }
+}
+
 /// SMS authentication of a patient's mobile number.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -486,11 +528,15 @@ pub struct Gateway {
     /// Default: absent (unlimited). Reloadable: yes.
     #[serde(default)]
     pub per_recipient: Option<RateLimit>,
-    /// Inbound rate accepted from any one sender; excess inbound messages are dropped
-    /// and counted.
+    /// Rate of caremsg's automatic answers to any one number (HELP replies,
+    /// wrong-date-of-birth replies, answers to unknown numbers), so that two
+    /// auto-responders cannot loop. Inbound texts are never limited: each is stored, and
+    /// keywords (STOP, START, HELP) always take effect; an answer over the limit is not
+    /// sent, and is counted (`caremsg_sms_answers_throttled_total`) and shown in the
+    /// conversation or the unmatched-inbound log. `inbound_per_sender` is an older name.
     /// Default: absent (unlimited). Reloadable: yes.
-    #[serde(default)]
-    pub inbound_per_sender: Option<RateLimit>,
+    #[serde(default, alias = "inbound_per_sender")]
+    pub auto_answers_per_sender: Option<RateLimit>,
 }
 
 fn empty_object() -> serde_json::Value {
@@ -513,7 +559,7 @@ impl fmt::Debug for Gateway {
             .field("allowed_hosts", &self.allowed_hosts)
             .field("rate_limit", &self.rate_limit)
             .field("per_recipient", &self.per_recipient)
-            .field("inbound_per_sender", &self.inbound_per_sender)
+            .field("auto_answers_per_sender", &self.auto_answers_per_sender)
             .finish()
     }
 }
@@ -611,7 +657,7 @@ mod tests {
             allowed_hosts: Vec::new(),
             rate_limit: None,
             per_recipient: None,
-            inbound_per_sender: None,
+            auto_answers_per_sender: None,
         });
         let debug = format!("{s:?}");
         assert!(!debug.contains("hunter2"), "{debug}");

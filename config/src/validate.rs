@@ -236,6 +236,13 @@ impl Settings {
         );
         p.at_least_one("writer.queue_depth", u64_of(self.writer.queue_depth));
 
+        // retention
+        let retention = &self.retention;
+        p.positive_duration("retention.operational", retention.operational);
+        p.positive_duration("retention.unmatched_inbound", retention.unmatched_inbound);
+        p.positive_duration("retention.prune_interval", retention.prune_interval);
+        p.at_least_one("retention.prune_batch", retention.prune_batch);
+
         // conversations
         let conversations = &self.conversations;
         p.positive_duration("conversations.idle_timeout", conversations.idle_timeout);
@@ -339,8 +346,8 @@ impl Settings {
                 gateway.per_recipient.as_ref(),
             );
             p.rate_limit(
-                &format!("{at}.inbound_per_sender"),
-                gateway.inbound_per_sender.as_ref(),
+                &format!("{at}.auto_answers_per_sender"),
+                gateway.auto_answers_per_sender.as_ref(),
             );
         }
 
@@ -381,7 +388,7 @@ mod tests {
                     burst: 10,
                 }),
                 per_recipient: None,
-                inbound_per_sender: None,
+                auto_answers_per_sender: None,
             });
         }
         s.notifications.email_gateway = Some("mail".to_owned());
@@ -449,7 +456,7 @@ mod tests {
         check(|s| s.gateways[0].rate_limit = limit(0.0, 1), "gateways[0].rate_limit.per_second", "greater than zero");
         check(|s| s.gateways[0].rate_limit = limit(f64::NAN, 1), "gateways[0].rate_limit.per_second", "greater than zero");
         check(|s| s.gateways[0].per_recipient = limit(-1.0, 1), "gateways[0].per_recipient.per_second", "greater than zero");
-        check(|s| s.gateways[1].inbound_per_sender = limit(1.0, 0), "gateways[1].inbound_per_sender.burst", "at least 1");
+        check(|s| s.gateways[1].auto_answers_per_sender = limit(1.0, 0), "gateways[1].auto_answers_per_sender.burst", "at least 1");
         // The email gateway reference.
         check(|s| s.notifications.email_gateway = Some("nope".into()), "notifications.email_gateway", "names no");
         check(|s| s.notifications.email_gateway = Some("sms".into()), "notifications.email_gateway", "not of kind");

@@ -18,6 +18,7 @@ pub mod notifications;
 pub mod notify;
 pub mod phi;
 pub mod phone;
+pub mod prune;
 pub mod reload;
 pub mod sms;
 pub mod sql;
@@ -103,8 +104,10 @@ pub struct Running {
     timers: timers::TimerServiceHandle,
     // The durable timers' wake-up task; stopped before the writer.
     timer_task: JoinHandle<()>,
-    // Tells the wake-up task to stop.
+    // Tells the wake-up task (and the pruner) to stop.
     timer_stop: CancellationToken,
+    // The pruner of operational tables; stopped with the timers, before the writer.
+    prune_task: JoinHandle<()>,
 }
 
 /// Starts the daemon: database and migrations, the writer, the HTTP server. Returns
@@ -170,6 +173,7 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
             ..timers::TimerServiceOptions::default()
         },
     )
+    .with_failures(state.writer.clone(), state.metrics.clone())
     .with_handler(
         notifications::reminder::KIND,
         notifications::reminder::handler(&state),
@@ -178,7 +182,12 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         caremsg_entities::TimerKind::SmsAuthWindow,
         sms::auth::window_handler(&state),
     )
+    .with_handler(
+        gateways::consent::FOLLOW_UP,
+        gateways::consent::handler(&state),
+    )
     .spawn(timer_stop.clone());
+    let prune_task = prune::spawn(Arc::downgrade(&state), timer_stop.clone());
     let app = api::router(state.clone());
     let stop = http_stop.clone();
     let server = tokio::spawn(async move {
@@ -213,6 +222,7 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         timers: timer_handle,
         timer_task,
         timer_stop,
+        prune_task,
     })
 }
 
@@ -309,6 +319,9 @@ impl Running {
         self.timer_stop.cancel();
         if let Err(err) = self.timer_task.await {
             tracing::error!(error = %err, "The timer service task ended abnormally.");
+        }
+        if let Err(err) = self.prune_task.await {
+            tracing::error!(error = %err, "The pruner task ended abnormally.");
         }
         // The gateways record the pass in flight through the writer, and texts a
         // plugin emitted may still go to a patient's actor: before both.

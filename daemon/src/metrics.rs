@@ -60,6 +60,20 @@ pub struct RateLimitLabels {
     pub limit: String,
 }
 
+/// Labels of a count per gateway instance.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    /// The gateway instance's name.
+    pub gateway: String,
+}
+
+/// Labels of a count per timer kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimerKindLabels {
+    /// The timer's kind.
+    pub kind: String,
+}
+
 /// Labels of a webhook request the plugin refused.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WebhookRejectLabels {
@@ -115,6 +129,10 @@ pub struct Metrics {
     pub rate_limit_waits: Family<RateLimitLabels, Counter>,
     /// Webhook requests the plugin refused (4xx), by gateway and status.
     pub webhook_rejects: Family<WebhookRejectLabels, Counter>,
+    /// Automatic answers not sent: their number was over `auto_answers_per_sender`.
+    pub sms_answers_throttled: Family<InstanceLabels, Counter>,
+    /// Timers whose handler failed too often: moved to the dead-letter state.
+    pub timers_dead: Family<TimerKindLabels, Counter>,
 }
 
 impl Metrics {
@@ -252,7 +270,21 @@ impl Metrics {
             "Provider webhook requests the gateway plugin refused, by gateway and status",
             webhook_rejects.clone(),
         );
+        let sms_answers_throttled = Family::<InstanceLabels, Counter>::default();
+        registry.register(
+            "sms_answers_throttled",
+            "Automatic answers not sent because their number was over the automatic-answer limit",
+            sms_answers_throttled.clone(),
+        );
+        let timers_dead = Family::<TimerKindLabels, Counter>::default();
+        registry.register(
+            "timers_dead",
+            "Timers moved to the dead-letter state after their handler failed too often",
+            timers_dead.clone(),
+        );
         Self {
+            sms_answers_throttled,
+            timers_dead,
             notifications,
             rate_limit_waits,
             webhook_rejects,
@@ -330,6 +362,24 @@ impl Metrics {
             .get_or_create(&RateLimitLabels {
                 gateway: gateway.to_owned(),
                 limit: limit.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one automatic answer of `gateway` not sent (over the answer limit).
+    pub fn answer_throttled(&self, gateway: &str) {
+        self.sms_answers_throttled
+            .get_or_create(&InstanceLabels {
+                gateway: gateway.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one timer of `kind` moved to the dead-letter state.
+    pub fn timer_dead(&self, kind: &str) {
+        self.timers_dead
+            .get_or_create(&TimerKindLabels {
+                kind: kind.to_owned(),
             })
             .inc();
     }

@@ -13,8 +13,8 @@ use axum::{Json, Router, routing::put};
 use caremsg_config::GatewayKind;
 use caremsg_entities::{
     CareTeamRole, SmsStatus, care_team_member, conversation, delivery, notification_settings,
-    patient, patient_program, practice, practice_sms_number, program, sms_auth_session, timer,
-    user, user_program_restriction,
+    patient, patient_program, practice, practice_sms_number, program, sms_auth_session, user,
+    user_program_restriction,
 };
 use chrono::{DateTime, NaiveDate, Utc};
 use sea_orm::ActiveValue::Set;
@@ -794,7 +794,11 @@ pub async fn put_patient(
 #[utoipa::path(delete, path = "/v1/admin/practices/{practice_id}", tag = "admin",
     params(("practice_id" = String, Path)),
     responses((status = 204), (status = 404, body = super::error::ErrorBody)), security(("bearer" = [])))]
-/// Deactivates a practice: its patients and users disappear from every view.
+/// Deactivates a practice: its patients and users disappear from every view, and
+/// what deactivating a patient does is done for each of its patients — pending SMS
+/// sessions end, their timers (windows, reminders) are cancelled, and no delivery
+/// not yet handed to a provider is sent (the dispatcher's claim also refuses any
+/// delivery of an inactive practice).
 pub async fn delete_practice(
     State(state): State<Shared>,
     Admin(caller): Admin,
@@ -838,20 +842,7 @@ enum Kind {
 async fn deactivate(state: &Shared, client: &str, kind: Kind, id: &str) -> ApiResult<StatusCode> {
     let now = state.clock.now();
     let (unit, action, patient_id) = match kind {
-        Kind::Practice => (
-            WriteUnit::new().exec(
-                practice::Entity::update_many()
-                    .col_expr(practice::Column::Active, Expr::value(false))
-                    .col_expr(practice::Column::UpdatedAt, Expr::value(now))
-                    .filter(practice::Column::Id.eq(id))
-                    .filter(practice::Column::Active.eq(true))
-                    .into_query(),
-                Expect::Exactly(1),
-                "practice exists",
-            ),
-            "admin.practice.delete",
-            None,
-        ),
+        Kind::Practice => (deactivate_practice(id, now), "admin.practice.delete", None),
         Kind::User => (
             WriteUnit::new().exec(
                 user::Entity::update_many()
@@ -890,18 +881,70 @@ async fn deactivate(state: &Shared, client: &str, kind: Kind, id: &str) -> ApiRe
     }
 }
 
-/// The unit that deactivates a patient: the row, its pending SMS session and timers,
-/// and every delivery not yet handed to a provider.
+/// The unit that deactivates a practice: the row, and for all its patients what
+/// [`deactivate_patient`] does for one (sessions, timers, queued deliveries); the
+/// patient rows themselves stay active, hidden by the practice's flag.
+fn deactivate_practice(id: &str, now: DateTime<Utc>) -> WriteUnit {
+    use caremsg_entities::{DeliveryStatus, SmsAuthStatus};
+    let patients = patient::Entity::find()
+        .select_only()
+        .column(patient::Column::Id)
+        .filter(patient::Column::PracticeId.eq(id))
+        .into_query();
+    WriteUnit::new()
+        .exec(
+            practice::Entity::update_many()
+                .col_expr(practice::Column::Active, Expr::value(false))
+                .col_expr(practice::Column::UpdatedAt, Expr::value(now))
+                .filter(practice::Column::Id.eq(id))
+                .filter(practice::Column::Active.eq(true))
+                .into_query(),
+            Expect::Exactly(1),
+            "practice exists",
+        )
+        .merge(crate::timers::cancel_patients_where(patients, now))
+        .exec(
+            sms_auth_session::Entity::update_many()
+                .col_expr(
+                    sms_auth_session::Column::Status,
+                    Expr::value(SmsAuthStatus::Superseded),
+                )
+                .col_expr(sms_auth_session::Column::EndedAt, Expr::value(now))
+                .filter(sms_auth_session::Column::PracticeId.eq(id))
+                .filter(sms_auth_session::Column::Status.eq(SmsAuthStatus::Pending))
+                .into_query(),
+            Expect::Any,
+            "sessions ended",
+        )
+        .exec(
+            delivery::Entity::update_many()
+                .col_expr(
+                    delivery::Column::Status,
+                    Expr::value(DeliveryStatus::Refused),
+                )
+                .col_expr(
+                    delivery::Column::ErrorCode,
+                    Expr::value("practice_inactive"),
+                )
+                .col_expr(
+                    delivery::Column::ErrorReason,
+                    Expr::value("practice deactivated"),
+                )
+                .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
+                .filter(delivery::Column::PracticeId.eq(id))
+                .filter(delivery::Column::Status.eq(DeliveryStatus::Queued))
+                .into_query(),
+            Expect::Any,
+            "deliveries refused",
+        )
+}
+
+/// The unit that deactivates a patient: the row, its pending SMS session and timers
+/// (an equality match on the timers' patient column), and every delivery not yet
+/// handed to a provider.
 fn deactivate_patient(id: &str, now: DateTime<Utc>) -> WriteUnit {
     use caremsg_entities::DeliveryStatus;
     use caremsg_entities::SmsAuthStatus;
-    use caremsg_entities::TimerKind;
-    let pending_sessions = sms_auth_session::Entity::find()
-        .select_only()
-        .column(sms_auth_session::Column::Id)
-        .filter(sms_auth_session::Column::PatientId.eq(id))
-        .filter(sms_auth_session::Column::Status.eq(SmsAuthStatus::Pending))
-        .into_query();
     WriteUnit::new()
         .exec(
             patient::Entity::update_many()
@@ -913,28 +956,7 @@ fn deactivate_patient(id: &str, now: DateTime<Utc>) -> WriteUnit {
             Expect::Exactly(1),
             "patient exists",
         )
-        .exec(
-            timer::Entity::update_many()
-                .col_expr(timer::Column::Fired, Expr::value(true))
-                .col_expr(timer::Column::FiredAt, Expr::value(now))
-                .filter(timer::Column::Fired.eq(false))
-                .filter(
-                    sea_orm::Condition::any()
-                        .add(
-                            sea_orm::Condition::all()
-                                .add(timer::Column::Kind.eq(TimerKind::SmsAuthWindow))
-                                .add(timer::Column::Subject.in_subquery(pending_sessions.clone())),
-                        )
-                        .add(
-                            sea_orm::Condition::all()
-                                .add(timer::Column::Kind.eq(TimerKind::UnreadReminder))
-                                .add(timer::Column::Subject.starts_with(format!("{id}/"))),
-                        ),
-                )
-                .into_query(),
-            Expect::Any,
-            "timers cancelled",
-        )
+        .merge(crate::timers::cancel_patient(id, now))
         .exec(
             sms_auth_session::Entity::update_many()
                 .col_expr(

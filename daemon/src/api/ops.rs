@@ -107,15 +107,20 @@ pub async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
 /// The gauges that are read from the database when scraped.
 async fn scrape_gauges(state: &Shared) -> Result<(), sea_orm::DbErr> {
     use caremsg_entities::{DeliveryStatus, delivery, timer};
-    use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
+    use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect};
     let now = state.clock.now();
     let queued =
         delivery::Entity::find().filter(delivery::Column::Status.eq(DeliveryStatus::Queued));
     let depth = queued.clone().count(&state.db).await?;
-    let oldest = queued
-        .order_by_asc(delivery::Column::CreatedAt)
+    // MIN over the `(status, created_at)` index: one index probe, never a sort of
+    // the outbox.
+    let oldest: Option<chrono::DateTime<chrono::Utc>> = queued
+        .select_only()
+        .column_as(delivery::Column::CreatedAt.min(), "oldest")
+        .into_tuple::<Option<chrono::DateTime<chrono::Utc>>>()
         .one(&state.db)
-        .await?;
+        .await?
+        .flatten();
     let reconcile = delivery::Entity::find()
         .filter(delivery::Column::Status.eq(DeliveryStatus::Reconcile))
         .count(&state.db)
@@ -131,7 +136,7 @@ async fn scrape_gauges(state: &Shared) -> Result<(), sea_orm::DbErr> {
         .set(i64::try_from(depth).unwrap_or(i64::MAX));
     metrics
         .outbox_oldest_seconds
-        .set(oldest.map_or(0, |d| (now - d.created_at).num_seconds().max(0)));
+        .set(oldest.map_or(0, |d| (now - d).num_seconds().max(0)));
     metrics
         .deliveries_reconcile
         .set(i64::try_from(reconcile).unwrap_or(i64::MAX));
