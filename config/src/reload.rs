@@ -5,8 +5,8 @@
 //! not compile until this file says whether a reload may change it.
 
 use crate::settings::{
-    ApiClient, Conversations, Database, Gateway, Log, Notifications, Server, Settings, SmsAuth,
-    Writer,
+    ApiClient, Conversations, Database, Events, Gateway, Log, Notifications, Server, Settings,
+    SmsAuth, Writer,
 };
 
 /// A reload changed a field that only a restart can change; the old settings stay.
@@ -74,6 +74,7 @@ pub fn reload_plan(old: &Settings, new: &Settings) -> Result<Vec<String>, Reload
         conversations,
         sms_auth,
         notifications,
+        events,
         gateways,
     } = new;
 
@@ -86,6 +87,7 @@ pub fn reload_plan(old: &Settings, new: &Settings) -> Result<Vec<String>, Reload
     diff_conversations(&mut d, &old.conversations, conversations);
     diff_sms_auth(&mut d, &old.sms_auth, sms_auth);
     diff_notifications(&mut d, &old.notifications, notifications);
+    diff_events(&mut d, &old.events, events);
     diff_gateways(&mut d, &old.gateways, gateways)?;
     Ok(d.changed)
 }
@@ -155,7 +157,25 @@ fn client_fields_all_reloadable(client: &ApiClient) {
         name: _,
         token_sha256: _,
         scopes: _,
+        practices: _,
     } = client;
+}
+
+fn diff_events(d: &mut Diff, old: &Events, new: &Events) {
+    let Events {
+        max_streams,
+        max_streams_per_subscriber,
+        buffer,
+        idle_timeout,
+    } = new;
+    d.reloadable("events.max_streams", &old.max_streams, max_streams);
+    d.reloadable(
+        "events.max_streams_per_subscriber",
+        &old.max_streams_per_subscriber,
+        max_streams_per_subscriber,
+    );
+    d.reloadable("events.buffer", &old.buffer, buffer);
+    d.reloadable("events.idle_timeout", &old.idle_timeout, idle_timeout);
 }
 
 fn diff_writer(d: &mut Diff, old: &Writer, new: &Writer) -> Result<(), ReloadRefused> {
