@@ -129,18 +129,6 @@ impl Stream {
     }
 }
 
-/// Polls `metric` until it reaches `at_least`, for at most 10 s.
-async fn wait_metric(d: &TestDaemon, metric: &str, at_least: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while d.metric(metric).await < at_least {
-        assert!(
-            Instant::now() < deadline,
-            "{metric} never reached {at_least}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Two practices: `pa` (users ua, ua2; patients pat-a, pat-a2) and `pb` (user ub;
 /// patient pat-b1), every patient with its practice's users on the care team.
 async fn two_practices(edit: impl FnOnce(String) -> String) -> TestDaemon {
