@@ -77,21 +77,7 @@ impl std::fmt::Display for Report {
 
 /// User and system CPU time of this process so far.
 fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at ") ".
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 (1-based), 11 and 12 after the name; the
-    // kernel counts them in USER_HZ, 100 on Linux.
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    std::fs::read_to_string("/proc/self/stat").map_or(Duration::ZERO, |s| super::clinic::ticks(&s))
 }
 
 /// Runs the benchmark in a temporary state directory.
