@@ -285,7 +285,7 @@ pub fn open_stream(
     state: &Shared,
     caller: &Caller,
     who: Subscriber,
-) -> Result<Subscription, Response> {
+) -> Result<Subscription, StreamRefused> {
     let settings = state.settings.load();
     let client = ApiClientRef {
         name: &caller.client,
@@ -310,8 +310,18 @@ pub fn open_stream(
                     "The daemon has as many event streams open as it is configured for; try again later.",
                 ),
             };
-            ([(header::RETRY_AFTER, STREAM_RETRY_AFTER_SECS)], error).into_response()
+            StreamRefused(error)
         })
+}
+
+/// A stream refused at a cap: its error, answered with `Retry-After`.
+#[derive(Debug)]
+pub struct StreamRefused(ApiError);
+
+impl IntoResponse for StreamRefused {
+    fn into_response(self) -> Response {
+        ([(header::RETRY_AFTER, STREAM_RETRY_AFTER_SECS)], self.0).into_response()
+    }
 }
 
 /// What a refused stream's `Retry-After` says, in seconds.

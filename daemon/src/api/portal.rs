@@ -162,7 +162,7 @@ pub async fn events(
     };
     let subscription = match conv::open_stream(&state, &caller, who) {
         Ok(subscription) => subscription,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     // Subscribed first, checked again after: see the staff stream.
     if let Err(err) = portal_patient(&state, &caller, &patient.id).await {

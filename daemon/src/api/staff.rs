@@ -682,7 +682,7 @@ pub async fn events(State(state): State<Shared>, staff: Staff) -> Response {
     };
     let subscription = match conv::open_stream(&state, &staff.caller, who) {
         Ok(subscription) => subscription,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     // Subscribed first, checked again after: a deactivation that committed before
     // this check is seen here, one after it ends the stream (Events::access_changed).
