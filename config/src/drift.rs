@@ -52,6 +52,7 @@ fn full_settings() -> Settings {
             name: "a".to_owned(),
             token_sha256: crate::hash_token("a"),
             scopes: vec![Scope::Admin],
+            practices: Some(vec!["p1".to_owned()]),
         }],
         writer: Writer {
             max_batch_units: 512,
@@ -85,6 +86,12 @@ fn full_settings() -> Settings {
             link_base_url: "http://x/".to_owned(),
             email_subject: "s".to_owned(),
             email_body: "b".to_owned(),
+        },
+        events: Events {
+            max_streams: 2048,
+            max_streams_per_subscriber: 16,
+            buffer: 256,
+            idle_timeout: Duration::from_secs(1800),
         },
         gateways: vec![Gateway {
             name: "g".to_owned(),
@@ -367,6 +374,7 @@ const STRUCT_POINTERS: &[(&str, &[&str])] = &[
     ("SmsAuth", &["/sms_auth"]),
     ("SmsTemplates", &["/sms_auth/templates"]),
     ("Notifications", &["/notifications"]),
+    ("Events", &["/events"]),
     ("Gateway", &["/gateways/0"]),
     (
         "RateLimit",

@@ -5,7 +5,8 @@
 //! not compile until this file says whether a reload may change it.
 
 use crate::settings::{
-    ApiClient, Conversations, Database, Gateway, Log, Notifications, Retention, Server, Settings,
+    ApiClient, Conversations, Database, Events, Gateway, Log, Notifications, Retention, Server,
+    Settings,
     SmsAuth, Writer,
 };
 
@@ -75,6 +76,7 @@ pub fn reload_plan(old: &Settings, new: &Settings) -> Result<Vec<String>, Reload
         sms_auth,
         notifications,
         retention,
+        events,
         gateways,
     } = new;
 
@@ -88,6 +90,7 @@ pub fn reload_plan(old: &Settings, new: &Settings) -> Result<Vec<String>, Reload
     diff_sms_auth(&mut d, &old.sms_auth, sms_auth);
     diff_notifications(&mut d, &old.notifications, notifications);
     diff_retention(&mut d, &old.retention, retention);
+    diff_events(&mut d, &old.events, events);
     diff_gateways(&mut d, &old.gateways, gateways)?;
     Ok(d.changed)
 }
@@ -157,7 +160,25 @@ fn client_fields_all_reloadable(client: &ApiClient) {
         name: _,
         token_sha256: _,
         scopes: _,
+        practices: _,
     } = client;
+}
+
+fn diff_events(d: &mut Diff, old: &Events, new: &Events) {
+    let Events {
+        max_streams,
+        max_streams_per_subscriber,
+        buffer,
+        idle_timeout,
+    } = new;
+    d.reloadable("events.max_streams", &old.max_streams, max_streams);
+    d.reloadable(
+        "events.max_streams_per_subscriber",
+        &old.max_streams_per_subscriber,
+        max_streams_per_subscriber,
+    );
+    d.reloadable("events.buffer", &old.buffer, buffer);
+    d.reloadable("events.idle_timeout", &old.idle_timeout, idle_timeout);
 }
 
 fn diff_writer(d: &mut Diff, old: &Writer, new: &Writer) -> Result<(), ReloadRefused> {

@@ -221,6 +221,14 @@ impl Settings {
                     "is the same as another client's; each client needs its own token",
                 );
             }
+            if let Some(practices) = &client.practices
+                && practices.iter().any(|id| id.trim().is_empty())
+            {
+                p.push(
+                    format!("{at}.practices"),
+                    "must not name an empty practice id",
+                );
+            }
             if client.scopes.is_empty() {
                 p.push(
                     format!("{at}.scopes"),
@@ -228,6 +236,15 @@ impl Settings {
                 );
             }
         }
+
+        // events
+        p.at_least_one("events.max_streams", u64_of(self.events.max_streams));
+        p.at_least_one(
+            "events.max_streams_per_subscriber",
+            u64_of(self.events.max_streams_per_subscriber),
+        );
+        p.at_least_one("events.buffer", u64_of(self.events.buffer));
+        p.positive_duration("events.idle_timeout", self.events.idle_timeout);
 
         // writer
         p.at_least_one(
@@ -369,11 +386,13 @@ mod tests {
             name: "a".to_owned(),
             token_sha256: crate::hash_token("a"),
             scopes: vec![Scope::Admin],
+            practices: None,
         });
         s.clients.push(ApiClient {
             name: "b".to_owned(),
             token_sha256: crate::hash_token("b"),
             scopes: vec![Scope::Staff, Scope::Portal],
+            practices: None,
         });
         for (name, kind) in [("sms", GatewayKind::Sms), ("mail", GatewayKind::Email)] {
             s.gateways.push(Gateway {

@@ -113,13 +113,17 @@ pub struct Running {
 /// Starts the daemon: database and migrations, the writer, the HTTP server. Returns
 /// once it is serving and systemd has been told so.
 pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Running> {
-    let db = open_database(&settings)
+    let metrics = Arc::new(Metrics::new());
+    let mut db = open_database(&settings)
         .await
         .context("opening the database")?;
+    let statements = metrics.db_reader_statements.clone();
+    db.set_metric_callback(move |_| {
+        statements.inc();
+    });
     let writer_db = db::connect_writer(&db_options(&settings))
         .await
         .context("opening the writer's database connection")?;
-    let metrics = Arc::new(Metrics::new());
     let writer_stop = CancellationToken::new();
     let (writer, writer_task) = Writer::start(
         writer_db,
@@ -143,13 +147,14 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
     let settings = Arc::new(ArcSwap::from_pointee(settings));
     let http_stop = CancellationToken::new();
     let actor_system = actors::ActorSystem::start().context("starting the actor system")?;
+    let events = events::Events::new(Some(db.clone()), metrics.events.clone(), 4096);
     let state: Shared = Arc::new_cyclic(|weak| AppState {
         db,
         writer,
         settings: settings.clone(),
         clock: options.clock.clone(),
         metrics: metrics.clone(),
-        events: events::Events::new(4096),
+        events,
         conversations: actors::Conversations::new(actor_system, weak.clone()),
         runtime: tokio::runtime::Handle::current(),
         shutdown: http_stop.clone(),
@@ -203,7 +208,7 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         settings,
         metrics,
         log_filter: options.log_filter,
-        on_apply: vec![gateways_reload_hook(&state)],
+        on_apply: vec![gateways_reload_hook(&state), streams_reload_hook(&state)],
     };
     tracing::info!(%addr, database = backend, "caremsgd is serving.");
     notify::ready("Serving");
@@ -346,6 +351,17 @@ fn gateways_reload_hook(state: &Shared) -> reload::ApplyHook {
     Arc::new(move |old: &Settings, new: &Settings| {
         if let Some(state) = state.upgrade() {
             state.gateways.reload(old, new);
+        }
+    })
+}
+
+/// Ends the event streams whose token a reload no longer lists (with its scope and
+/// practice).
+fn streams_reload_hook(state: &Shared) -> reload::ApplyHook {
+    let state = Arc::downgrade(state);
+    Arc::new(move |_old: &Settings, new: &Settings| {
+        if let Some(state) = state.upgrade() {
+            state.events.revalidate(&new.clients);
         }
     })
 }

@@ -133,6 +133,11 @@ pub struct Metrics {
     pub sms_answers_throttled: Family<InstanceLabels, Counter>,
     /// Timers whose handler failed too often: moved to the dead-letter state.
     pub timers_dead: Family<TimerKindLabels, Counter>,
+    /// The event streams: open, refused, ended, events delivered, audience reads.
+    pub events: crate::events::EventMetrics,
+    /// Statements run on the readers' pool (not the writer's connection): what a
+    /// request or an event costs the database in reads.
+    pub db_reader_statements: Counter<u64, AtomicU64>,
 }
 
 impl Metrics {
@@ -282,9 +287,43 @@ impl Metrics {
             "Timers moved to the dead-letter state after their handler failed too often",
             timers_dead.clone(),
         );
+        let events = crate::events::EventMetrics::default();
+        registry.register(
+            "event_streams",
+            "Server-sent event streams open now, by kind (staff, portal)",
+            events.streams.clone(),
+        );
+        registry.register(
+            "event_streams_refused",
+            "Event streams refused at a cap, by reason (per_subscriber, total)",
+            events.refused.clone(),
+        );
+        registry.register(
+            "event_streams_ended",
+            "Event streams the daemon ended, by reason",
+            events.ended.clone(),
+        );
+        registry.register(
+            "events_delivered",
+            "Events put into event stream channels",
+            events.delivered.clone(),
+        );
+        registry.register(
+            "event_audience_reads",
+            "Database reads computing the audience of an event",
+            events.audience_reads.clone(),
+        );
+        let db_reader_statements = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "db_reader_statements",
+            "Statements run on the readers' connection pool",
+            db_reader_statements.clone(),
+        );
         Self {
             sms_answers_throttled,
             timers_dead,
+            events,
+            db_reader_statements,
             notifications,
             rate_limit_waits,
             webhook_rejects,

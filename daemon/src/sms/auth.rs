@@ -534,7 +534,8 @@ impl<'a> Change<'a> {
                     direction: m.direction,
                     channel: m.channel,
                     body: Phi::new(m.body.clone()),
-                })));
+                })))
+                .await;
         }
         if let Some((status, reason)) = self.status {
             self.state
@@ -544,7 +545,8 @@ impl<'a> Change<'a> {
                     practice_id: self.practice.id.clone(),
                     status,
                     reason: reason.map(|r| r.as_str().to_owned()),
-                })));
+                })))
+                .await;
         }
         Ok(self.seq)
     }
