@@ -103,7 +103,8 @@ async fn with_down_fails_readiness_a_down_gateway_makes_the_daemon_unready() {
     d.daemon().poll_gateway_health().await;
     let (status, body) = readyz(&d).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    assert_eq!(body["status"], "gateway down");
+    assert_eq!(body["status"], "unavailable");
+    assert_eq!(body["reason"], "gateway v10 reports itself down");
     set_health(&file, "up");
     d.daemon().poll_gateway_health().await;
     let (status, body) = readyz(&d).await;

@@ -31,7 +31,7 @@ pub mod health;
 mod host;
 pub mod inbound;
 mod instance;
-mod limits;
+pub(crate) mod limits;
 pub mod outbox;
 pub mod retry;
 
@@ -320,16 +320,16 @@ impl Gateways {
         }
     }
 
-    /// Every instance's last health report, by name (`/readyz`), and whether one
-    /// that is down has `down_fails_readiness` set (in `settings`).
+    /// Every instance's last health report, by name (`/readyz`), and the name of one
+    /// that is down with `down_fails_readiness` set (in `settings`), if any.
     pub fn health_report(
         &self,
         settings: &Settings,
     ) -> (
         std::collections::BTreeMap<String, health::GatewayHealth>,
-        bool,
+        Option<String>,
     ) {
-        let mut fails = false;
+        let mut fails = None;
         let mut report = std::collections::BTreeMap::new();
         for (name, instance) in &self.instances {
             let Some(last) = instance.health() else {
@@ -339,7 +339,9 @@ impl Gateways {
                 .gateways
                 .iter()
                 .any(|g| &g.name == name && g.down_fails_readiness);
-            fails |= required && last.health == health::HealthState::Down;
+            if required && last.health == health::HealthState::Down && fails.is_none() {
+                fails = Some(name.clone());
+            }
             report.insert(name.clone(), last);
         }
         (report, fails)
