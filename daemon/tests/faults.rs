@@ -1184,6 +1184,11 @@ async fn reload_storm_under_load_fails_no_request() {
         } else {
             in_force = attempts;
         }
+        // What is in force is read back after every invalid file, and after the
+        // valid file before each (a reload that applied nothing would show there).
+        if !bad && n % 10 != 8 {
+            continue;
+        }
         let view = api.call(&sms_view).await;
         if view.json()["max_attempts"].as_u64() != Some(in_force as u64) {
             wrong.push(format!(
