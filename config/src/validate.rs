@@ -221,6 +221,14 @@ impl Settings {
                     "is the same as another client's; each client needs its own token",
                 );
             }
+            if let Some(practices) = &client.practices
+                && practices.iter().any(|id| id.trim().is_empty())
+            {
+                p.push(
+                    format!("{at}.practices"),
+                    "must not name an empty practice id",
+                );
+            }
             if client.scopes.is_empty() {
                 p.push(
                     format!("{at}.scopes"),
@@ -229,12 +237,28 @@ impl Settings {
             }
         }
 
+        // events
+        p.at_least_one("events.max_streams", u64_of(self.events.max_streams));
+        p.at_least_one(
+            "events.max_streams_per_subscriber",
+            u64_of(self.events.max_streams_per_subscriber),
+        );
+        p.at_least_one("events.buffer", u64_of(self.events.buffer));
+        p.positive_duration("events.idle_timeout", self.events.idle_timeout);
+
         // writer
         p.at_least_one(
             "writer.max_batch_units",
             u64_of(self.writer.max_batch_units),
         );
         p.at_least_one("writer.queue_depth", u64_of(self.writer.queue_depth));
+
+        // retention
+        let retention = &self.retention;
+        p.positive_duration("retention.operational", retention.operational);
+        p.positive_duration("retention.unmatched_inbound", retention.unmatched_inbound);
+        p.positive_duration("retention.prune_interval", retention.prune_interval);
+        p.at_least_one("retention.prune_batch", retention.prune_batch);
 
         // conversations
         let conversations = &self.conversations;
@@ -339,8 +363,8 @@ impl Settings {
                 gateway.per_recipient.as_ref(),
             );
             p.rate_limit(
-                &format!("{at}.inbound_per_sender"),
-                gateway.inbound_per_sender.as_ref(),
+                &format!("{at}.auto_answers_per_sender"),
+                gateway.auto_answers_per_sender.as_ref(),
             );
         }
 
@@ -362,11 +386,13 @@ mod tests {
             name: "a".to_owned(),
             token_sha256: crate::hash_token("a"),
             scopes: vec![Scope::Admin],
+            practices: None,
         });
         s.clients.push(ApiClient {
             name: "b".to_owned(),
             token_sha256: crate::hash_token("b"),
             scopes: vec![Scope::Staff, Scope::Portal],
+            practices: None,
         });
         for (name, kind) in [("sms", GatewayKind::Sms), ("mail", GatewayKind::Email)] {
             s.gateways.push(Gateway {
@@ -381,7 +407,7 @@ mod tests {
                     burst: 10,
                 }),
                 per_recipient: None,
-                inbound_per_sender: None,
+                auto_answers_per_sender: None,
             });
         }
         s.notifications.email_gateway = Some("mail".to_owned());
@@ -449,7 +475,7 @@ mod tests {
         check(|s| s.gateways[0].rate_limit = limit(0.0, 1), "gateways[0].rate_limit.per_second", "greater than zero");
         check(|s| s.gateways[0].rate_limit = limit(f64::NAN, 1), "gateways[0].rate_limit.per_second", "greater than zero");
         check(|s| s.gateways[0].per_recipient = limit(-1.0, 1), "gateways[0].per_recipient.per_second", "greater than zero");
-        check(|s| s.gateways[1].inbound_per_sender = limit(1.0, 0), "gateways[1].inbound_per_sender.burst", "at least 1");
+        check(|s| s.gateways[1].auto_answers_per_sender = limit(1.0, 0), "gateways[1].auto_answers_per_sender.burst", "at least 1");
         // The email gateway reference.
         check(|s| s.notifications.email_gateway = Some("nope".into()), "notifications.email_gateway", "names no");
         check(|s| s.notifications.email_gateway = Some("sms".into()), "notifications.email_gateway", "not of kind");

@@ -30,7 +30,7 @@ pub mod consent;
 mod host;
 pub mod inbound;
 mod instance;
-mod limits;
+pub(crate) mod limits;
 pub mod outbox;
 pub mod retry;
 

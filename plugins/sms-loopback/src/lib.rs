@@ -1,8 +1,10 @@
 //! `sms-loopback`: the development SMS gateway, a simulated phone.
 //!
 //! - **Outbound.** Each `send` appends one JSON line
-//!   `{"id","at","from","to","body","segments"}` to the file named by the config's
-//!   `outbox` (parent folders are created) and returns the generated id (`lb-…`). The
+//!   `{"id","at","from","to","body","segments","delivery_id"}` to the file named by
+//!   the config's `outbox` (parent folders are created) and returns the generated id
+//!   (`lb-…`). `delivery_id` is caremsg's delivery id (the idempotency key), so an
+//!   operator or a test can tell whether an interrupted send left the building. The
 //!   daemon's log gets a line with the id and the segment count, never the number
 //!   or the text.
 //! - **Inbound.** A simulated reply is `POST /v1/hooks/{instance}` with
@@ -53,6 +55,10 @@ pub struct OutboxLine {
     pub body: String,
     /// SMS segments it would take.
     pub segments: usize,
+    /// caremsg's delivery id (the idempotency key of the send); empty in lines
+    /// written before it was recorded.
+    #[serde(default)]
+    pub delivery_id: String,
 }
 
 /// A simulated reply posted to the hook.
@@ -186,6 +192,7 @@ impl Gateway for Loopback {
             to: message.to.to_owned(),
             body: message.body.to_owned(),
             segments: segments.count,
+            delivery_id: message.delivery_id.to_owned(),
         };
         if let Err(reason) = self.outbox.append(&line) {
             self.host.error(&reason);
@@ -323,6 +330,7 @@ mod tests {
             to: "+15550199".into(),
             body: "x".repeat(i),
             segments: 1,
+            delivery_id: format!("d-{i}"),
         };
         std::thread::scope(|scope| {
             for i in 0..20 {
@@ -336,6 +344,10 @@ mod tests {
             .map(|l| serde_json::from_str(l).expect("a whole JSON line"))
             .collect();
         assert_eq!(lines.len(), 20);
+        let mut ids: Vec<&str> = lines.iter().map(|l| l.delivery_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 20, "each line carries its delivery id");
     }
 
     #[test]
