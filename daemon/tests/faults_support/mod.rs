@@ -54,10 +54,11 @@ pub fn scaled(var: &str, default: usize) -> usize {
 }
 
 /// The tests of this binary run one at a time: each owns both cores while it injects
-/// its faults, and the disk-full test mounts a file system.
-pub fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+/// its faults, and the disk-full test mounts a file system. (An async lock: each
+/// test holds it across its awaits, on a runtime of its own.)
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -883,11 +884,13 @@ pub async fn read_back(db: &DatabaseConnection, ops: &[Op], patients: &[String])
         if !op.maybe_arrived() && count > 0 {
             out.phantoms.push(label.clone());
         }
-        if !op.acked() && op.retried.is_none() && count > 0 {
-            if let Answer::Status(status, body) = &op.answer {
-                out.stored_after_error
-                    .push(format!("{label}: {status} {body}"));
-            }
+        if !op.acked()
+            && op.retried.is_none()
+            && count > 0
+            && let Answer::Status(status, body) = &op.answer
+        {
+            out.stored_after_error
+                .push(format!("{label}: {status} {body}"));
         }
         if op.answer.ok()
             && let (Some(stored), Some(answered)) = (seq, op.answer.json()["seq"].as_i64())
