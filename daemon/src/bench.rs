@@ -17,6 +17,7 @@ use crate::writer::{WriteUnit, Writer, WriterOptions};
 
 mod clinic;
 mod conversations;
+mod events;
 mod notifications;
 mod sms_auth;
 
@@ -97,6 +98,19 @@ pub enum Which {
         /// e.g. `postgres://postgres@127.0.0.1:5432/postgres`, instead of SQLite.
         #[arg(long)]
         postgres: Option<String>,
+    },
+    /// Event streams: the CPU per portal message with no staff stream open and with
+    /// `streams` open (one per user; care teams of five), on SQLite.
+    Events {
+        /// Staff event streams to hold open.
+        #[arg(long, default_value_t = 2_000)]
+        streams: usize,
+        /// Portal messages per measured round.
+        #[arg(long, default_value_t = 5_000)]
+        messages: usize,
+        /// Concurrent senders.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
     },
     /// The traffic a clinic really sends, over real HTTP, seeded through the admin API
     /// and the real SMS flow: the clinic mix with and without staff event streams, then
@@ -187,6 +201,19 @@ pub async fn run(which: Which) -> anyhow::Result<()> {
                 notifications::Backend::Postgres,
             );
             println!("{}", notifications::run(plan, backend).await?);
+            Ok(())
+        }
+        Which::Events {
+            streams,
+            messages,
+            clients,
+        } => {
+            let plan = events::Plan {
+                streams,
+                messages,
+                clients,
+            };
+            println!("{}", events::run(plan).await?);
             Ok(())
         }
         Which::Clinic {

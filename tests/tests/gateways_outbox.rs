@@ -887,3 +887,105 @@ async fn a_reload_restarts_an_instance_whose_config_changed() {
     assert_eq!(moved.lines().count(), 1);
     d.stop().await.unwrap();
 }
+
+/// Issue #13 rule 2: each send's outcome is recorded as that send completes, not
+/// after the whole pass — so a crash mid-pass leaves `sending` (to reconcile) only
+/// the sends still in flight — and a delivery receipt that arrives before its
+/// send's outcome is parked and applied when the provider id lands.
+#[tokio::test]
+async fn each_outcome_is_recorded_as_its_send_completes_and_early_receipts_wait() {
+    use caremsg_plugin_host::{Event, ReceiptStatus};
+    use caremsgd::gateways::inbound::{self, EventOutcome};
+    let fake = Fake::start(201, None).await;
+    let table = fake.table("fake", 2);
+    let d = TestDaemon::start_with(|text| text + &table).await.unwrap();
+    setup(&d, "fake").await;
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    *fake.hold.lock().unwrap() = Some((arrived_tx, release.clone()));
+    let ids = queue(&d, "fake", MOBILE, DeliveryPurpose::SmsAuth, None, 2).await;
+    let state = d.daemon().state().clone();
+    let pass = tokio::spawn(async move { outbox::run_once(&state, "fake").await });
+    arrived.recv().await.unwrap();
+    arrived.recv().await.unwrap();
+    // The provider's receipt for its first message comes before any answer.
+    let gateway = d
+        .daemon()
+        .state()
+        .gateways
+        .instance("fake")
+        .unwrap()
+        .clone();
+    let early = |id: &str| Event::DeliveryReceipt {
+        provider_message_id: id.to_owned(),
+        status: ReceiptStatus::Delivered,
+        error_code: None,
+    };
+    let outcomes = inbound::commit(
+        d.daemon().state(),
+        &gateway,
+        vec![early("PROV-0"), early("PROV-1")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![EventOutcome::ReceiptParked, EventOutcome::ReceiptParked]
+    );
+    // One answer comes back; the other send is still in flight.
+    release.notify_one();
+    let mut statuses = Vec::new();
+    for _ in 0..500 {
+        statuses = Vec::new();
+        for id in &ids {
+            statuses.push(get(&d, id).await.status);
+        }
+        if statuses.contains(&DeliveryStatus::Delivered) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(
+        statuses.contains(&DeliveryStatus::Delivered)
+            && statuses.contains(&DeliveryStatus::Sending),
+        "the completed send is recorded (and its parked receipt applied) while the other is in flight: {statuses:?}"
+    );
+    *fake.hold.lock().unwrap() = None;
+    release.notify_one();
+    pass.await.unwrap().unwrap();
+    let mut statuses: Vec<_> = Vec::new();
+    for id in &ids {
+        statuses.push(get(&d, id).await.status);
+    }
+    assert_eq!(
+        statuses,
+        vec![DeliveryStatus::Delivered, DeliveryStatus::Delivered]
+    );
+    d.stop().await.unwrap();
+}
+
+/// Issue #13 rule 9: an absurd `Retry-After` is clamped (to an hour) before it
+/// becomes a pause or a retry instant: nothing overflows, nothing is reported as a
+/// plugin panic.
+#[tokio::test]
+async fn an_absurd_retry_after_is_clamped() {
+    let fake = Fake::start(429, Some(u64::MAX / 4)).await;
+    let table = fake.table("fake", 1);
+    let d = TestDaemon::start_with(|text| text + &table).await.unwrap();
+    setup(&d, "fake").await;
+    let ids = queue(&d, "fake", MOBILE, DeliveryPurpose::SmsAuth, None, 1).await;
+    let now = d.clock.now();
+    let report = outbox::run_once(d.daemon().state(), "fake").await.unwrap();
+    let row = get(&d, &ids[0]).await;
+    assert_eq!(row.status, DeliveryStatus::Queued, "{row:?}");
+    assert_ne!(row.error_code.as_deref(), Some("plugin_panicked"));
+    let hour = TimeDelta::hours(1);
+    assert!(row.next_attempt_at >= now + hour, "{row:?}");
+    assert!(
+        row.next_attempt_at <= now + hour + TimeDelta::minutes(16),
+        "{row:?}"
+    );
+    let paused = report.paused_until.expect("paused");
+    assert!(paused <= now + hour, "{paused}");
+    d.stop().await.unwrap();
+}

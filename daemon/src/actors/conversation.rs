@@ -619,14 +619,17 @@ pub(crate) async fn try_send(
     }
     state.writer.write(unit).await?;
     state.metrics.messages_stored.inc();
-    state.events.publish(Event::Message(Arc::new(MessageEvent {
-        patient_id: patient.id.clone(),
-        practice_id: practice.id.clone(),
-        seq,
-        direction,
-        channel,
-        body: msg.body.clone(),
-    })));
+    state
+        .events
+        .publish(Event::Message(Arc::new(MessageEvent {
+            patient_id: patient.id.clone(),
+            practice_id: practice.id.clone(),
+            seq,
+            direction,
+            channel,
+            body: msg.body.clone(),
+        })))
+        .await;
     notify.publish(state);
     Ok((
         seq,

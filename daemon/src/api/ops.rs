@@ -9,7 +9,10 @@ use sea_orm::ConnectionTrait;
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
+use std::collections::BTreeMap;
+
 use super::ApiDoc;
+use crate::gateways::health::GatewayHealth;
 use crate::state::Shared;
 use crate::writer::StorageHealth;
 
@@ -30,6 +33,11 @@ pub struct Health {
     /// Why the daemon is unavailable (never PHI).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// `/readyz` only: each gateway plugin's health at the last poll, by instance
+    /// name. A gateway that is down makes the daemon unavailable only with its
+    /// `down_fails_readiness` setting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateways: Option<BTreeMap<String, GatewayHealth>>,
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = Health)))]
@@ -38,31 +46,32 @@ pub async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".to_owned(),
         reason: None,
+        gateways: None,
     })
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses((status = 200, body = Health), (status = 503, body = Health)))]
 /// Ready to take writes: the writer's last commit (or probe write) succeeded, the
-/// database answers and every migration is applied. Otherwise 503 with the reason.
+/// database answers, every migration is applied, and no gateway with
+/// `down_fails_readiness` reports itself down. Otherwise 503 with the reason. Lists
+/// every gateway's health either way.
 pub async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
+    let (gateways, required_down) = state.gateways.health_report(&state.settings.load());
     let reason = match unready(&state).await {
-        None => {
-            return (
-                StatusCode::OK,
-                Json(Health {
-                    status: "ok".to_owned(),
-                    reason: None,
-                }),
-            );
-        }
-        Some(reason) => reason,
+        Some(reason) => Some(reason),
+        None => required_down.map(|name| format!("gateway {name} reports itself down")),
+    };
+    let (code, status) = match reason {
+        None => (StatusCode::OK, "ok"),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
     };
     (
-        StatusCode::SERVICE_UNAVAILABLE,
+        code,
         Json(Health {
-            status: "unavailable".to_owned(),
-            reason: Some(reason),
+            status: status.to_owned(),
+            reason,
+            gateways: Some(gateways),
         }),
     )
 }
@@ -107,15 +116,20 @@ pub async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
 /// The gauges that are read from the database when scraped.
 async fn scrape_gauges(state: &Shared) -> Result<(), sea_orm::DbErr> {
     use caremsg_entities::{DeliveryStatus, delivery, timer};
-    use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
+    use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect};
     let now = state.clock.now();
     let queued =
         delivery::Entity::find().filter(delivery::Column::Status.eq(DeliveryStatus::Queued));
     let depth = queued.clone().count(&state.db).await?;
-    let oldest = queued
-        .order_by_asc(delivery::Column::CreatedAt)
+    // MIN over the `(status, created_at)` index: one index probe, never a sort of
+    // the outbox.
+    let oldest: Option<chrono::DateTime<chrono::Utc>> = queued
+        .select_only()
+        .column_as(delivery::Column::CreatedAt.min(), "oldest")
+        .into_tuple::<Option<chrono::DateTime<chrono::Utc>>>()
         .one(&state.db)
-        .await?;
+        .await?
+        .flatten();
     let reconcile = delivery::Entity::find()
         .filter(delivery::Column::Status.eq(DeliveryStatus::Reconcile))
         .count(&state.db)
@@ -131,7 +145,7 @@ async fn scrape_gauges(state: &Shared) -> Result<(), sea_orm::DbErr> {
         .set(i64::try_from(depth).unwrap_or(i64::MAX));
     metrics
         .outbox_oldest_seconds
-        .set(oldest.map_or(0, |d| (now - d.created_at).num_seconds().max(0)));
+        .set(oldest.map_or(0, |d| (now - d).num_seconds().max(0)));
     metrics
         .deliveries_reconcile
         .set(i64::try_from(reconcile).unwrap_or(i64::MAX));

@@ -718,7 +718,7 @@ impl Cpu {
 }
 
 /// utime + stime of a `/proc/…/stat` line, at Linux's 100 ticks per second.
-fn ticks(stat: &str) -> Duration {
+pub(super) fn ticks(stat: &str) -> Duration {
     // The command name may hold spaces: the fields start after its closing ')'.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
