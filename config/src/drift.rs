@@ -52,6 +52,7 @@ fn full_settings() -> Settings {
             name: "a".to_owned(),
             token_sha256: crate::hash_token("a"),
             scopes: vec![Scope::Admin],
+            practices: Some(vec!["p1".to_owned()]),
         }],
         writer: Writer {
             max_batch_units: 512,
@@ -86,6 +87,12 @@ fn full_settings() -> Settings {
             email_subject: "s".to_owned(),
             email_body: "b".to_owned(),
         },
+        events: Events {
+            max_streams: 2048,
+            max_streams_per_subscriber: 16,
+            buffer: 256,
+            idle_timeout: Duration::from_secs(1800),
+        },
         gateways: vec![Gateway {
             name: "g".to_owned(),
             kind: GatewayKind::Email,
@@ -96,6 +103,8 @@ fn full_settings() -> Settings {
             rate_limit: limit(),
             per_recipient: limit(),
             auto_answers_per_sender: limit(),
+            health_interval: Duration::from_secs(30),
+            down_fails_readiness: false,
         }],
     }
 }
@@ -367,6 +376,7 @@ const STRUCT_POINTERS: &[(&str, &[&str])] = &[
     ("SmsAuth", &["/sms_auth"]),
     ("SmsTemplates", &["/sms_auth/templates"]),
     ("Notifications", &["/notifications"]),
+    ("Events", &["/events"]),
     ("Gateway", &["/gateways/0"]),
     (
         "RateLimit",
@@ -396,6 +406,7 @@ fn mutated(full: &Value, pointer: &str) -> Settings {
         .into_iter()
         .map(Value::String)
         .collect(),
+        Value::Bool(b) => vec![json!(!b)],
         Value::Array(items) => {
             let mut longer = items.clone();
             longer.extend(items.first().cloned());

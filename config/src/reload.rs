@@ -5,8 +5,8 @@
 //! not compile until this file says whether a reload may change it.
 
 use crate::settings::{
-    ApiClient, Conversations, Database, Gateway, Log, Notifications, Retention, Server, Settings,
-    SmsAuth, Writer,
+    ApiClient, Conversations, Database, Events, Gateway, Log, Notifications, Retention, Server,
+    Settings, SmsAuth, Writer,
 };
 
 /// A reload changed a field that only a restart can change; the old settings stay.
@@ -75,6 +75,7 @@ pub fn reload_plan(old: &Settings, new: &Settings) -> Result<Vec<String>, Reload
         sms_auth,
         notifications,
         retention,
+        events,
         gateways,
     } = new;
 
@@ -88,6 +89,7 @@ pub fn reload_plan(old: &Settings, new: &Settings) -> Result<Vec<String>, Reload
     diff_sms_auth(&mut d, &old.sms_auth, sms_auth);
     diff_notifications(&mut d, &old.notifications, notifications);
     diff_retention(&mut d, &old.retention, retention);
+    diff_events(&mut d, &old.events, events);
     diff_gateways(&mut d, &old.gateways, gateways)?;
     Ok(d.changed)
 }
@@ -157,7 +159,25 @@ fn client_fields_all_reloadable(client: &ApiClient) {
         name: _,
         token_sha256: _,
         scopes: _,
+        practices: _,
     } = client;
+}
+
+fn diff_events(d: &mut Diff, old: &Events, new: &Events) {
+    let Events {
+        max_streams,
+        max_streams_per_subscriber,
+        buffer,
+        idle_timeout,
+    } = new;
+    d.reloadable("events.max_streams", &old.max_streams, max_streams);
+    d.reloadable(
+        "events.max_streams_per_subscriber",
+        &old.max_streams_per_subscriber,
+        max_streams_per_subscriber,
+    );
+    d.reloadable("events.buffer", &old.buffer, buffer);
+    d.reloadable("events.idle_timeout", &old.idle_timeout, idle_timeout);
 }
 
 fn diff_writer(d: &mut Diff, old: &Writer, new: &Writer) -> Result<(), ReloadRefused> {
@@ -288,6 +308,8 @@ fn diff_gateways(d: &mut Diff, old: &[Gateway], new: &[Gateway]) -> Result<(), R
             rate_limit,
             per_recipient,
             auto_answers_per_sender,
+            health_interval,
+            down_fails_readiness,
         } = new;
         d.fixed(at("name"), &old.name, name)?;
         d.fixed(at("kind"), &old.kind, kind)?;
@@ -301,6 +323,12 @@ fn diff_gateways(d: &mut Diff, old: &[Gateway], new: &[Gateway]) -> Result<(), R
             at("auto_answers_per_sender"),
             &old.auto_answers_per_sender,
             auto_answers_per_sender,
+        );
+        d.reloadable(at("health_interval"), &old.health_interval, health_interval);
+        d.reloadable(
+            at("down_fails_readiness"),
+            &old.down_fails_readiness,
+            down_fails_readiness,
         );
     }
     d.fixed("gateways", &old.len(), &new.len())

@@ -50,6 +50,9 @@ pub struct Settings {
     /// How long operational rows are kept before the background pruner removes them.
     /// Default: see the fields of `Retention`. Reloadable: per field.
     pub retention: Retention,
+    /// The server-sent event streams (staff and portal): caps, buffers, idle limit.
+    /// Default: see the fields of `Events`. Reloadable: per field.
+    pub events: Events,
     /// The gateway plugin instances (`[[gateways]]` tables), one per provider account.
     /// Adding, removing, renaming or reordering instances needs a restart.
     /// Default: none. Reloadable: per field (the list itself: no).
@@ -69,6 +72,7 @@ impl Default for Settings {
             sms_auth: SmsAuth::default(),
             notifications: Notifications::default(),
             retention: Retention::default(),
+            events: Events::default(),
             gateways: Vec::new(),
         }
     }
@@ -146,6 +150,44 @@ impl Default for Server {
             max_body_bytes: 1024 * 1024,
             shutdown_timeout: Duration::from_secs(10),
             sse_keepalive: Duration::from_secs(15),
+        }
+    }
+}
+
+/// The server-sent event streams (`/v1/staff/events`, `/v1/portal/patients/{id}/events`).
+/// Keep-alive comments are `server.sse_keepalive`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Events {
+    /// Most streams open at once, all users and patients together; one more is
+    /// refused with 503 `stream_capacity` and `Retry-After`. Each stream holds a
+    /// connection (a file descriptor): keep it below the connection cap.
+    /// Default: 2048. Reloadable: yes (applies to streams opened after the reload).
+    pub max_streams: usize,
+    /// Most streams open at once per staff user, and per patient on the portal; one
+    /// more is refused with 429 `too_many_streams` and `Retry-After`.
+    /// Default: 16. Reloadable: yes (applies to streams opened after the reload).
+    pub max_streams_per_subscriber: usize,
+    /// Events one stream may have waiting to be written; a consumer that falls this
+    /// far behind is dropped (its stream ends with an `end` event, reason
+    /// `slow_consumer`) rather than buffered without bound. The client re-reads the
+    /// conversation and reconnects.
+    /// Default: 256. Reloadable: yes (applies to streams opened after the reload).
+    pub buffer: usize,
+    /// A stream that delivered no event for this long ends (an `end` event, reason
+    /// `idle`); keep-alive comments do not count. Clients reconnect.
+    /// Default: "30min". Reloadable: yes (applies to streams opened after the reload).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Self {
+            max_streams: 2048,
+            max_streams_per_subscriber: 16,
+            buffer: 256,
+            idle_timeout: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -265,9 +307,25 @@ pub struct ApiClient {
     /// users), "portal" (the portal backend). At least one.
     /// Default: none (required). Reloadable: yes.
     pub scopes: Vec<Scope>,
+    /// The practices (platform ids) this client serves: a request about any other
+    /// practice is answered as for another practice (404) — staff requests by the
+    /// acting user's practice, portal requests by the patient's, admin upserts and
+    /// deletes by the practice they name. Absent: every practice, the less safe choice
+    /// (one leaked token then reaches every clinic); name them where one client serves
+    /// a known set of clinics. An empty list serves none.
+    /// Default: absent (every practice). Reloadable: yes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub practices: Option<Vec<String>>,
 }
 
 impl ApiClient {
+    /// Whether this client may act about practice `practice_id` (see `practices`).
+    pub fn serves(&self, practice_id: &str) -> bool {
+        self.practices
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|p| p == practice_id))
+    }
+
     /// Whether `token` is this client's bearer token: its SHA-256 is compared with
     /// `token_sha256` in constant time.
     pub fn matches_token(&self, token: &str) -> bool {
@@ -537,6 +595,21 @@ pub struct Gateway {
     /// Default: absent (unlimited). Reloadable: yes.
     #[serde(default, alias = "inbound_per_sender")]
     pub auto_answers_per_sender: Option<RateLimit>,
+    /// How often the daemon asks the plugin for its health (a blocking call under the
+    /// instance's concurrency limit); the answer is the `caremsg_gateway_health` gauge,
+    /// a field of `/readyz`, and a log line when it changes. At least 1s.
+    /// Default: "30s". Reloadable: yes.
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// Whether `/readyz` answers 503 while the plugin reports itself down; otherwise a
+    /// down gateway is only reported in its JSON.
+    /// Default: false. Reloadable: yes.
+    #[serde(default)]
+    pub down_fails_readiness: bool,
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn empty_object() -> serde_json::Value {
@@ -560,6 +633,8 @@ impl fmt::Debug for Gateway {
             .field("rate_limit", &self.rate_limit)
             .field("per_recipient", &self.per_recipient)
             .field("auto_answers_per_sender", &self.auto_answers_per_sender)
+            .field("health_interval", &self.health_interval)
+            .field("down_fails_readiness", &self.down_fails_readiness)
             .finish()
     }
 }
@@ -617,8 +692,15 @@ mod tests {
             name: "a".to_owned(),
             token_sha256: crate::hash_token("right"),
             scopes: vec![Scope::Admin],
+            practices: None,
         };
         assert!(client.matches_token("right"));
+        assert!(client.serves("any"));
+        let scoped = ApiClient {
+            practices: Some(vec!["p1".to_owned()]),
+            ..client.clone()
+        };
+        assert!(scoped.serves("p1") && !scoped.serves("p2"));
         assert!(!client.matches_token("wrong"));
         assert!(!client.matches_token(""));
     }
@@ -658,6 +740,8 @@ mod tests {
             rate_limit: None,
             per_recipient: None,
             auto_answers_per_sender: None,
+            health_interval: std::time::Duration::from_secs(30),
+            down_fails_readiness: false,
         });
         let debug = format!("{s:?}");
         assert!(!debug.contains("hunter2"), "{debug}");

@@ -113,13 +113,17 @@ pub struct Running {
 /// Starts the daemon: database and migrations, the writer, the HTTP server. Returns
 /// once it is serving and systemd has been told so.
 pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Running> {
-    let db = open_database(&settings)
+    let metrics = Arc::new(Metrics::new());
+    let mut db = open_database(&settings)
         .await
         .context("opening the database")?;
+    let statements = metrics.db_reader_statements.clone();
+    db.set_metric_callback(move |_| {
+        statements.inc();
+    });
     let writer_db = db::connect_writer(&db_options(&settings))
         .await
         .context("opening the writer's database connection")?;
-    let metrics = Arc::new(Metrics::new());
     let writer_stop = CancellationToken::new();
     let (writer, writer_task) = Writer::start(
         writer_db,
@@ -131,25 +135,30 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         writer_stop.clone(),
     )
     .context("starting the writer's thread")?;
+    for warning in settings.warnings() {
+        tracing::warn!(field = %warning.field, "Configuration: {}.", warning.message);
+    }
+    let listen = settings.server.listen;
+    let settings = Arc::new(ArcSwap::from_pointee(settings));
     // After the writer: the gateways write through it from their first pass.
-    let gateways = gateways::Gateways::load(&settings)
+    let gateways = gateways::Gateways::load(settings.clone(), options.clock.clone())
         .await
         .context("loading the gateway plugins")?;
-    let listener = tokio::net::TcpListener::bind(settings.server.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding {}", settings.server.listen))?;
+        .with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
     let backend = db::backend_name(&db);
-    let settings = Arc::new(ArcSwap::from_pointee(settings));
     let http_stop = CancellationToken::new();
     let actor_system = actors::ActorSystem::start().context("starting the actor system")?;
+    let events = events::Events::new(Some(db.clone()), metrics.events.clone(), 4096);
     let state: Shared = Arc::new_cyclic(|weak| AppState {
         db,
         writer,
         settings: settings.clone(),
         clock: options.clock.clone(),
         metrics: metrics.clone(),
-        events: events::Events::new(4096),
+        events,
         conversations: actors::Conversations::new(actor_system, weak.clone()),
         runtime: tokio::runtime::Handle::current(),
         shutdown: http_stop.clone(),
@@ -203,7 +212,7 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         settings,
         metrics,
         log_filter: options.log_filter,
-        on_apply: vec![gateways_reload_hook(&state)],
+        on_apply: vec![gateways_reload_hook(&state), streams_reload_hook(&state)],
     };
     tracing::info!(%addr, database = backend, "caremsgd is serving.");
     notify::ready("Serving");
@@ -287,6 +296,12 @@ impl Running {
         self.timers.tick().await
     }
 
+    /// Polls every gateway plugin's health now and waits for the answers: what the
+    /// periodic poll does every `health_interval`, on demand.
+    pub async fn poll_gateway_health(&self) {
+        self.state.gateways.poll_health(&self.state).await;
+    }
+
     /// Reloads the configuration, as SIGHUP does.
     pub fn reload(&self) -> ReloadOutcome {
         self.reloader.reload()
@@ -350,6 +365,17 @@ fn gateways_reload_hook(state: &Shared) -> reload::ApplyHook {
     })
 }
 
+/// Ends the event streams whose token a reload no longer lists (with its scope and
+/// practice).
+fn streams_reload_hook(state: &Shared) -> reload::ApplyHook {
+    let state = Arc::downgrade(state);
+    Arc::new(move |_old: &Settings, new: &Settings| {
+        if let Some(state) = state.upgrade() {
+            state.events.revalidate(&new.clients);
+        }
+    })
+}
+
 /// Runs the daemon until `shutdown` completes; SIGHUP reloads the configuration.
 pub async fn run(
     settings: Settings,
@@ -360,6 +386,8 @@ pub async fn run(
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
     let running = start(settings, options).await?;
+    // One line on stdout for whoever started it by hand (journald keeps it too).
+    println!("caremsgd: listening on http://{}", running.local_addr());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

@@ -83,6 +83,13 @@ pub struct WebhookRejectLabels {
     pub status: String,
 }
 
+/// Labels of a gateway's health.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayHealthLabels {
+    /// The gateway instance's name.
+    pub gateway: String,
+}
+
 /// Every metric the daemon exports.
 pub struct Metrics {
     // The registry renders the text format; the handles below update it.
@@ -111,6 +118,8 @@ pub struct Metrics {
     pub outbox_depth: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Age in seconds of the oldest queued delivery, read when scraped.
     pub outbox_oldest_seconds: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Deliveries whose outcome is unknown (`reconcile`), read when scraped.
+    pub deliveries_reconcile: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Conversation actors alive, read when scraped.
     pub actors_live: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Durable timers due and not yet fired, read when scraped.
@@ -131,6 +140,13 @@ pub struct Metrics {
     pub sms_answers_throttled: Family<InstanceLabels, Counter>,
     /// Timers whose handler failed too often: moved to the dead-letter state.
     pub timers_dead: Family<TimerKindLabels, Counter>,
+    /// The event streams: open, refused, ended, events delivered, audience reads.
+    pub events: crate::events::EventMetrics,
+    /// Statements run on the readers' pool (not the writer's connection): what a
+    /// request or an event costs the database in reads.
+    pub db_reader_statements: Counter<u64, AtomicU64>,
+    /// Each gateway plugin's health at the last poll: 2 ok, 1 degraded, 0 down.
+    pub gateway_health: Family<GatewayHealthLabels, Gauge>,
 }
 
 impl Metrics {
@@ -226,6 +242,12 @@ impl Metrics {
             "Deliveries queued in the outbox",
             outbox_depth.clone(),
         );
+        let deliveries_reconcile = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "deliveries_reconcile",
+            "Deliveries whose outcome is unknown after a crash, waiting for an operator",
+            deliveries_reconcile.clone(),
+        );
         let outbox_oldest_seconds = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         registry.register(
             "outbox_oldest_seconds",
@@ -274,13 +296,55 @@ impl Metrics {
             "Timers moved to the dead-letter state after their handler failed too often",
             timers_dead.clone(),
         );
+        let events = crate::events::EventMetrics::default();
+        registry.register(
+            "event_streams",
+            "Server-sent event streams open now, by kind (staff, portal)",
+            events.streams.clone(),
+        );
+        registry.register(
+            "event_streams_refused",
+            "Event streams refused at a cap, by reason (per_subscriber, total)",
+            events.refused.clone(),
+        );
+        registry.register(
+            "event_streams_ended",
+            "Event streams the daemon ended, by reason",
+            events.ended.clone(),
+        );
+        registry.register(
+            "events_delivered",
+            "Events put into event stream channels",
+            events.delivered.clone(),
+        );
+        registry.register(
+            "event_audience_reads",
+            "Database reads computing the audience of an event",
+            events.audience_reads.clone(),
+        );
+        let db_reader_statements = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "db_reader_statements",
+            "Statements run on the readers' connection pool",
+            db_reader_statements.clone(),
+        );
+        let gateway_health = Family::<GatewayHealthLabels, Gauge>::default();
+        registry.register(
+            "gateway_health",
+            "Gateway plugin health at the last poll: 2 ok, 1 degraded, 0 down",
+            gateway_health.clone(),
+        );
         Self {
+            gateway_health,
             sms_answers_throttled,
             timers_dead,
+            events,
+            db_reader_statements,
             notifications,
             rate_limit_waits,
             webhook_rejects,
             outbox_depth,
+            deliveries_reconcile,
             outbox_oldest_seconds,
             actors_live,
             timers_due,

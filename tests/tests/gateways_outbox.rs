@@ -3,7 +3,8 @@
 //! delivery and the daemon goes on; a storm of retryable errors comes back spread; a
 //! provider's push-back pauses the instance; rate limits hold and change on reload;
 //! a claim is committed before the plugin is called, and a delivery a crash left
-//! `sending` is reconciled, not sent again.
+//! `sending` is reconciled, not sent again, until an operator resolves it through the
+//! admin API.
 //!
 //! Dispatchers are driven with `outbox::run_once`, which returns when every due row
 //! is recorded; the injected clock never moves by itself, so retries stay put.
@@ -18,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use caremsg_entities::{
     DeliveryChannel, DeliveryPurpose, DeliveryStatus, SmsStatus, delivery, patient, sms_consent,
 };
-use caremsg_tests::{STAFF_TOKEN, TestDaemon, practice_body};
+use caremsg_tests::{ADMIN_TOKEN, STAFF_TOKEN, TestDaemon, practice_body};
 use caremsgd::clock::Clock;
 use caremsgd::gateways::outbox::{self, OPT_OUT_CONFIRMATION_SUBJECT};
 use caremsgd::reload::ReloadOutcome;
@@ -273,6 +274,11 @@ async fn a_staff_message_to_an_sms_enabled_patient_is_appended_to_the_loopback_o
     assert_eq!(sms.status, DeliveryStatus::Sent);
     assert_eq!(sms.attempts, 1);
     assert_eq!(sms.provider_message_id.as_deref(), line["id"].as_str());
+    assert_eq!(
+        line["delivery_id"].as_str(),
+        Some(sms.id.as_str()),
+        "the outbox line names the delivery"
+    );
     // The portal delivery names no portal gateway: the portal API serves it.
     let portal = rows
         .iter()
@@ -665,6 +671,172 @@ async fn the_claim_is_committed_before_the_call_and_a_crash_leaves_it_to_reconci
     assert_eq!(row.error_code.as_deref(), Some("outcome_unknown"));
     assert!(row.error_reason.unwrap().contains("not sent again"));
     assert_eq!(fake.hits(), hits, "nothing was sent again");
+    d.stop().await.unwrap();
+}
+
+/// Rows left `sending` by a "crash", reconciled by the restart.
+async fn stranded(d: &mut TestDaemon, count: usize) -> Vec<String> {
+    let ids = queue(d, "loopback", MOBILE, DeliveryPurpose::SmsAuth, None, count).await;
+    delivery::Entity::update_many()
+        .col_expr(
+            delivery::Column::Status,
+            Expr::value(DeliveryStatus::Sending),
+        )
+        .col_expr(delivery::Column::ClaimedAt, Expr::value(d.clock.now()))
+        .filter(delivery::Column::Id.is_in(ids.clone()))
+        .exec(db(d))
+        .await
+        .unwrap();
+    d.restart().await.unwrap();
+    ids
+}
+
+async fn resolve(d: &TestDaemon, id: &str, action: &str) -> (StatusCode, Value) {
+    d.call(
+        Method::POST,
+        &format!("/v1/admin/deliveries/{id}/resolve"),
+        Some(ADMIN_TOKEN),
+        Some(&json!({ "action": action })),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_operator_lists_and_resolves_deliveries_left_to_reconcile() {
+    let mut d = TestDaemon::start().await.unwrap();
+    setup(&d, "loopback").await;
+    let ids = stranded(&mut d, 3).await;
+    assert_eq!(d.metric("caremsg_deliveries_reconcile").await, 3.0);
+
+    // Listed, paged, oldest first; without the recipient or the text.
+    let list = |query: &'static str| d.call(Method::GET, query, Some(ADMIN_TOKEN), None);
+    let (status, page) = list("/v1/admin/deliveries?status=reconcile&limit=2").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let listed = |page: &Value| -> Vec<String> {
+        page["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut seen = listed(&page);
+    assert_eq!(seen.len(), 2);
+    assert_eq!(page["deliveries"][0]["status"], "reconcile");
+    assert_eq!(page["deliveries"][0]["error_code"], "outcome_unknown");
+    assert_eq!(page["deliveries"][0]["gateway"], "loopback");
+    assert!(!page.to_string().contains(MOBILE), "no recipient: {page}");
+    let cursor = page["next_cursor"].as_str().unwrap().to_owned();
+    let (_, rest) = d
+        .call(
+            Method::GET,
+            &format!("/v1/admin/deliveries?status=reconcile&limit=2&cursor={cursor}"),
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+    seen.extend(listed(&rest));
+    assert_eq!(rest["next_cursor"], Value::Null);
+    seen.sort();
+    let mut all = ids.clone();
+    all.sort();
+    assert_eq!(seen, all);
+    // `reconcile` is the default; other statuses can be listed; bad input is a 422.
+    let (_, default) = list("/v1/admin/deliveries").await;
+    assert_eq!(listed(&default).len(), 3);
+    for (query, field) in [
+        ("/v1/admin/deliveries?status=lost", "status"),
+        ("/v1/admin/deliveries?limit=0", "limit"),
+        ("/v1/admin/deliveries?cursor=zz", "cursor"),
+    ] {
+        let (status, body) = list(query).await;
+        assert_eq!(
+            (status, body["error"]["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some(field)),
+            "{query}: {body}"
+        );
+    }
+    let (status, _) = d
+        .call(Method::GET, "/v1/admin/deliveries", Some(STAFF_TOKEN), None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Resolutions: a bad action, an unknown id.
+    let (status, body) = resolve(&d, &ids[0], "retry").await;
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("action")),
+        "{body}"
+    );
+    let (status, _) = resolve(&d, "no-such-delivery", "resend").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // resend: queued again, and sent by the next pass, the outbox line naming it.
+    let (status, body) = resolve(&d, &ids[0], "resend").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("queued")),
+        "{body}"
+    );
+    outbox::run_once(d.daemon().state(), "loopback")
+        .await
+        .unwrap();
+    assert_eq!(get(&d, &ids[0]).await.status, DeliveryStatus::Sent);
+    let lines = outbox_lines(d.dir.path());
+    let sent: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l["delivery_id"].as_str())
+        .collect();
+    assert_eq!(
+        sent,
+        [ids[0].as_str()],
+        "only the resent one left the building"
+    );
+    // mark_sent and mark_failed close them; nothing is sent.
+    let (status, body) = resolve(&d, &ids[1], "mark_sent").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("sent")),
+        "{body}"
+    );
+    let (status, body) = resolve(&d, &ids[2], "mark_failed").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("failed")),
+        "{body}"
+    );
+    assert_eq!(body["error_code"], "operator_marked_failed");
+    outbox::run_once(d.daemon().state(), "loopback")
+        .await
+        .unwrap();
+    assert_eq!(outbox_lines(d.dir.path()).len(), 1);
+    // Only a delivery in reconcile can be resolved.
+    let (status, body) = resolve(&d, &ids[1], "resend").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("not_in_reconcile"))
+    );
+    assert_eq!(d.metric("caremsg_deliveries_reconcile").await, 0.0);
+    // Each resolution is audited, with the delivery and the action.
+    let audits = caremsg_entities::audit_log::Entity::find()
+        .filter(caremsg_entities::audit_log::Column::Action.eq("admin.delivery.resolve"))
+        .all(db(&d))
+        .await
+        .unwrap();
+    let mut details: Vec<String> = audits.iter().filter_map(|a| a.detail.clone()).collect();
+    details.sort();
+    let mut expected = vec![
+        format!("delivery_id={} action=resend", ids[0]),
+        format!("delivery_id={} action=mark_sent", ids[1]),
+        format!("delivery_id={} action=mark_failed", ids[2]),
+    ];
+    expected.sort();
+    assert_eq!(details, expected);
+    assert!(
+        audits
+            .iter()
+            .all(|a| a.patient_id.as_deref() == Some("pat1"))
+    );
     d.stop().await.unwrap();
 }
 

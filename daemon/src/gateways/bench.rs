@@ -127,6 +127,8 @@ fn settings(dir: &Path, library: &Path, concurrency: usize) -> Settings {
         rate_limit: None,
         per_recipient: None,
         auto_answers_per_sender: None,
+        health_interval: std::time::Duration::from_secs(30),
+        down_fails_readiness: false,
     };
     let mut settings = Settings {
         state_dir: dir.to_owned(),

@@ -200,6 +200,8 @@ mod tests {
             rate_limit: rate.map(limit),
             per_recipient: per_recipient.map(limit),
             auto_answers_per_sender: None,
+            health_interval: std::time::Duration::from_secs(30),
+            down_fails_readiness: false,
         }
     }
 

@@ -113,11 +113,18 @@ pub enum SmsError {
     /// Storage failed.
     #[error("storage failed: {0}")]
     Storage(String),
+    /// The storage cannot take or serve writes now, or the commit's outcome is
+    /// unknown ([`WriteError::is_storage`]).
+    #[error("{0}")]
+    Unavailable(WriteError),
 }
 
 impl From<DbErr> for SmsError {
     fn from(err: DbErr) -> Self {
-        Self::Storage(err.to_string())
+        match SendError::from(err) {
+            SendError::Unavailable(err) => Self::Unavailable(err),
+            other => Self::Storage(other.to_string()),
+        }
     }
 }
 
@@ -132,6 +139,7 @@ impl From<WriteError> for SmsError {
             {
                 Self::PhoneInUse
             }
+            other if other.is_storage() => Self::Unavailable(other),
             other => Self::Storage(other.to_string()),
         }
     }
@@ -141,6 +149,7 @@ impl From<SendError> for SmsError {
     fn from(err: SendError) -> Self {
         match err {
             SendError::NotFound => Self::NotFound,
+            SendError::Unavailable(err) => Self::Unavailable(err),
             other => Self::Storage(other.to_string()),
         }
     }
@@ -525,7 +534,8 @@ impl<'a> Change<'a> {
                     direction: m.direction,
                     channel: m.channel,
                     body: Phi::new(m.body.clone()),
-                })));
+                })))
+                .await;
         }
         if let Some((status, reason)) = self.status {
             self.state
@@ -535,7 +545,8 @@ impl<'a> Change<'a> {
                     practice_id: self.practice.id.clone(),
                     status,
                     reason: reason.map(|r| r.as_str().to_owned()),
-                })));
+                })))
+                .await;
         }
         Ok(self.seq)
     }
