@@ -6,8 +6,7 @@
 
 use crate::settings::{
     ApiClient, Conversations, Database, Events, Gateway, Log, Notifications, Retention, Server,
-    Settings,
-    SmsAuth, Writer,
+    Settings, SmsAuth, Writer,
 };
 
 /// A reload changed a field that only a restart can change; the old settings stay.
