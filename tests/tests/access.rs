@@ -872,10 +872,11 @@ async fn two_thousand_streams_cost_no_database_read_per_event() {
         audience_reads <= 2.0,
         "one audience read per patient, got {audience_reads}"
     );
-    // Noise (timer ticks, the outbox pass a message wakes) is allowed a few statements;
-    // a read per subscriber would be thousands.
+    // Background work (timer ticks, the outbox pass a message wakes, pruning) reads on
+    // its own clock, so fewer than one extra statement per message is allowed; a read
+    // per subscriber would be 20,000, a read per delivered stream 2,000.
     assert!(
-        with <= without + audience_reads + 5.0,
+        with < without + audience_reads + MESSAGES as f64,
         "{MESSAGES} messages cost {without} reader statements without streams, {with} with 2,000"
     );
     // Each message reached its 5 users' 20 streams, each with its notification too.
