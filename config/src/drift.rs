@@ -91,6 +91,11 @@ fn full_settings() -> Settings {
             per_recipient: limit(),
             inbound_per_sender: limit(),
         }],
+        ha: Ha {
+            mode: HaMode::ActivePassive,
+            lease_renew: Duration::from_secs(5),
+            lease_expiry: Duration::from_secs(15),
+        },
     }
 }
 
@@ -361,6 +366,7 @@ const STRUCT_POINTERS: &[(&str, &[&str])] = &[
     ("SmsTemplates", &["/sms_auth/templates"]),
     ("Notifications", &["/notifications"]),
     ("Gateway", &["/gateways/0"]),
+    ("Ha", &["/ha"]),
     (
         "RateLimit",
         &[
@@ -385,6 +391,7 @@ fn mutated(full: &Value, pointer: &str) -> Settings {
             "77s".to_owned(),
             "json".to_owned(),
             "sms".to_owned(),
+            "single".to_owned(),
         ]
         .into_iter()
         .map(Value::String)

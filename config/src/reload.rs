@@ -5,7 +5,7 @@
 //! not compile until this file says whether a reload may change it.
 
 use crate::settings::{
-    ApiClient, Conversations, Database, Gateway, Log, Notifications, Server, Settings, SmsAuth,
+    ApiClient, Conversations, Database, Gateway, Ha, Log, Notifications, Server, Settings, SmsAuth,
     Writer,
 };
 
@@ -57,7 +57,7 @@ impl Diff {
 /// matched by position and reported by index into `new.gateways`.
 ///
 /// Refuses with the first non-reloadable field that changed: `state_dir`,
-/// `server.listen`, `database.*`, `log.format`, `writer.*`, `gateways` (an instance
+/// `server.listen`, `database.*`, `log.format`, `writer.*`, `ha.*`, `gateways` (an instance
 /// added or removed), `gateways[i].name` (renamed or reordered), and a gateway's `kind`,
 /// `library` or `concurrency`.
 pub fn reload_plan(old: &Settings, new: &Settings) -> Result<Vec<String>, ReloadRefused> {
@@ -75,6 +75,7 @@ pub fn reload_plan(old: &Settings, new: &Settings) -> Result<Vec<String>, Reload
         sms_auth,
         notifications,
         gateways,
+        ha,
     } = new;
 
     d.fixed("state_dir", &old.state_dir, state_dir)?;
@@ -87,6 +88,7 @@ pub fn reload_plan(old: &Settings, new: &Settings) -> Result<Vec<String>, Reload
     diff_sms_auth(&mut d, &old.sms_auth, sms_auth);
     diff_notifications(&mut d, &old.notifications, notifications);
     diff_gateways(&mut d, &old.gateways, gateways)?;
+    diff_ha(&mut d, &old.ha, ha)?;
     Ok(d.changed)
 }
 
@@ -169,6 +171,17 @@ fn diff_writer(d: &mut Diff, old: &Writer, new: &Writer) -> Result<(), ReloadRef
         max_batch_units,
     )?;
     d.fixed("writer.queue_depth", &old.queue_depth, queue_depth)
+}
+
+fn diff_ha(d: &mut Diff, old: &Ha, new: &Ha) -> Result<(), ReloadRefused> {
+    let Ha {
+        mode,
+        lease_renew,
+        lease_expiry,
+    } = new;
+    d.fixed("ha.mode", &old.mode, mode)?;
+    d.fixed("ha.lease_renew", &old.lease_renew, lease_renew)?;
+    d.fixed("ha.lease_expiry", &old.lease_expiry, lease_expiry)
 }
 
 fn diff_conversations(d: &mut Diff, old: &Conversations, new: &Conversations) {
