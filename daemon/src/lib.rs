@@ -13,6 +13,7 @@ pub mod clock;
 pub mod db;
 pub mod events;
 pub mod gateways;
+pub mod ha;
 pub mod metrics;
 pub mod notifications;
 pub mod notify;
@@ -74,10 +75,15 @@ pub fn db_options(settings: &Settings) -> db::DbOptions {
     }
 }
 
-/// Opens the database and applies pending migrations.
+/// Opens the database and applies pending migrations (on PostgreSQL under an advisory
+/// lock, so daemons starting together never race a migration).
 pub async fn open_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
     let db = db::connect(&db_options(settings)).await?;
+    let lock = ha::migration_lock(&settings.database_url())
+        .await
+        .context("taking the migration lock")?;
     db::migrate(&db).await?;
+    drop(lock);
     Ok(db)
 }
 
@@ -105,6 +111,8 @@ pub struct Running {
     timer_task: JoinHandle<()>,
     // Tells the wake-up task to stop.
     timer_stop: CancellationToken,
+    // High availability: the role, the lease; stopped after the writer.
+    ha: ha::Ha,
 }
 
 /// Starts the daemon: database and migrations, the writer, the HTTP server. Returns
@@ -117,8 +125,9 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         .await
         .context("opening the writer's database connection")?;
     let metrics = Arc::new(Metrics::new());
+    let ha = ha::Ha::start(&settings, metrics.clone());
     let writer_stop = CancellationToken::new();
-    let (writer, writer_task) = Writer::start(
+    let (writer, writer_task) = Writer::start_fenced(
         writer_db,
         WriterOptions {
             max_batch_units: settings.writer.max_batch_units,
@@ -126,6 +135,7 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         },
         metrics.clone(),
         writer_stop.clone(),
+        ha.fence(),
     )
     .context("starting the writer's thread")?;
     // After the writer: the gateways write through it from their first pass.
@@ -151,7 +161,21 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         runtime: tokio::runtime::Handle::current(),
         shutdown: http_stop.clone(),
         gateways,
+        role: ha.role(),
     });
+    // High availability: a standby serves /healthz and /readyz (and 503s) while it
+    // waits for the lease; the dispatchers and the timers start on taking it.
+    let server = serve(&state, listener, &http_stop);
+    // The status line counts gateways and live conversations; the actor system must
+    // answer a ping before systemd's watchdog is fed.
+    let watchdog = watchdog::Watchdog::start(&state, addr, watchdog_hooks(&state));
+    if !state.role.borrow().is_active() {
+        tracing::info!(%addr, database = backend, "caremsgd is serving as a standby; it waits for the lease.");
+        notify::ready("Standby");
+        let epoch = ha::active(&mut ha.role()).await;
+        tracing::info!(?epoch, "Active: starting the dispatchers and the timers.");
+        state.gateways.empty_rate_buckets();
+    }
     state
         .gateways
         .start(&state)
@@ -179,16 +203,6 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         sms::auth::window_handler(&state),
     )
     .spawn(timer_stop.clone());
-    let app = api::router(state.clone());
-    let stop = http_stop.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    });
     let reloader = Reloader {
         source: options.source,
         settings,
@@ -198,9 +212,6 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
     };
     tracing::info!(%addr, database = backend, "caremsgd is serving.");
     notify::ready("Serving");
-    // The status line counts gateways and live conversations; the actor system must
-    // answer a ping before systemd's watchdog is fed.
-    let watchdog = watchdog::Watchdog::start(&state, addr, watchdog_hooks(&state));
     Ok(Running {
         addr,
         state,
@@ -213,6 +224,25 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         timers: timer_handle,
         timer_task,
         timer_stop,
+        ha,
+    })
+}
+
+/// Serves the API on `listener` until `stop`.
+fn serve(
+    state: &Shared,
+    listener: tokio::net::TcpListener,
+    stop: &CancellationToken,
+) -> JoinHandle<std::io::Result<()>> {
+    let app = api::router(state.clone());
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
     })
 }
 
@@ -317,6 +347,8 @@ impl Running {
         self.state.conversations.stop();
         self.writer_stop.cancel();
         self.writer.join().await;
+        // After the writer's last batch: the lease is released for a standby.
+        self.ha.stop().await;
         let db = self.state.db.clone();
         drop(self.state);
         if let Err(err) = db.close().await {
@@ -346,13 +378,30 @@ pub async fn run(
     // Before start: systemd may send the reload's SIGHUP as soon as READY=1 is out.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
-    let running = start(settings, options).await?;
     tokio::pin!(shutdown);
+    // A standby waits in `start` for the lease; SIGTERM must still stop it.
+    let running = tokio::select! {
+        running = start(settings, options) => running?,
+        () = &mut shutdown => {
+            tracing::info!("caremsgd stopped before it became active.");
+            return Ok(());
+        }
+    };
+    let stepped_down = ha::stepped_down(running.state.role.clone());
+    tokio::pin!(stepped_down);
+    let mut lost = false;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             _ = hangup.recv() => { running.reload(); }
+            () = &mut stepped_down => { lost = true; break }
         }
     }
-    running.shutdown().await
+    running.shutdown().await?;
+    if lost {
+        // Nothing of the old term (actors, rate-limit buckets, dispatchers) may
+        // survive into the next: come back as a fresh standby, same pid.
+        return Err(ha::reexec()).context("restarting as a standby after losing the lease");
+    }
+    Ok(())
 }

@@ -30,6 +30,7 @@ use sea_orm::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::ha::Fence;
 use crate::metrics::Metrics;
 
 /// Most bind parameters one merged statement may carry (SQLite allows 32,766,
@@ -56,6 +57,10 @@ pub enum WriteError {
     /// The writer is shut down.
     #[error("the writer is shut down")]
     Closed,
+    /// This daemon is not the active one (high availability): the batch was fenced
+    /// off and nothing of it was committed.
+    #[error("this daemon is standby; another daemon holds the lease")]
+    Standby,
 }
 
 impl WriteError {
@@ -328,11 +333,23 @@ impl Writer {
         metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) -> std::io::Result<(Writer, WriterTask)> {
+        Self::start_fenced(db, options, metrics, stop, Fence::none())
+    }
+
+    /// [`Writer::start`], with `fence` checked at the start of every batch
+    /// transaction (high availability, [`crate::ha`]).
+    pub fn start_fenced(
+        db: DatabaseConnection,
+        options: WriterOptions,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+        fence: Fence,
+    ) -> std::io::Result<(Writer, WriterTask)> {
         let (jobs, rx) = mpsc::channel(options.queue_depth.max(1));
         let max = options.max_batch_units.max(1);
         let (paused, gate) = watch::channel(false);
         let (finished, done) = oneshot::channel();
-        let task = run(db, rx, max, metrics, stop, gate);
+        let task = run(db, rx, max, metrics, stop, gate, fence);
         // The writer's task runs on a thread of its own, not among the runtime's
         // workers: it is the one serial stage every write passes through, and on a
         // busy worker each of a batch's statements waited behind the HTTP and actor
@@ -419,6 +436,7 @@ async fn run(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
     mut gate: watch::Receiver<bool>,
+    fence: Fence,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(max);
     loop {
@@ -441,7 +459,7 @@ async fn run(
         let started = Instant::now();
         // Watchdog heartbeats are empty units; they are not writes.
         let units = batch.iter().filter(|job| !job.unit.is_empty()).count();
-        let results = commit_batch(&db, &batch).await;
+        let results = commit_batch(&db, &fence, &batch).await;
         // Counted before anyone is answered: a caller that has its answer sees its
         // batch in the metrics.
         if units > 0 {
@@ -456,8 +474,12 @@ async fn run(
 }
 
 /// Commits one batch: the answer of every job in it, in order.
-async fn commit_batch(db: &DatabaseConnection, batch: &[Job]) -> Vec<Result<(), WriteError>> {
-    match try_commit(db, batch).await {
+async fn commit_batch(
+    db: &DatabaseConnection,
+    fence: &Fence,
+    batch: &[Job],
+) -> Vec<Result<(), WriteError>> {
+    match try_commit(db, fence, batch).await {
         Ok(results) => results,
         Err(err) => {
             tracing::error!(error = %err, units = batch.len(), "A write batch failed to commit.");
@@ -468,11 +490,16 @@ async fn commit_batch(db: &DatabaseConnection, batch: &[Job]) -> Vec<Result<(), 
 
 async fn try_commit(
     db: &DatabaseConnection,
+    fence: &Fence,
     batch: &[Job],
 ) -> Result<Vec<Result<(), WriteError>>, DbErr> {
     // First, optimistically, the whole batch merged in one transaction: no savepoint
     // statements on the common path, where nothing fails.
     let txn = db.begin().await?;
+    if let Err(fenced) = fenced(&txn, fence, batch).await {
+        txn.rollback().await?;
+        return Ok(fenced);
+    }
     match run_merged(&txn, batch).await {
         Ok(()) => {
             txn.commit().await?;
@@ -486,6 +513,10 @@ async fn try_commit(
     // Something failed: replay unit by unit, each in its own savepoint, so only the
     // failing units are rolled back.
     let txn = db.begin().await?;
+    if let Err(fenced) = fenced(&txn, fence, batch).await {
+        txn.rollback().await?;
+        return Ok(fenced);
+    }
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
         let savepoint = txn.begin().await?;
@@ -502,6 +533,31 @@ async fn try_commit(
     }
     txn.commit().await?;
     Ok(results)
+}
+
+/// Runs `fence` first in a batch's transaction (unless the batch is only watchdog
+/// heartbeats, which write nothing); when it refuses, the answers: the fence's error
+/// for every unit, `Ok` for heartbeats.
+async fn fenced(
+    txn: &impl ConnectionTrait,
+    fence: &Fence,
+    batch: &[Job],
+) -> Result<(), Vec<Result<(), WriteError>>> {
+    if batch.iter().all(|job| job.unit.is_empty()) {
+        return Ok(());
+    }
+    fence.check(txn).await.map_err(|err| {
+        batch
+            .iter()
+            .map(|job| {
+                if job.unit.is_empty() {
+                    Ok(())
+                } else {
+                    Err(err.clone())
+                }
+            })
+            .collect()
+    })
 }
 
 /// The first stretch of every unit — its inserts up to its first other statement —

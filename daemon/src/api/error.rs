@@ -118,6 +118,18 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// 503 `standby`: this daemon is not the active one (high availability); the
+    /// client retries, through the load balancer, on the active one.
+    pub fn standby() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standby",
+            "This server is on standby; retry on the active one.",
+        )
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
@@ -150,6 +162,7 @@ impl From<WriteError> for ApiError {
                 "shutting_down",
                 "The daemon is shutting down; try again.",
             ),
+            WriteError::Standby => Self::standby(),
             other => Self::internal(&other),
         }
     }

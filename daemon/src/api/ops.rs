@@ -26,6 +26,9 @@ pub fn routes() -> Router<Shared> {
 pub struct Health {
     /// `ok` or what is wrong.
     pub status: String,
+    /// High availability: `active` or `standby` (readiness only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = Health)))]
@@ -33,13 +36,25 @@ pub struct Health {
 pub async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".to_owned(),
+        role: None,
     })
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses((status = 200, body = Health), (status = 503, body = Health)))]
-/// The database answers and every migration is applied.
+/// The database answers, every migration is applied, and this daemon is the active
+/// one (a standby answers 503 with `"role":"standby"`).
 pub async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
+    let role = *state.role.borrow();
+    if !role.is_active() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: "unavailable".to_owned(),
+                role: Some(role.name().to_owned()),
+            }),
+        );
+    }
     let ping = state.db.execute_unprepared("SELECT 1").await;
     let status = match ping {
         Err(err) => {
@@ -64,6 +79,7 @@ pub async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
         code,
         Json(Health {
             status: status.to_owned(),
+            role: Some(role.name().to_owned()),
         }),
     )
 }
