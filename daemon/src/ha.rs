@@ -42,7 +42,6 @@ use sea_orm::{ConnectionTrait, DbBackend};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, Row};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -104,7 +103,7 @@ pub struct Ha {
     role: RoleWatch,
     fence: Fence,
     stop: CancellationToken,
-    elector: Option<JoinHandle<()>>,
+    elector: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Ha {
@@ -129,12 +128,29 @@ impl Ha {
             renew: settings.ha.lease_renew,
             expiry: settings.ha.lease_expiry,
         };
-        let elector = tokio::spawn(elect(options, tx, metrics, stop.clone()));
+        // On a thread and runtime of its own: a main runtime kept busy (a slow
+        // handler, a burst of work) must not delay the lease's renewal.
+        let token = stop.clone();
+        let elector = std::thread::Builder::new()
+            .name("caremsg-ha".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(elect(options, tx, metrics, token)),
+                    Err(err) => {
+                        tracing::error!(error = %err, "HA: the elector's runtime could not start; this daemon stays standby.");
+                    }
+                }
+            })
+            .inspect_err(|err| tracing::error!(error = %err, "HA: the elector's thread could not start; this daemon stays standby."))
+            .ok();
         Self {
             fence: Fence(Some(Arc::new(role.clone()))),
             role,
             stop,
-            elector: Some(elector),
+            elector,
         }
     }
 
@@ -152,10 +168,11 @@ impl Ha {
     /// next poll) and stops the elector. Call after the writer has flushed.
     pub async fn stop(self) {
         self.stop.cancel();
-        if let Some(elector) = self.elector
-            && let Err(err) = elector.await
-        {
-            tracing::error!(error = %err, "The HA elector ended abnormally.");
+        if let Some(elector) = self.elector {
+            let joined = tokio::task::spawn_blocking(move || elector.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                tracing::error!("The HA elector ended abnormally.");
+            }
         }
     }
 }

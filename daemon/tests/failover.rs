@@ -255,10 +255,19 @@ async fn put_practice(
         .json(&json!({
             "name": format!("Clinic {id}"), "sms_enabled": true, "portal_enabled": true,
             "country": "US", "timezone": "America/New_York",
-            "sms_numbers": [{"number": "+12015550100", "gateway": "loopback"}],
+            "sms_numbers": [{"number": number_of(id), "gateway": "loopback"}],
         }))
         .send()
         .await
+}
+
+/// A practice's own (fictional) sending number.
+fn number_of(id: &str) -> String {
+    let n = id
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+        % 10_000;
+    format!("+1201555{n:04}")
 }
 
 async fn scalar(db: &DatabaseConnection, sql: &str) -> i64 {
@@ -378,7 +387,7 @@ async fn a_frozen_active_loses_the_lease_and_resumed_commits_nothing() {
                 .json(&json!({
                     "name": "Clinic late", "sms_enabled": true, "portal_enabled": true,
                     "country": "US", "timezone": "America/New_York",
-                    "sms_numbers": [{"number": "+12015550101", "gateway": "loopback"}],
+                    "sms_numbers": [{"number": number_of("late"), "gateway": "loopback"}],
                 }))
                 .send()
                 .await
@@ -454,5 +463,300 @@ async fn an_active_whose_lock_connection_is_terminated_steps_down() {
     );
     conn.close().await.unwrap();
     drop((a, b));
+    db.drop().await;
+}
+
+/// What the load got acknowledged (2xx), by kind: the markers it sent.
+#[derive(Default)]
+struct Acked {
+    staff: Vec<String>,
+    portal: Vec<String>,
+    inbound: Vec<String>,
+    starts: Vec<String>,
+    refused: u64,
+}
+
+/// Sends one request to whichever daemon serves (tries each base in turn); whether
+/// one answered 2xx.
+async fn send_any(
+    http: &reqwest::Client,
+    bases: &std::sync::Mutex<Vec<String>>,
+    request: impl Fn(&str) -> reqwest::RequestBuilder,
+) -> bool {
+    let bases = bases.lock().unwrap().clone();
+    for base in bases {
+        if let Ok(response) = request(&base).timeout(Duration::from_secs(5)).send().await
+            && response.status().is_success()
+        {
+            return true;
+        }
+    }
+    false
+}
+
+fn patient_phone(i: usize) -> String {
+    format!("+1201555{:04}", 2000 + i)
+}
+
+/// Steady load through the API while the active daemon is SIGKILLed 20 times in a
+/// row (alternating, since the killed one comes back as the standby): every 2xx is
+/// stored exactly once, sequence numbers stay gapless, no text goes out twice, due
+/// timers fire, and the standby serves within the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_rounds_under_load_lose_and_duplicate_nothing() {
+    let Some(server) = server_url() else { return };
+    if std::env::var("CAREMSG_FAULTS").as_deref() != Ok("1") {
+        return;
+    }
+    const ROUNDS: usize = 20;
+    const PATIENTS: usize = 60;
+    let db = TestDb::create(server).await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("outbox.jsonl");
+    let http = client();
+    let mut daemons = vec![
+        Daemon::start(dir.path(), "d0", &db, &outbox),
+        Daemon::start(dir.path(), "d1", &db, &outbox),
+    ];
+    let (active, _) = one_active(&http, &daemons[0], &daemons[1]).await;
+    let base = active.base();
+    assert_eq!(
+        put_practice(&http, active, "p").await.unwrap().status(),
+        200
+    );
+    let admin = |path: String, body: Value| {
+        http.put(format!("{base}{path}"))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+    };
+    let user = admin(
+        "/v1/admin/users/u1".into(),
+        json!({"practice_id": "p", "name": "User One", "email": "u1@clinic.example", "restricted_programs": []}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(user.status(), 200);
+    for i in 0..PATIENTS {
+        let response = admin(
+            format!("/v1/admin/patients/pat{i:02}"),
+            json!({"practice_id": "p", "first_name": "Pat", "last_name": "Example",
+                   "date_of_birth": "1950-04-07", "mobile_phone": patient_phone(i),
+                   "portal_enrolled": true, "programs": [], "care_team": ["u1"]}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    }
+
+    let bases = std::sync::Arc::new(std::sync::Mutex::new(
+        daemons.iter().map(Daemon::base).collect::<Vec<_>>(),
+    ));
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Acked::default()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let practice_number = number_of("p");
+    let mut load = Vec::new();
+    for kind in 0..4 {
+        let (http, bases, acked, stop) = (http.clone(), bases.clone(), acked.clone(), stop.clone());
+        let practice_number = practice_number.clone();
+        load.push(tokio::spawn(async move {
+            let mut n = 0usize;
+            while !stop.is_cancelled() {
+                n += 1;
+                let patient = format!("pat{:02}", n % PATIENTS);
+                let marker = format!("k{kind}-{n}");
+                let ok = match kind {
+                    0 => {
+                        send_any(&http, &bases, |b| {
+                            http.post(format!("{b}/v1/staff/patients/{patient}/messages"))
+                                .bearer_auth("dev-staff-token")
+                                .header("x-caremsg-user", "u1")
+                                .json(&json!({"body": marker}))
+                        })
+                        .await
+                    }
+                    1 => {
+                        send_any(&http, &bases, |b| {
+                            http.post(format!("{b}/v1/portal/patients/{patient}/messages"))
+                                .bearer_auth("dev-portal-token")
+                                .json(&json!({"body": marker}))
+                        })
+                        .await
+                    }
+                    2 => {
+                        send_any(&http, &bases, |b| {
+                            http.post(format!("{b}/v1/hooks/loopback")).json(&json!({
+                            "from": patient_phone(n % PATIENTS), "to": practice_number,
+                            "body": marker, "id": marker}))
+                        })
+                        .await
+                    }
+                    _ => {
+                        // One SMS start per patient, never retried: a recipient gets at
+                        // most one opt-in text.
+                        if n > PATIENTS {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                        let patient = format!("pat{:02}", n - 1);
+                        let ok = send_any(&http, &bases, |b| {
+                            http.post(format!("{b}/v1/staff/patients/{patient}/sms/start"))
+                                .bearer_auth("dev-staff-token")
+                                .header("x-caremsg-user", "u1")
+                        })
+                        .await;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        ok
+                    }
+                };
+                let mut acked = acked.lock().unwrap();
+                match (ok, kind) {
+                    (false, _) => acked.refused += 1,
+                    (true, 0) => acked.staff.push(marker),
+                    (true, 1) => acked.portal.push(marker),
+                    (true, 2) => acked.inbound.push(marker),
+                    (true, _) => acked.starts.push(format!("pat{:02}", n - 1)),
+                }
+            }
+        }));
+    }
+
+    let mut takeovers = Vec::new();
+    for round in 0..ROUNDS {
+        let (active, _) = one_active(&http, &daemons[0], &daemons[1]).await;
+        let (killed, survivor) = if active.port == daemons[0].port {
+            (0, 1)
+        } else {
+            (1, 0)
+        };
+        daemons[killed].kill();
+        let started = Instant::now();
+        let took = until_role(&http, &daemons[survivor], "active", TARGET).await;
+        takeovers.push(started.elapsed().max(took));
+        let fresh = Daemon::start(dir.path(), &format!("r{round}"), &db, &outbox);
+        *bases.lock().unwrap() = vec![daemons[survivor].base(), fresh.base()];
+        daemons[killed] = fresh;
+        until_role(&http, &daemons[killed], "standby", Duration::from_secs(60)).await;
+    }
+    stop.cancel();
+    for task in load {
+        task.await.unwrap();
+    }
+    one_active(&http, &daemons[0], &daemons[1]).await;
+
+    // Let the outbox drain; every timer due by now has fired.
+    let conn = db.connect().await;
+    let started = Instant::now();
+    while scalar(
+        &conn,
+        "SELECT count(*) FROM deliveries WHERE status IN ('queued', 'sending')",
+    )
+    .await
+        > 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the outbox did not drain"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        scalar(
+            &conn,
+            "SELECT count(*) FROM timers WHERE NOT fired AND due_at < now() - interval '30 seconds'"
+        )
+        .await,
+        0,
+        "a due timer was not fired"
+    );
+
+    let acked = acked.lock().unwrap();
+    let rows = |sql: &'static str| {
+        let conn = &conn;
+        async move {
+            conn.query_all_raw(Statement::from_string(conn.get_database_backend(), sql))
+                .await
+                .unwrap()
+        }
+    };
+    let mut stored = std::collections::HashMap::<String, i64>::new();
+    for row in rows("SELECT body, count(*) AS n FROM messages GROUP BY body").await {
+        stored.insert(
+            row.try_get("", "body").unwrap(),
+            row.try_get("", "n").unwrap(),
+        );
+    }
+    let mut lost = 0;
+    let mut duplicates = 0;
+    for marker in acked
+        .staff
+        .iter()
+        .chain(&acked.portal)
+        .chain(&acked.inbound)
+    {
+        match stored.get(marker).copied().unwrap_or(0) {
+            0 => lost += 1,
+            1 => {}
+            _ => duplicates += 1,
+        }
+    }
+    let mut receipts = std::collections::HashMap::<String, i64>::new();
+    for row in
+        rows("SELECT provider_message_id AS id, count(*) AS n FROM inbound_receipts GROUP BY 1")
+            .await
+    {
+        receipts.insert(
+            row.try_get("", "id").unwrap(),
+            row.try_get("", "n").unwrap(),
+        );
+    }
+    for marker in &acked.inbound {
+        if receipts.get(marker).copied().unwrap_or(0) != 1 {
+            duplicates += 1;
+        }
+    }
+    let gaps = rows(
+        "SELECT patient_id FROM messages GROUP BY patient_id HAVING count(*) <> max(seq) - min(seq) + 1",
+    )
+    .await
+    .len();
+    let mut sent = std::collections::HashMap::<(String, String), usize>::new();
+    for line in std::fs::read_to_string(&outbox).unwrap_or_default().lines() {
+        let line: Value = serde_json::from_str(line).unwrap();
+        let key = (
+            line["to"].as_str().unwrap_or("").to_owned(),
+            line["body"].as_str().unwrap_or("").to_owned(),
+        );
+        *sent.entry(key).or_default() += 1;
+    }
+    let double_sends = sent.values().filter(|n| **n > 1).count();
+    let sessions = scalar(
+        &conn,
+        "SELECT count(DISTINCT patient_id) FROM sms_auth_sessions",
+    )
+    .await;
+    takeovers.sort();
+    println!(
+        "failover rounds: {ROUNDS}; acked: {} staff, {} portal, {} inbound, {} sms starts ({} requests refused); \
+         lost: {lost}; duplicates: {duplicates}; gaps: {gaps}; double sends: {double_sends}; texts: {}; \
+         takeover p50 {:?}, max {:?}",
+        acked.staff.len(),
+        acked.portal.len(),
+        acked.inbound.len(),
+        acked.starts.len(),
+        acked.refused,
+        sent.values().sum::<usize>(),
+        takeovers[takeovers.len() / 2],
+        takeovers[takeovers.len() - 1],
+    );
+    assert!(!acked.staff.is_empty() && !acked.portal.is_empty() && !acked.inbound.is_empty());
+    assert_eq!((lost, duplicates, gaps, double_sends), (0, 0, 0, 0));
+    assert!(
+        sessions >= acked.starts.len() as i64,
+        "an acknowledged SMS start was lost"
+    );
+    assert!(*takeovers.last().unwrap() < TARGET);
+    conn.close().await.unwrap();
+    drop(daemons);
     db.drop().await;
 }

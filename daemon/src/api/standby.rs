@@ -12,7 +12,8 @@ use crate::state::Shared;
 
 /// The gate in front of the routes.
 pub async fn gate(State(state): State<Shared>, request: Request, next: Next) -> Response {
-    if state.role.borrow().is_active() || !request.uri().path().starts_with("/v1/") {
+    let active = state.role.borrow().is_active();
+    if active || !request.uri().path().starts_with("/v1/") {
         return next.run(request).await;
     }
     let mut response = ApiError::standby().into_response();
