@@ -172,6 +172,11 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
     if !state.role.borrow().is_active() {
         tracing::info!(%addr, database = backend, "caremsgd is serving as a standby; it waits for the lease.");
         notify::ready("Standby");
+        // The numbering plan's metadata loads on first use (seconds in a debug
+        // build): load it now, so the first requests after a takeover do not wait.
+        tokio::task::spawn_blocking(|| {
+            let _ = phone::parse_any("+12015550100", phonenumber::country::Id::US);
+        });
         let epoch = ha::active(&mut ha.role()).await;
         tracing::info!(?epoch, "Active: starting the dispatchers and the timers.");
         state.gateways.empty_rate_buckets();
