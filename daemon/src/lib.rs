@@ -19,6 +19,7 @@ pub mod notifications;
 pub mod notify;
 pub mod phi;
 pub mod phone;
+pub mod prune;
 pub mod reload;
 pub mod sms;
 pub mod sql;
@@ -109,22 +110,28 @@ pub struct Running {
     timers: timers::TimerServiceHandle,
     // The durable timers' wake-up task; stopped before the writer.
     timer_task: JoinHandle<()>,
-    // Tells the wake-up task to stop.
+    // Tells the wake-up task (and the pruner) to stop.
     timer_stop: CancellationToken,
     // High availability: the role, the lease; stopped after the writer.
     ha: ha::Ha,
+    // The pruner of operational tables; stopped with the timers, before the writer.
+    prune_task: JoinHandle<()>,
 }
 
 /// Starts the daemon: database and migrations, the writer, the HTTP server. Returns
 /// once it is serving and systemd has been told so.
 pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Running> {
-    let db = open_database(&settings)
+    let metrics = Arc::new(Metrics::new());
+    let mut db = open_database(&settings)
         .await
         .context("opening the database")?;
+    let statements = metrics.db_reader_statements.clone();
+    db.set_metric_callback(move |_| {
+        statements.inc();
+    });
     let writer_db = db::connect_writer(&db_options(&settings))
         .await
         .context("opening the writer's database connection")?;
-    let metrics = Arc::new(Metrics::new());
     let ha = ha::Ha::start(&settings, metrics.clone());
     let writer_stop = CancellationToken::new();
     let (writer, writer_task) = Writer::start_fenced(
@@ -138,25 +145,30 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         ha.fence(),
     )
     .context("starting the writer's thread")?;
+    for warning in settings.warnings() {
+        tracing::warn!(field = %warning.field, "Configuration: {}.", warning.message);
+    }
+    let listen = settings.server.listen;
+    let settings = Arc::new(ArcSwap::from_pointee(settings));
     // After the writer: the gateways write through it from their first pass.
-    let gateways = gateways::Gateways::load(&settings)
+    let gateways = gateways::Gateways::load(settings.clone(), options.clock.clone())
         .await
         .context("loading the gateway plugins")?;
-    let listener = tokio::net::TcpListener::bind(settings.server.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding {}", settings.server.listen))?;
+        .with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
     let backend = db::backend_name(&db);
-    let settings = Arc::new(ArcSwap::from_pointee(settings));
     let http_stop = CancellationToken::new();
     let actor_system = actors::ActorSystem::start().context("starting the actor system")?;
+    let events = events::Events::new(Some(db.clone()), metrics.events.clone(), 4096);
     let state: Shared = Arc::new_cyclic(|weak| AppState {
         db,
         writer,
         settings: settings.clone(),
         clock: options.clock.clone(),
         metrics: metrics.clone(),
-        events: events::Events::new(4096),
+        events,
         conversations: actors::Conversations::new(actor_system, weak.clone()),
         runtime: tokio::runtime::Handle::current(),
         shutdown: http_stop.clone(),
@@ -199,6 +211,7 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
             ..timers::TimerServiceOptions::default()
         },
     )
+    .with_failures(state.writer.clone(), state.metrics.clone())
     .with_handler(
         notifications::reminder::KIND,
         notifications::reminder::handler(&state),
@@ -207,13 +220,18 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         caremsg_entities::TimerKind::SmsAuthWindow,
         sms::auth::window_handler(&state),
     )
+    .with_handler(
+        gateways::consent::FOLLOW_UP,
+        gateways::consent::handler(&state),
+    )
     .spawn(timer_stop.clone());
+    let prune_task = prune::spawn(Arc::downgrade(&state), timer_stop.clone());
     let reloader = Reloader {
         source: options.source,
         settings,
         metrics,
         log_filter: options.log_filter,
-        on_apply: vec![gateways_reload_hook(&state)],
+        on_apply: vec![gateways_reload_hook(&state), streams_reload_hook(&state)],
     };
     tracing::info!(%addr, database = backend, "caremsgd is serving.");
     notify::ready("Serving");
@@ -230,6 +248,7 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         timer_task,
         timer_stop,
         ha,
+        prune_task,
     })
 }
 
@@ -312,6 +331,12 @@ impl Running {
         self.timers.tick().await
     }
 
+    /// Polls every gateway plugin's health now and waits for the answers: what the
+    /// periodic poll does every `health_interval`, on demand.
+    pub async fn poll_gateway_health(&self) {
+        self.state.gateways.poll_health(&self.state).await;
+    }
+
     /// Reloads the configuration, as SIGHUP does.
     pub fn reload(&self) -> ReloadOutcome {
         self.reloader.reload()
@@ -345,6 +370,9 @@ impl Running {
         if let Err(err) = self.timer_task.await {
             tracing::error!(error = %err, "The timer service task ended abnormally.");
         }
+        if let Err(err) = self.prune_task.await {
+            tracing::error!(error = %err, "The pruner task ended abnormally.");
+        }
         // The gateways record the pass in flight through the writer, and texts a
         // plugin emitted may still go to a patient's actor: before both.
         self.state.gateways.shutdown(grace).await;
@@ -374,6 +402,17 @@ fn gateways_reload_hook(state: &Shared) -> reload::ApplyHook {
     })
 }
 
+/// Ends the event streams whose token a reload no longer lists (with its scope and
+/// practice).
+fn streams_reload_hook(state: &Shared) -> reload::ApplyHook {
+    let state = Arc::downgrade(state);
+    Arc::new(move |_old: &Settings, new: &Settings| {
+        if let Some(state) = state.upgrade() {
+            state.events.revalidate(&new.clients);
+        }
+    })
+}
+
 /// Runs the daemon until `shutdown` completes; SIGHUP reloads the configuration.
 pub async fn run(
     settings: Settings,
@@ -392,6 +431,8 @@ pub async fn run(
             return Ok(());
         }
     };
+    // One line on stdout for whoever started it by hand (journald keeps it too).
+    println!("caremsgd: listening on http://{}", running.local_addr());
     let stepped_down = ha::stepped_down(running.state.role.clone());
     tokio::pin!(stepped_down);
     let mut lost = false;
