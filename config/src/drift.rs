@@ -106,6 +106,11 @@ fn full_settings() -> Settings {
             health_interval: Duration::from_secs(30),
             down_fails_readiness: false,
         }],
+        ha: Ha {
+            mode: HaMode::ActivePassive,
+            lease_renew: Duration::from_secs(5),
+            lease_expiry: Duration::from_secs(15),
+        },
     }
 }
 
@@ -378,6 +383,7 @@ const STRUCT_POINTERS: &[(&str, &[&str])] = &[
     ("Notifications", &["/notifications"]),
     ("Events", &["/events"]),
     ("Gateway", &["/gateways/0"]),
+    ("Ha", &["/ha"]),
     (
         "RateLimit",
         &[
@@ -402,6 +408,7 @@ fn mutated(full: &Value, pointer: &str) -> Settings {
             "77s".to_owned(),
             "json".to_owned(),
             "sms".to_owned(),
+            "single".to_owned(),
         ]
         .into_iter()
         .map(Value::String)

@@ -22,7 +22,7 @@ pub use load::{
 };
 pub use reload::{ReloadRefused, reload_plan};
 pub use settings::{
-    ApiClient, Conversations, Database, Events, Gateway, GatewayKind, Log, LogFormat,
+    ApiClient, Conversations, Database, Events, Gateway, GatewayKind, Ha, HaMode, Log, LogFormat,
     Notifications, RateLimit, Retention, Scope, Server, Settings, SmsAuth, SmsTemplates, Writer,
 };
 pub use validate::{Problem, SMS_TEMPLATE_MAX_CHARS};

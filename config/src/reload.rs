@@ -5,7 +5,7 @@
 //! not compile until this file says whether a reload may change it.
 
 use crate::settings::{
-    ApiClient, Conversations, Database, Events, Gateway, Log, Notifications, Retention, Server,
+    ApiClient, Conversations, Database, Events, Gateway, Ha, Log, Notifications, Retention, Server,
     Settings, SmsAuth, Writer,
 };
 
@@ -57,7 +57,7 @@ impl Diff {
 /// matched by position and reported by index into `new.gateways`.
 ///
 /// Refuses with the first non-reloadable field that changed: `state_dir`,
-/// `server.listen`, `database.*`, `log.format`, `writer.*`, `gateways` (an instance
+/// `server.listen`, `database.*`, `log.format`, `writer.*`, `ha.*`, `gateways` (an instance
 /// added or removed), `gateways[i].name` (renamed or reordered), and a gateway's `kind`,
 /// `library` or `concurrency`.
 pub fn reload_plan(old: &Settings, new: &Settings) -> Result<Vec<String>, ReloadRefused> {
@@ -77,6 +77,7 @@ pub fn reload_plan(old: &Settings, new: &Settings) -> Result<Vec<String>, Reload
         retention,
         events,
         gateways,
+        ha,
     } = new;
 
     d.fixed("state_dir", &old.state_dir, state_dir)?;
@@ -91,6 +92,7 @@ pub fn reload_plan(old: &Settings, new: &Settings) -> Result<Vec<String>, Reload
     diff_retention(&mut d, &old.retention, retention);
     diff_events(&mut d, &old.events, events);
     diff_gateways(&mut d, &old.gateways, gateways)?;
+    diff_ha(&mut d, &old.ha, ha)?;
     Ok(d.changed)
 }
 
@@ -191,6 +193,17 @@ fn diff_writer(d: &mut Diff, old: &Writer, new: &Writer) -> Result<(), ReloadRef
         max_batch_units,
     )?;
     d.fixed("writer.queue_depth", &old.queue_depth, queue_depth)
+}
+
+fn diff_ha(d: &mut Diff, old: &Ha, new: &Ha) -> Result<(), ReloadRefused> {
+    let Ha {
+        mode,
+        lease_renew,
+        lease_expiry,
+    } = new;
+    d.fixed("ha.mode", &old.mode, mode)?;
+    d.fixed("ha.lease_renew", &old.lease_renew, lease_renew)?;
+    d.fixed("ha.lease_expiry", &old.lease_expiry, lease_expiry)
 }
 
 fn diff_conversations(d: &mut Diff, old: &Conversations, new: &Conversations) {

@@ -57,6 +57,9 @@ pub struct Settings {
     /// Adding, removing, renaming or reordering instances needs a restart.
     /// Default: none. Reloadable: per field (the list itself: no).
     pub gateways: Vec<Gateway>,
+    /// High availability: one daemon, or an active and a standby on one PostgreSQL.
+    /// Default: see the fields of `Ha`. Reloadable: per field.
+    pub ha: Ha,
 }
 
 impl Default for Settings {
@@ -74,6 +77,7 @@ impl Default for Settings {
             retention: Retention::default(),
             events: Events::default(),
             gateways: Vec::new(),
+            ha: Ha::default(),
         }
     }
 }
@@ -345,6 +349,46 @@ pub enum Scope {
     Staff,
     /// The portal API, acting for one patient.
     Portal,
+}
+
+/// High availability (`[ha]`): active–passive failover on one PostgreSQL database.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ha {
+    /// `"single"`: this daemon is alone on its database and always active.
+    /// `"active-passive"`: several daemons share one PostgreSQL database and only the
+    /// one holding the lease is active; the others answer 503 `standby` (PostgreSQL
+    /// only). Default: "single". Reloadable: no.
+    pub mode: HaMode,
+    /// How often the active daemon renews its lease.
+    /// Default: "5s". Reloadable: no.
+    #[serde(with = "humantime_serde")]
+    pub lease_renew: Duration,
+    /// How long a lease lasts without renewal (on PostgreSQL's clock) before a standby
+    /// may take over; more than `lease_renew`.
+    /// Default: "15s". Reloadable: no.
+    #[serde(with = "humantime_serde")]
+    pub lease_expiry: Duration,
+}
+
+impl Default for Ha {
+    fn default() -> Self {
+        Self {
+            mode: HaMode::Single,
+            lease_renew: Duration::from_secs(5),
+            lease_expiry: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Whether the daemon shares its database with a standby.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HaMode {
+    /// Alone on the database.
+    Single,
+    /// One active daemon, the others standby.
+    ActivePassive,
 }
 
 /// The single database writer that batches changes into transactions.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::settings::{GatewayKind, RateLimit, Settings};
+use crate::settings::{GatewayKind, HaMode, RateLimit, Settings};
 
 /// Longest SMS template, in characters, before `{practice}` is filled in: one GSM-7
 /// segment.
@@ -111,6 +111,19 @@ impl Problems {
 }
 
 /// A simple check: `http://` or `https://`, then a non-empty host, no whitespace.
+/// Whether a database URL's query options say it goes through a transaction-mode
+/// pooler (`pgbouncer=true`, as Prisma writes it, or `pool_mode=transaction`).
+fn names_transaction_pooler(url: &str) -> bool {
+    let Some((_, query)) = url.split_once('?') else {
+        return false;
+    };
+    query.split('&').any(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let (key, value) = (key.to_ascii_lowercase(), value.to_ascii_lowercase());
+        (key == "pgbouncer" && value == "true") || (key == "pool_mode" && value == "transaction")
+    })
+}
+
 fn is_http_url(value: &str) -> bool {
     let rest = value
         .strip_prefix("https://")
@@ -235,6 +248,15 @@ impl Settings {
                     "must start with postgres://, postgresql:// or sqlite:",
                 );
             }
+            if names_transaction_pooler(url) {
+                p.push(
+                    "database.url",
+                    "names a transaction-mode pooler (pgbouncer=true or pool_mode=transaction), \
+                     which breaks the session locks caremsg holds (migrations, high \
+                     availability): connect to PostgreSQL directly or through PgBouncer in \
+                     session mode",
+                );
+            }
         }
         p.at_least_one(
             "database.max_connections",
@@ -288,6 +310,18 @@ impl Settings {
             }
         }
 
+        // ha
+        let ha = &self.ha;
+        p.positive_duration("ha.lease_renew", ha.lease_renew);
+        if ha.lease_expiry <= ha.lease_renew {
+            p.push("ha.lease_expiry", "must be longer than ha.lease_renew");
+        }
+        if ha.mode == HaMode::ActivePassive && !self.database_url().starts_with("postgres") {
+            p.push(
+                "ha.mode",
+                "\"active-passive\" needs a PostgreSQL database.url (SQLite is single-process)",
+            );
+        }
         // events
         p.at_least_one("events.max_streams", u64_of(self.events.max_streams));
         p.at_least_one(
@@ -565,6 +599,13 @@ mod tests {
         check(|s| s.database.max_connections = 0, "database.max_connections", "at least 1");
         check(|s| s.writer.max_batch_units = 0, "writer.max_batch_units", "at least 1");
         check(|s| s.writer.queue_depth = 0, "writer.queue_depth", "at least 1");
+        // High availability: PostgreSQL only, a lease longer than its renewal, no
+        // transaction-mode pooler.
+        check(|s| s.ha.mode = HaMode::ActivePassive, "ha.mode", "PostgreSQL");
+        check(|s| s.ha.lease_expiry = s.ha.lease_renew, "ha.lease_expiry", "longer");
+        check(|s| s.ha.lease_renew = zero, "ha.lease_renew", "zero");
+        check(|s| s.database.url = Some("postgres://h/db?pgbouncer=true".into()), "database.url", "session mode");
+        check(|s| s.database.url = Some("postgres://h/db?sslmode=require&pool_mode=Transaction".into()), "database.url", "transaction-mode pooler");
         check(|s| s.conversations.sms_body_max_chars = 0, "conversations.sms_body_max_chars", "at least 1");
         check(|s| s.conversations.portal_body_max_chars = 0, "conversations.portal_body_max_chars", "at least 1");
         check(|s| s.gateways[0].concurrency = 0, "gateways[0].concurrency", "at least 1");

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod db;
 pub mod events;
 pub mod gateways;
+pub mod ha;
 pub mod metrics;
 pub mod notifications;
 pub mod notify;
@@ -75,10 +76,15 @@ pub fn db_options(settings: &Settings) -> db::DbOptions {
     }
 }
 
-/// Opens the database and applies pending migrations.
+/// Opens the database and applies pending migrations (on PostgreSQL under an advisory
+/// lock, so daemons starting together never race a migration).
 pub async fn open_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
     let db = db::connect(&db_options(settings)).await?;
+    let lock = ha::migration_lock(&settings.database_url())
+        .await
+        .context("taking the migration lock")?;
     db::migrate(&db).await?;
+    drop(lock);
     Ok(db)
 }
 
@@ -106,6 +112,8 @@ pub struct Running {
     timer_task: JoinHandle<()>,
     // Tells the wake-up task (and the pruner) to stop.
     timer_stop: CancellationToken,
+    // High availability: the role, the lease; stopped after the writer.
+    ha: ha::Ha,
     // The pruner of operational tables; stopped with the timers, before the writer.
     prune_task: JoinHandle<()>,
 }
@@ -124,8 +132,9 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
     let writer_db = db::connect_writer(&db_options(&settings))
         .await
         .context("opening the writer's database connection")?;
+    let ha = ha::Ha::start(&settings, metrics.clone());
     let writer_stop = CancellationToken::new();
-    let (writer, writer_task) = Writer::start(
+    let (writer, writer_task) = Writer::start_fenced(
         writer_db,
         WriterOptions {
             max_batch_units: settings.writer.max_batch_units,
@@ -133,6 +142,7 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         },
         metrics.clone(),
         writer_stop.clone(),
+        ha.fence(),
     )
     .context("starting the writer's thread")?;
     for warning in settings.warnings() {
@@ -163,7 +173,26 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         runtime: tokio::runtime::Handle::current(),
         shutdown: http_stop.clone(),
         gateways,
+        role: ha.role(),
     });
+    // High availability: a standby serves /healthz and /readyz (and 503s) while it
+    // waits for the lease; the dispatchers and the timers start on taking it.
+    let server = serve(&state, listener, &http_stop);
+    // The status line counts gateways and live conversations; the actor system must
+    // answer a ping before systemd's watchdog is fed.
+    let watchdog = watchdog::Watchdog::start(&state, addr, watchdog_hooks(&state));
+    if !state.role.borrow().is_active() {
+        tracing::info!(%addr, database = backend, "caremsgd is serving as a standby; it waits for the lease.");
+        notify::ready("Standby");
+        // The numbering plan's metadata loads on first use (seconds in a debug
+        // build): load it now, so the first requests after a takeover do not wait.
+        tokio::task::spawn_blocking(|| {
+            let _ = phone::parse_any("+12015550100", phonenumber::country::Id::US);
+        });
+        let epoch = ha::active(&mut ha.role()).await;
+        tracing::info!(?epoch, "Active: starting the dispatchers and the timers.");
+        state.gateways.empty_rate_buckets();
+    }
     state
         .gateways
         .start(&state)
@@ -197,16 +226,6 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
     )
     .spawn(timer_stop.clone());
     let prune_task = prune::spawn(Arc::downgrade(&state), timer_stop.clone());
-    let app = api::router(state.clone());
-    let stop = http_stop.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    });
     let reloader = Reloader {
         source: options.source,
         settings,
@@ -216,9 +235,6 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
     };
     tracing::info!(%addr, database = backend, "caremsgd is serving.");
     notify::ready("Serving");
-    // The status line counts gateways and live conversations; the actor system must
-    // answer a ping before systemd's watchdog is fed.
-    let watchdog = watchdog::Watchdog::start(&state, addr, watchdog_hooks(&state));
     Ok(Running {
         addr,
         state,
@@ -231,7 +247,26 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         timers: timer_handle,
         timer_task,
         timer_stop,
+        ha,
         prune_task,
+    })
+}
+
+/// Serves the API on `listener` until `stop`.
+fn serve(
+    state: &Shared,
+    listener: tokio::net::TcpListener,
+    stop: &CancellationToken,
+) -> JoinHandle<std::io::Result<()>> {
+    let app = api::router(state.clone());
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
     })
 }
 
@@ -345,6 +380,8 @@ impl Running {
         self.state.conversations.stop();
         self.writer_stop.cancel();
         self.writer.join().await;
+        // After the writer's last batch: the lease is released for a standby.
+        self.ha.stop().await;
         let db = self.state.db.clone();
         drop(self.state);
         if let Err(err) = db.close().await {
@@ -385,15 +422,32 @@ pub async fn run(
     // Before start: systemd may send the reload's SIGHUP as soon as READY=1 is out.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
-    let running = start(settings, options).await?;
+    tokio::pin!(shutdown);
+    // A standby waits in `start` for the lease; SIGTERM must still stop it.
+    let running = tokio::select! {
+        running = start(settings, options) => running?,
+        () = &mut shutdown => {
+            tracing::info!("caremsgd stopped before it became active.");
+            return Ok(());
+        }
+    };
     // One line on stdout for whoever started it by hand (journald keeps it too).
     println!("caremsgd: listening on http://{}", running.local_addr());
-    tokio::pin!(shutdown);
+    let stepped_down = ha::stepped_down(running.state.role.clone());
+    tokio::pin!(stepped_down);
+    let mut lost = false;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             _ = hangup.recv() => { running.reload(); }
+            () = &mut stepped_down => { lost = true; break }
         }
     }
-    running.shutdown().await
+    running.shutdown().await?;
+    if lost {
+        // Nothing of the old term (actors, rate-limit buckets, dispatchers) may
+        // survive into the next: come back as a fresh standby, same pid.
+        return Err(ha::reexec()).context("restarting as a standby after losing the lease");
+    }
+    Ok(())
 }

@@ -136,6 +136,12 @@ pub struct Metrics {
     pub rate_limit_waits: Family<RateLimitLabels, Counter>,
     /// Webhook requests the plugin refused (4xx), by gateway and status.
     pub webhook_rejects: Family<WebhookRejectLabels, Counter>,
+    /// High availability: 1 while this daemon is active, 0 while standby.
+    pub ha_role: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// High availability: the fencing epoch this daemon holds (0 when it holds none).
+    pub ha_epoch: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// High availability: times this daemon became active.
+    pub ha_takeovers: Counter<u64, AtomicU64>,
     /// Automatic answers not sent: their number was over `auto_answers_per_sender`.
     pub sms_answers_throttled: Family<InstanceLabels, Counter>,
     /// Timers whose handler failed too often: moved to the dead-letter state.
@@ -284,6 +290,24 @@ impl Metrics {
             "Provider webhook requests the gateway plugin refused, by gateway and status",
             webhook_rejects.clone(),
         );
+        let ha_role = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "ha_role",
+            "1 while this daemon is the active one, 0 while standby",
+            ha_role.clone(),
+        );
+        let ha_epoch = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "ha_epoch",
+            "The fencing epoch this daemon holds (0: none)",
+            ha_epoch.clone(),
+        );
+        let ha_takeovers = Counter::default();
+        registry.register(
+            "ha_takeovers",
+            "Times this daemon became the active one",
+            ha_takeovers.clone(),
+        );
         let sms_answers_throttled = Family::<InstanceLabels, Counter>::default();
         registry.register(
             "sms_answers_throttled",
@@ -335,6 +359,9 @@ impl Metrics {
             gateway_health.clone(),
         );
         Self {
+            ha_role,
+            ha_epoch,
+            ha_takeovers,
             gateway_health,
             sms_answers_throttled,
             timers_dead,

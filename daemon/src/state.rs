@@ -37,6 +37,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// The gateway plugin instances, their outbox dispatchers and inbound side.
     pub gateways: crate::gateways::Gateways,
+    /// High availability: this daemon's role (always active in single mode).
+    pub role: crate::ha::RoleWatch,
 }
 
 /// The handle request handlers receive.

@@ -40,6 +40,7 @@ use sea_orm::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::ha::Fence;
 use crate::metrics::Metrics;
 
 /// Most bind parameters one merged statement may carry (SQLite allows 32,766,
@@ -75,6 +76,10 @@ pub enum WriteError {
     /// The writer is shut down.
     #[error("the writer is shut down")]
     Closed,
+    /// This daemon is not the active one (high availability): the batch was fenced
+    /// off and nothing of it was committed.
+    #[error("this daemon is standby; another daemon holds the lease")]
+    Standby,
 }
 
 impl WriteError {
@@ -384,6 +389,18 @@ impl Writer {
         metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) -> std::io::Result<(Writer, WriterTask)> {
+        Self::start_fenced(db, options, metrics, stop, Fence::none())
+    }
+
+    /// [`Writer::start`], with `fence` checked at the start of every batch
+    /// transaction (high availability, [`crate::ha`]).
+    pub fn start_fenced(
+        db: DatabaseConnection,
+        options: WriterOptions,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+        fence: Fence,
+    ) -> std::io::Result<(Writer, WriterTask)> {
         let (jobs, rx) = mpsc::channel(options.queue_depth.max(1));
         let max = options.max_batch_units.max(1);
         let (paused, gate) = watch::channel(false);
@@ -394,6 +411,7 @@ impl Writer {
                 db,
                 metrics,
                 health: health_tx,
+                fence,
             },
             rx,
             max,
@@ -502,6 +520,7 @@ struct Batcher {
     db: DatabaseConnection,
     metrics: Arc<Metrics>,
     health: watch::Sender<StorageHealth>,
+    fence: Fence,
 }
 
 async fn run(
@@ -588,7 +607,7 @@ impl Batcher {
             return vec![Err(error); batch.len()];
         }
         let result = match self.ready().await {
-            Ok(()) => try_commit(&self.db, batch).await,
+            Ok(()) => try_commit(&self.db, &self.fence, batch).await,
             Err(err) => Err(err),
         };
         match result {
@@ -694,12 +713,17 @@ async fn probe_write(db: &DatabaseConnection) -> Result<(), WriteError> {
 
 async fn try_commit(
     db: &DatabaseConnection,
+    fence: &Fence,
     batch: &[Job],
 ) -> Result<Vec<Result<(), WriteError>>, WriteError> {
     let begin = |e: DbErr| WriteError::not_committed(&e);
     // First, optimistically, the whole batch merged in one transaction: no savepoint
     // statements on the common path, where nothing fails.
     let txn = db.begin().await.map_err(begin)?;
+    if let Err(fenced) = fenced(&txn, fence, batch).await {
+        txn.rollback().await.map_err(begin)?;
+        return Ok(fenced);
+    }
     match run_merged(&txn, batch).await {
         Ok(()) => {
             txn.commit()
@@ -718,6 +742,10 @@ async fn try_commit(
     // Something failed: replay unit by unit, each in its own savepoint, so only the
     // failing units are rolled back.
     let txn = db.begin().await.map_err(begin)?;
+    if let Err(fenced) = fenced(&txn, fence, batch).await {
+        txn.rollback().await.map_err(begin)?;
+        return Ok(fenced);
+    }
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
         let savepoint = txn.begin().await.map_err(begin)?;
@@ -737,6 +765,31 @@ async fn try_commit(
         .await
         .map_err(|e| WriteError::commit_failed(&e))?;
     Ok(results)
+}
+
+/// Runs `fence` first in a batch's transaction (unless the batch is only watchdog
+/// heartbeats, which write nothing); when it refuses, the answers: the fence's error
+/// for every unit, `Ok` for heartbeats.
+async fn fenced(
+    txn: &impl ConnectionTrait,
+    fence: &Fence,
+    batch: &[Job],
+) -> Result<(), Vec<Result<(), WriteError>>> {
+    if batch.iter().all(|job| job.unit.is_empty()) {
+        return Ok(());
+    }
+    fence.check(txn).await.map_err(|err| {
+        batch
+            .iter()
+            .map(|job| {
+                if job.unit.is_empty() {
+                    Ok(())
+                } else {
+                    Err(err.clone())
+                }
+            })
+            .collect()
+    })
 }
 
 /// The first stretch of every unit — its inserts up to its first other statement —

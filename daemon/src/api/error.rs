@@ -147,6 +147,18 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// 503 `standby`: this daemon is not the active one (high availability); the
+    /// client retries, through the load balancer, on the active one.
+    pub fn standby() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standby",
+            "This server is on standby; retry on the active one.",
+        )
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
@@ -184,6 +196,7 @@ impl From<WriteError> for ApiError {
                 "shutting_down",
                 "The daemon is shutting down; try again.",
             ),
+            WriteError::Standby => Self::standby(),
             WriteError::Unavailable(_) => Self::storage_unavailable(&err),
             WriteError::OutcomeUnknown(_) => Self::storage_outcome_unknown(&err),
             other => Self::internal(&other),

@@ -14,6 +14,7 @@ pub mod ops;
 pub mod portal;
 pub mod sms;
 pub mod staff;
+pub mod standby;
 
 use std::time::Instant;
 
@@ -81,6 +82,7 @@ pub fn router(state: Shared) -> Router {
         .merge(ops::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), standby::gate))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(CatchPanicLayer::custom(|_| {
             tracing::error!(

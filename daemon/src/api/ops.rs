@@ -30,6 +30,9 @@ pub fn routes() -> Router<Shared> {
 pub struct Health {
     /// `ok` or `unavailable`.
     pub status: String,
+    /// High availability: `active` or `standby` (readiness only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
     /// Why the daemon is unavailable (never PHI).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -45,6 +48,7 @@ pub struct Health {
 pub async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".to_owned(),
+        role: None,
         reason: None,
         gateways: None,
     })
@@ -52,11 +56,24 @@ pub async fn healthz() -> Json<Health> {
 
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses((status = 200, body = Health), (status = 503, body = Health)))]
-/// Ready to take writes: the writer's last commit (or probe write) succeeded, the
+/// Ready to take writes: this daemon is the active one (a standby answers 503 with
+/// `"role":"standby"`), the writer's last commit (or probe write) succeeded, the
 /// database answers, every migration is applied, and no gateway with
 /// `down_fails_readiness` reports itself down. Otherwise 503 with the reason. Lists
 /// every gateway's health either way.
 pub async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
+    let role = *state.role.borrow();
+    if !role.is_active() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: "unavailable".to_owned(),
+                role: Some(role.name().to_owned()),
+                reason: None,
+                gateways: None,
+            }),
+        );
+    }
     let (gateways, required_down) = state.gateways.health_report(&state.settings.load());
     let reason = match unready(&state).await {
         Some(reason) => Some(reason),
@@ -70,6 +87,7 @@ pub async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
         code,
         Json(Health {
             status: status.to_owned(),
+            role: Some(role.name().to_owned()),
             reason,
             gateways: Some(gateways),
         }),

@@ -142,6 +142,14 @@ impl Limits {
         })
     }
 
+    /// Takes every token of the instance's bucket: a daemon taking over from another
+    /// (high availability) does not know what the other sent just before, so it
+    /// starts from an empty bucket, not a full one.
+    pub(crate) fn empty_instance_bucket(&self) {
+        let burst = self.instance.config.as_ref().map_or(1, |c| c.burst.max(1));
+        let _ = self.check_instance(burst);
+    }
+
     /// Takes `cells` outbound tokens of the instance. A text of more segments than the
     /// burst waits for a full bucket and then takes it all.
     pub(crate) fn check_instance(&self, cells: u32) -> Check {
@@ -214,6 +222,13 @@ mod tests {
         // A text longer than the burst is not refused forever.
         let limits = Limits::new(&gateway(Some((1000.0, 2)), None));
         assert_eq!(limits.check_instance(9), Check::Allowed);
+    }
+
+    #[test]
+    fn an_emptied_bucket_refills_at_the_rate_only() {
+        let limits = Limits::new(&gateway(Some((1.0, 5)), None));
+        limits.empty_instance_bucket();
+        assert!(matches!(limits.check_instance(1), Check::Wait(_)));
     }
 
     #[test]

@@ -266,6 +266,13 @@ impl Gateways {
         self.dispatchers.iter().find(|d| d.name() == name).cloned()
     }
 
+    /// Empties every instance's outbound bucket (a high-availability takeover).
+    pub fn empty_rate_buckets(&self) {
+        for instance in self.instances.values() {
+            instance.limits().empty_instance_bucket();
+        }
+    }
+
     /// Asks every dispatcher for a pass: call it after committing new deliveries.
     pub fn wake(&self) {
         for dispatcher in &self.dispatchers {

@@ -624,6 +624,7 @@ fn claim_unit(ids: &[String], now: DateTime<Utc>) -> WriteUnit {
                 Expr::value(DeliveryStatus::Sending),
             )
             .col_expr(delivery::Column::ClaimedAt, Expr::value(now))
+            .col_expr(Alias::new("claim_epoch"), crate::ha::claim_epoch())
             .col_expr(
                 delivery::Column::Attempts,
                 Expr::col(delivery::Column::Attempts).add(1),
@@ -1039,6 +1040,7 @@ pub async fn reconcile_interrupted(state: &Shared) -> Result<u64, DispatchError>
         .column(delivery::Column::Id)
         .column(delivery::Column::Gateway)
         .filter(delivery::Column::Status.eq(DeliveryStatus::Sending))
+        .filter(crate::ha::claimed_by_an_older_epoch())
         .into_tuple()
         .all(&state.db)
         .await?;

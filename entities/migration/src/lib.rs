@@ -9,6 +9,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_initial;
 mod m20261205_000002_inbound_edges;
+mod m20261205_000020_ha;
 
 /// All of caremsg's migrations, oldest first.
 pub struct Migrator;
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         vec![
             Box::new(m20261126_000001_initial::Migration),
+            Box::new(m20261205_000020_ha::Migration),
             Box::new(m20261205_000002_inbound_edges::Migration),
         ]
     }
