@@ -1,5 +1,6 @@
 //! Tidy check over every Rust file of the workspace (not only `plugins/`): `unsafe` is
-//! allowed only in the plugin host's loader, the SDK's export shims, and the one
+//! allowed only in the plugin host's loader, the SDK's export shims (and those of the
+//! frozen SDK 1.0 copy the ABI tests build), and the one
 //! documented exception in `daemon/src/db.rs` (SQLite's query-planner stability
 //! switch, which sqlx does not expose).
 
@@ -51,6 +52,9 @@ fn unsafe_code_is_allowed_only_where_architecture_md_says() {
             "plugins/sdk/src/ffi.rs",
             "plugins/sdk/src/lib.rs",
             "plugins/testkit/tests/tidy.rs",
+            // A frozen copy of the SDK 1.0 (ABI compatibility tests).
+            "plugins/testplugins/sdk-v1_0/src/ffi.rs",
+            "plugins/testplugins/sdk-v1_0/src/lib.rs",
         ]
     );
 }
