@@ -13,6 +13,7 @@ pub mod clock;
 pub mod db;
 pub mod events;
 pub mod gateways;
+pub mod http;
 pub mod metrics;
 pub mod notifications;
 pub mod notify;
@@ -180,15 +181,12 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
     )
     .spawn(timer_stop.clone());
     let app = api::router(state.clone());
-    let stop = http_stop.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    });
+    let server = tokio::spawn(http::serve(
+        listener,
+        app,
+        settings.clone(),
+        http_stop.clone(),
+    ));
     let reloader = Reloader {
         source: options.source,
         settings,

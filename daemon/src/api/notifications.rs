@@ -7,7 +7,7 @@
 //! falls back to in-app — are `crate::notifications::settings`'; this module maps them
 //! to JSON.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::response::sse::Event as SseEvent;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{ApiJson, Staff};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Staff};
 use crate::access::ACCESSIBLE;
 use crate::audit::AuditEntry;
 use crate::notifications::settings::{
@@ -278,6 +278,7 @@ pub fn sse_event(notification: &notification::Model) -> SseEvent {
 #[serde(deny_unknown_fields)]
 pub struct NotificationsQuery {
     /// Page size (default 50, at most 200).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u64>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -331,7 +332,7 @@ fn visible(user_id: &str) -> (String, Vec<Value>) {
 pub async fn list(
     State(state): State<Shared>,
     staff: Staff,
-    Query(query): Query<NotificationsQuery>,
+    ApiQuery(query): ApiQuery<NotificationsQuery>,
 ) -> ApiResult<Json<NotificationList>> {
     let limit = page_limit(query.limit)?;
     let cursor: Option<Cursor> = query
@@ -403,7 +404,7 @@ pub async fn list(
 pub async fn mark_read(
     State(state): State<Shared>,
     staff: Staff,
-    Path(notification_id): Path<String>,
+    ApiPath(notification_id): ApiPath<String>,
 ) -> ApiResult<Json<NotificationOut>> {
     let mine = || {
         notification::Entity::find_by_id(notification_id.clone())
