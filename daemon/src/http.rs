@@ -174,10 +174,7 @@ impl AsyncWrite for Watched {
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 
@@ -252,19 +249,6 @@ pub async fn serve(
     let mut tasks = JoinSet::new();
     let mut next_id: u64 = 0;
     loop {
-        // Make room before taking the next connection: close an idle one, or wait
-        // until one ends.
-        while registry.len() >= settings.load().server.max_connections.max(1) {
-            if registry.evict_one() {
-                tracing::debug!("The connection cap is reached; an idle connection was closed to make room.");
-                continue;
-            }
-            tokio::select! {
-                () = registry.ended.notified() => {}
-                Some(_) = tasks.join_next() => {}
-                () = stop.cancelled() => break,
-            }
-        }
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             Some(_) = tasks.join_next() => continue,
@@ -283,6 +267,28 @@ pub async fn serve(
                 continue;
             }
         };
+        // Make room for it: close the longest-idle connection, or wait until one ends
+        // (the next `accept` waits meanwhile, so new connections queue in the backlog).
+        let mut stopped = false;
+        while registry.len() >= settings.load().server.max_connections.max(1) {
+            if registry.evict_one() {
+                tracing::debug!(
+                    "The connection cap is reached; an idle connection was closed to make room."
+                );
+                continue;
+            }
+            tokio::select! {
+                () = registry.ended.notified() => {}
+                Some(_) = tasks.join_next() => {}
+                () = stop.cancelled() => {
+                    stopped = true;
+                    break;
+                }
+            }
+        }
+        if stopped {
+            break;
+        }
         let _ = stream.set_nodelay(true);
         next_id += 1;
         let id = next_id;

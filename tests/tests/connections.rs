@@ -59,7 +59,11 @@ async fn healthz_on(stream: &mut TcpStream) {
         assert!(n > 0, "closed before answering");
         got.extend_from_slice(&buf[..n]);
     }
-    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
 }
 
 #[tokio::test]
@@ -68,13 +72,19 @@ async fn silent_and_kept_alive_connections_are_closed_after_the_idle_timeout() {
     // A connection that never sends a byte.
     let mut silent = connect(&d).await;
     let took = closed_within_bound(&mut silent).await;
-    assert!(took >= Duration::from_millis(250), "closed too early: {took:?}");
+    assert!(
+        took >= Duration::from_millis(250),
+        "closed too early: {took:?}"
+    );
     // A connection kept alive after a request.
     let mut kept = connect(&d).await;
     healthz_on(&mut kept).await;
     healthz_on(&mut kept).await;
     let took = closed_within_bound(&mut kept).await;
-    assert!(took >= Duration::from_millis(250), "closed too early: {took:?}");
+    assert!(
+        took >= Duration::from_millis(250),
+        "closed too early: {took:?}"
+    );
     d.stop().await.unwrap();
 }
 
@@ -103,7 +113,10 @@ async fn a_trickled_request_head_is_cut_off_after_the_header_read_timeout() {
     }
     let took = started.elapsed();
     assert!(cut_off, "the whole head was accepted over {took:?}");
-    assert!(took >= Duration::from_millis(350), "cut off too early: {took:?}");
+    assert!(
+        took >= Duration::from_millis(350),
+        "cut off too early: {took:?}"
+    );
     assert!(took < Duration::from_secs(4), "cut off too late: {took:?}");
     // A prompt request on a new connection is served.
     let mut prompt = connect(&d).await;
@@ -182,7 +195,14 @@ async fn past_the_cap_idle_connections_make_room_and_busy_ones_make_new_ones_wai
     }
     let waiting = tokio::spawn({
         let url = format!("{}/healthz", d.base);
-        async move { reqwest::Client::new().get(url).send().await.unwrap().status() }
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
     });
     // It is not served while the cap is full of streams...
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -62,7 +62,10 @@ fn assert_error(
 ) {
     let (got, content_type, text) = answer;
     assert_eq!(*got, status, "{text}");
-    assert!(content_type.starts_with("application/json"), "{content_type}: {text}");
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}: {text}"
+    );
     let body: Value = serde_json::from_str(text).unwrap_or_else(|_| panic!("not JSON: {text}"));
     assert_eq!(body["error"]["code"], code, "{text}");
     assert_eq!(body["error"]["field"].as_str(), field, "{text}");
@@ -97,7 +100,12 @@ async fn query_and_path_errors_answer_json_without_echoing() {
     )
     .await;
     assert_error(&answer, bad, "invalid_query", Some("before"), "Zyxecho");
-    let answer = get(&d, "/v1/portal/patients/pat1/conversation?limit=1.5", PORTAL_TOKEN).await;
+    let answer = get(
+        &d,
+        "/v1/portal/patients/pat1/conversation?limit=1.5",
+        PORTAL_TOKEN,
+    )
+    .await;
     assert_error(&answer, bad, "invalid_query", Some("limit"), "");
     let answer = get(&d, "/v1/staff/notifications?limit=x", STAFF_TOKEN).await;
     assert_error(&answer, bad, "invalid_query", Some("limit"), "");
@@ -106,7 +114,13 @@ async fn query_and_path_errors_answer_json_without_echoing() {
     let answer = get(&d, "/v1/staff/patients?limit=0", STAFF_TOKEN).await;
     assert_error(&answer, unprocessable, "invalid_field", Some("limit"), "");
     let answer = get(&d, "/v1/staff/patients?cursor=Zyxecho", STAFF_TOKEN).await;
-    assert_error(&answer, unprocessable, "invalid_field", Some("cursor"), "Zyxecho");
+    assert_error(
+        &answer,
+        unprocessable,
+        "invalid_field",
+        Some("cursor"),
+        "Zyxecho",
+    );
     let answer = get(
         &d,
         "/v1/staff/patients/pat1/conversation?before=0",
@@ -154,9 +168,14 @@ async fn query_and_path_errors_answer_json_without_echoing() {
     .await;
     assert_error(&answer, bad, "invalid_path", Some("notification_id"), "");
     // Good requests still pass.
-    assert_eq!(get(&d, "/v1/staff/patients?limit=5", STAFF_TOKEN).await.0, StatusCode::OK);
     assert_eq!(
-        get(&d, "/v1/staff/patients/search?q=Pat%20Ex", STAFF_TOKEN).await.0,
+        get(&d, "/v1/staff/patients?limit=5", STAFF_TOKEN).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&d, "/v1/staff/patients/search?q=Pat%20Ex", STAFF_TOKEN)
+            .await
+            .0,
         StatusCode::OK
     );
     d.stop().await.unwrap();
@@ -169,27 +188,105 @@ async fn sms_start_reads_its_body_like_every_other_endpoint() {
     let post = reqwest::Method::POST;
     let limit = d.daemon().state().settings.load().server.max_body_bytes;
     // 10 MB: a JSON 413, told by Content-Length before the body is read.
-    let answer = raw(&d, post.clone(), path, STAFF_TOKEN, Some("application/json"), Some(vec![b' '; 10_000_000])).await;
-    assert_error(&answer, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None, "");
+    let answer = raw(
+        &d,
+        post.clone(),
+        path,
+        STAFF_TOKEN,
+        Some("application/json"),
+        Some(vec![b' '; 10_000_000]),
+    )
+    .await;
+    assert_error(
+        &answer,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        None,
+        "",
+    );
     // Valid JSON over the limit (1.5 MB against 1 MiB).
     let big = format!("{{\"mobile_phone\":\"{}\"}}", "1".repeat(limit + limit / 2));
-    let answer = raw(&d, post.clone(), path, STAFF_TOKEN, Some("application/json"), Some(big.into_bytes())).await;
-    assert_error(&answer, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None, "");
+    let answer = raw(
+        &d,
+        post.clone(),
+        path,
+        STAFF_TOKEN,
+        Some("application/json"),
+        Some(big.into_bytes()),
+    )
+    .await;
+    assert_error(
+        &answer,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        None,
+        "",
+    );
     // Not JSON.
     let body = br#"{"mobile_phone":"+12015550123"}"#.to_vec();
-    let answer = raw(&d, post.clone(), path, STAFF_TOKEN, Some("text/plain"), Some(body.clone())).await;
-    assert_error(&answer, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", None, "");
-    let answer = raw(&d, post.clone(), path, STAFF_TOKEN, None, Some(body.clone())).await;
-    assert_error(&answer, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", None, "");
+    let answer = raw(
+        &d,
+        post.clone(),
+        path,
+        STAFF_TOKEN,
+        Some("text/plain"),
+        Some(body.clone()),
+    )
+    .await;
+    assert_error(
+        &answer,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        None,
+        "",
+    );
+    let answer = raw(
+        &d,
+        post.clone(),
+        path,
+        STAFF_TOKEN,
+        None,
+        Some(body.clone()),
+    )
+    .await;
+    assert_error(
+        &answer,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        None,
+        "",
+    );
     // An array is not the object expected.
-    let answer = raw(&d, post.clone(), path, STAFF_TOKEN, Some("application/json"), Some(b"[null]".to_vec())).await;
-    assert_error(&answer, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", None, "");
+    let answer = raw(
+        &d,
+        post.clone(),
+        path,
+        STAFF_TOKEN,
+        Some("application/json"),
+        Some(b"[null]".to_vec()),
+    )
+    .await;
+    assert_error(
+        &answer,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_body",
+        None,
+        "",
+    );
     // An empty body, with or without a content type, still starts.
     let (status, _, text) = raw(&d, post.clone(), path, STAFF_TOKEN, None, None).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let view: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(view["status"], "pending", "{text}");
-    let (status, _, text) = raw(&d, post.clone(), "/v1/staff/patients/pat1/sms/opt-out", STAFF_TOKEN, None, None).await;
+    let (status, _, text) = raw(
+        &d,
+        post.clone(),
+        "/v1/staff/patients/pat1/sms/opt-out",
+        STAFF_TOKEN,
+        None,
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{text}");
     d.stop().await.unwrap();
 }
@@ -204,36 +301,150 @@ async fn nul_and_control_characters_are_refused_naming_the_field() {
     // A practice's name with NUL (a 500 on PostgreSQL before).
     let mut body = practice_body("p2");
     body["name"] = json!("Clinic\u{0}Zyxecho");
-    let answer = raw(&d, put.clone(), "/v1/admin/practices/p2", ADMIN_TOKEN, json, Some(body.to_string().into_bytes())).await;
-    assert_error(&answer, unprocessable, "control_character", Some("name"), "Zyxecho");
+    let answer = raw(
+        &d,
+        put.clone(),
+        "/v1/admin/practices/p2",
+        ADMIN_TOKEN,
+        json,
+        Some(body.to_string().into_bytes()),
+    )
+    .await;
+    assert_error(
+        &answer,
+        unprocessable,
+        "control_character",
+        Some("name"),
+        "Zyxecho",
+    );
     // A patient's first name with NUL, a last name with a newline (names take none).
     let mut body = caremsg_tests::patient_body("p1", &[], &["u1"]);
     body["first_name"] = json!("Pat\u{0}");
-    let answer = raw(&d, put.clone(), "/v1/admin/patients/pat1", ADMIN_TOKEN, json, Some(body.to_string().into_bytes())).await;
-    assert_error(&answer, unprocessable, "control_character", Some("first_name"), "");
+    let answer = raw(
+        &d,
+        put.clone(),
+        "/v1/admin/patients/pat1",
+        ADMIN_TOKEN,
+        json,
+        Some(body.to_string().into_bytes()),
+    )
+    .await;
+    assert_error(
+        &answer,
+        unprocessable,
+        "control_character",
+        Some("first_name"),
+        "",
+    );
     body["first_name"] = json!("Pat");
     body["last_name"] = json!("Ex\nample");
-    let answer = raw(&d, put.clone(), "/v1/admin/patients/pat1", ADMIN_TOKEN, json, Some(body.to_string().into_bytes())).await;
-    assert_error(&answer, unprocessable, "invalid_field", Some("last_name"), "");
+    let answer = raw(
+        &d,
+        put.clone(),
+        "/v1/admin/patients/pat1",
+        ADMIN_TOKEN,
+        json,
+        Some(body.to_string().into_bytes()),
+    )
+    .await;
+    assert_error(
+        &answer,
+        unprocessable,
+        "invalid_field",
+        Some("last_name"),
+        "",
+    );
     // A nested field is named by its path.
     let mut body = practice_body("p1");
     body["sms_numbers"][0]["gateway"] = json!("loop\u{7}back");
-    let answer = raw(&d, put.clone(), "/v1/admin/practices/p1", ADMIN_TOKEN, json, Some(body.to_string().into_bytes())).await;
-    assert_error(&answer, unprocessable, "control_character", Some("sms_numbers[0].gateway"), "");
+    let answer = raw(
+        &d,
+        put.clone(),
+        "/v1/admin/practices/p1",
+        ADMIN_TOKEN,
+        json,
+        Some(body.to_string().into_bytes()),
+    )
+    .await;
+    assert_error(
+        &answer,
+        unprocessable,
+        "control_character",
+        Some("sms_numbers[0].gateway"),
+        "",
+    );
     // Staff and portal message bodies: NUL, escape and carriage return refused...
-    for text in ["Hello\u{0}Zyxecho", "Hello\u{1b}[31mZyxecho", "Hello\rZyxecho"] {
+    for text in [
+        "Hello\u{0}Zyxecho",
+        "Hello\u{1b}[31mZyxecho",
+        "Hello\rZyxecho",
+    ] {
         let send = json!({"body": text}).to_string().into_bytes();
-        let answer = raw(&d, post.clone(), "/v1/staff/patients/pat1/messages", STAFF_TOKEN, json, Some(send.clone())).await;
-        assert_error(&answer, unprocessable, "control_character", Some("body"), "Zyxecho");
-        let answer = raw(&d, post.clone(), "/v1/portal/patients/pat1/messages", PORTAL_TOKEN, json, Some(send)).await;
-        assert_error(&answer, unprocessable, "control_character", Some("body"), "Zyxecho");
+        let answer = raw(
+            &d,
+            post.clone(),
+            "/v1/staff/patients/pat1/messages",
+            STAFF_TOKEN,
+            json,
+            Some(send.clone()),
+        )
+        .await;
+        assert_error(
+            &answer,
+            unprocessable,
+            "control_character",
+            Some("body"),
+            "Zyxecho",
+        );
+        let answer = raw(
+            &d,
+            post.clone(),
+            "/v1/portal/patients/pat1/messages",
+            PORTAL_TOKEN,
+            json,
+            Some(send),
+        )
+        .await;
+        assert_error(
+            &answer,
+            unprocessable,
+            "control_character",
+            Some("body"),
+            "Zyxecho",
+        );
     }
-    let send = json!({"body": "ok", "client_txn_id": "t\u{0}1"}).to_string().into_bytes();
-    let answer = raw(&d, post.clone(), "/v1/portal/patients/pat1/messages", PORTAL_TOKEN, json, Some(send)).await;
-    assert_error(&answer, unprocessable, "control_character", Some("client_txn_id"), "");
+    let send = json!({"body": "ok", "client_txn_id": "t\u{0}1"})
+        .to_string()
+        .into_bytes();
+    let answer = raw(
+        &d,
+        post.clone(),
+        "/v1/portal/patients/pat1/messages",
+        PORTAL_TOKEN,
+        json,
+        Some(send),
+    )
+    .await;
+    assert_error(
+        &answer,
+        unprocessable,
+        "control_character",
+        Some("client_txn_id"),
+        "",
+    );
     // ... newline and tab kept.
-    let send = json!({"body": "Line one\n\tLine two"}).to_string().into_bytes();
-    let (status, _, text) = raw(&d, post.clone(), "/v1/portal/patients/pat1/messages", PORTAL_TOKEN, json, Some(send)).await;
+    let send = json!({"body": "Line one\n\tLine two"})
+        .to_string()
+        .into_bytes();
+    let (status, _, text) = raw(
+        &d,
+        post.clone(),
+        "/v1/portal/patients/pat1/messages",
+        PORTAL_TOKEN,
+        json,
+        Some(send),
+    )
+    .await;
     assert_eq!(status, StatusCode::CREATED, "{text}");
     let stored = message::Entity::find()
         .filter(message::Column::PatientId.eq("pat1"))
@@ -255,7 +466,8 @@ async fn an_inbound_text_with_nul_is_stored_without_it() {
         .await
         .unwrap();
     let to = practice_body("p1")["sms_numbers"][0]["number"].clone();
-    let text = json!({"from": "+12015550123", "to": to, "body": "Thanks\u{0} doctor", "id": "n\u{0}1"});
+    let text =
+        json!({"from": "+12015550123", "to": to, "body": "Thanks\u{0} doctor", "id": "n\u{0}1"});
     for _ in 0..2 {
         let response = d
             .http
@@ -285,24 +497,97 @@ async fn only_json_objects_and_only_application_json() {
     let put = reqwest::Method::PUT;
     let json = Some("application/json");
     // An array where an object is expected: not a send, not a patient update.
-    let answer = raw(&d, post.clone(), "/v1/staff/patients/pat1/messages", STAFF_TOKEN, json, Some(br#"["x","t1"]"#.to_vec())).await;
-    assert_error(&answer, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", None, "");
+    let answer = raw(
+        &d,
+        post.clone(),
+        "/v1/staff/patients/pat1/messages",
+        STAFF_TOKEN,
+        json,
+        Some(br#"["x","t1"]"#.to_vec()),
+    )
+    .await;
+    assert_error(
+        &answer,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_body",
+        None,
+        "",
+    );
     let patient = caremsg_tests::patient_body("p1", &[], &["u1"]);
     let as_array: Vec<Value> = patient.as_object().unwrap().values().cloned().collect();
-    let answer = raw(&d, put.clone(), "/v1/admin/patients/pat1", ADMIN_TOKEN, json, Some(Value::Array(as_array).to_string().into_bytes())).await;
-    assert_error(&answer, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", None, "");
+    let answer = raw(
+        &d,
+        put.clone(),
+        "/v1/admin/patients/pat1",
+        ADMIN_TOKEN,
+        json,
+        Some(Value::Array(as_array).to_string().into_bytes()),
+    )
+    .await;
+    assert_error(
+        &answer,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_body",
+        None,
+        "",
+    );
     for scalar in ["\"text\"", "12", "null", "true"] {
-        let answer = raw(&d, put.clone(), "/v1/staff/settings/notifications", STAFF_TOKEN, json, Some(scalar.as_bytes().to_vec())).await;
-        assert_error(&answer, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", None, "");
+        let answer = raw(
+            &d,
+            put.clone(),
+            "/v1/staff/settings/notifications",
+            STAFF_TOKEN,
+            json,
+            Some(scalar.as_bytes().to_vec()),
+        )
+        .await;
+        assert_error(
+            &answer,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            None,
+            "",
+        );
     }
     // Only application/json, with or without parameters.
     let send = br#"{"body":"hello"}"#.to_vec();
-    for content_type in ["application/jsonp", "application/json-seq", "text/json", "application/x-www-form-urlencoded"] {
-        let answer = raw(&d, post.clone(), "/v1/staff/patients/pat1/messages", STAFF_TOKEN, Some(content_type), Some(send.clone())).await;
-        assert_error(&answer, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", None, "");
+    for content_type in [
+        "application/jsonp",
+        "application/json-seq",
+        "text/json",
+        "application/x-www-form-urlencoded",
+    ] {
+        let answer = raw(
+            &d,
+            post.clone(),
+            "/v1/staff/patients/pat1/messages",
+            STAFF_TOKEN,
+            Some(content_type),
+            Some(send.clone()),
+        )
+        .await;
+        assert_error(
+            &answer,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            None,
+            "",
+        );
     }
-    for content_type in ["application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8"] {
-        let (status, _, text) = raw(&d, post.clone(), "/v1/staff/patients/pat1/messages", STAFF_TOKEN, Some(content_type), Some(send.clone())).await;
+    for content_type in [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON;charset=UTF-8",
+    ] {
+        let (status, _, text) = raw(
+            &d,
+            post.clone(),
+            "/v1/staff/patients/pat1/messages",
+            STAFF_TOKEN,
+            Some(content_type),
+            Some(send.clone()),
+        )
+        .await;
         assert_eq!(status, StatusCode::CREATED, "{content_type}: {text}");
     }
     d.stop().await.unwrap();

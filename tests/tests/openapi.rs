@@ -56,7 +56,10 @@ fn router_routes() -> BTreeSet<(String, String)> {
             }
         }
     }
-    assert!(routes.len() > 20, "the route scan found too little: {routes:?}");
+    assert!(
+        routes.len() > 20,
+        "the route scan found too little: {routes:?}"
+    );
     routes
 }
 
@@ -89,15 +92,27 @@ async fn the_document_lists_exactly_the_routes_the_router_serves() {
     let served = router_routes();
     let undocumented: Vec<_> = served.difference(&documented).collect();
     let unserved: Vec<_> = documented.difference(&served).collect();
-    assert!(undocumented.is_empty(), "routes missing from the document: {undocumented:?}");
-    assert!(unserved.is_empty(), "documented operations no route serves: {unserved:?}");
+    assert!(
+        undocumented.is_empty(),
+        "routes missing from the document: {undocumented:?}"
+    );
+    assert!(
+        unserved.is_empty(),
+        "documented operations no route serves: {unserved:?}"
+    );
     assert!(documented.contains(&("get".to_owned(), "/v1/openapi.json".to_owned())));
     // And the server agrees: every documented operation reaches a handler (no
     // fallback 404 "No such path", no 405).
     for (method, path) in &documented {
         let concrete = path
             .split('/')
-            .map(|segment| if segment.starts_with('{') { "x" } else { segment })
+            .map(|segment| {
+                if segment.starts_with('{') {
+                    "x"
+                } else {
+                    segment
+                }
+            })
             .collect::<Vec<_>>()
             .join("/");
         let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
@@ -109,7 +124,11 @@ async fn the_document_lists_exactly_the_routes_the_router_serves() {
             .unwrap();
         let status = response.status();
         let text = response.text().await.unwrap();
-        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}: {text}");
+        assert_ne!(
+            status,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}: {text}"
+        );
         assert!(
             !(status == StatusCode::NOT_FOUND && text.contains("No such path")),
             "{method} {path} reaches no handler"
@@ -123,7 +142,10 @@ async fn the_document_states_credentials_errors_limits_and_streams() {
     let d = TestDaemon::start().await.unwrap();
     let doc = document(&d).await;
     for (method, path, operation) in operations(&doc) {
-        let params = operation["parameters"].as_array().cloned().unwrap_or_default();
+        let params = operation["parameters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         let responses = operation["responses"].as_object().unwrap();
         let has = |status: &str| responses.contains_key(status);
         let authenticated = ["/v1/staff/", "/v1/admin/", "/v1/portal/"]
@@ -143,12 +165,17 @@ async fn the_document_states_credentials_errors_limits_and_streams() {
                 assert!(has(status), "{method} {path} lacks {status}");
             }
             assert!(
-                operation["security"].as_array().is_some_and(|s| !s.is_empty()),
+                operation["security"]
+                    .as_array()
+                    .is_some_and(|s| !s.is_empty()),
                 "{method} {path} names no security scheme"
             );
         }
         if path.contains('{') {
-            assert!(has("400") && has("404"), "{method} {path}: 400/404 for a path id");
+            assert!(
+                has("400") && has("404"),
+                "{method} {path}: 400/404 for a path id"
+            );
         }
         if operation.get("requestBody").is_some() && authenticated {
             for status in ["400", "413", "415", "422"] {
@@ -157,7 +184,10 @@ async fn the_document_states_credentials_errors_limits_and_streams() {
         }
         for param in &params {
             if param["in"] == "query" {
-                assert!(has("400") && has("422"), "{method} {path}: 400/422 for a query");
+                assert!(
+                    has("400") && has("422"),
+                    "{method} {path}: 400/422 for a query"
+                );
             }
             match param["name"].as_str().unwrap() {
                 "limit" => {
@@ -187,21 +217,35 @@ async fn the_document_states_credentials_errors_limits_and_streams() {
     // The webhook takes JSON and forms.
     let hook = &doc["paths"]["/v1/hooks/{gateway_instance}"]["post"]["requestBody"]["content"];
     assert!(hook.get("application/json").is_some(), "{hook}");
-    assert!(hook.get("application/x-www-form-urlencoded").is_some(), "{hook}");
+    assert!(
+        hook.get("application/x-www-form-urlencoded").is_some(),
+        "{hook}"
+    );
     // Bodies state their limits.
     let schemas = &doc["components"]["schemas"];
     let send = &schemas["SendIn"]["properties"]["body"];
     assert_eq!(send["minLength"], 1, "{send}");
     assert!(send["pattern"].is_string(), "{send}");
     let practice = &schemas["PracticeIn"]["properties"];
-    assert!(practice["country"]["enum"].as_array().unwrap().contains(&Value::from("US")));
+    assert!(
+        practice["country"]["enum"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("US"))
+    );
     assert!(
         practice["timezone"]["enum"]
             .as_array()
             .unwrap()
             .contains(&Value::from("America/New_York"))
     );
-    assert_eq!(schemas["PatientIn"]["properties"]["date_of_birth"]["format"], "date");
-    assert_eq!(schemas["PatientIn"]["properties"]["first_name"]["minLength"], 1);
+    assert_eq!(
+        schemas["PatientIn"]["properties"]["date_of_birth"]["format"],
+        "date"
+    );
+    assert_eq!(
+        schemas["PatientIn"]["properties"]["first_name"]["minLength"],
+        1
+    );
     d.stop().await.unwrap();
 }

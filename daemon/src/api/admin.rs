@@ -72,7 +72,11 @@ pub struct SmsNumber {
 pub struct PracticeIn {
     /// Display name, used verbatim in texts. 1 to 200 characters once trimmed; no
     /// control characters.
-    #[schema(min_length = 1, max_length = 200, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub name: String,
     /// Whether the 'Text Messages' button exists for this practice.
     pub sms_enabled: bool,
@@ -120,7 +124,11 @@ pub struct PracticeOut {
 pub struct ProgramIn {
     /// Program name, e.g. "CCM". 1 to 200 characters once trimmed; no control
     /// characters.
-    #[schema(min_length = 1, max_length = 200, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub name: String,
 }
 
@@ -140,11 +148,19 @@ pub struct ProgramOut {
 #[serde(deny_unknown_fields)]
 pub struct UserIn {
     /// The user's practice; a user never moves between practices.
-    #[schema(min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$")]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$"
+    )]
     pub practice_id: String,
     /// Display name (signs outbound SMS when the practice asks for it). 1 to 200
     /// characters once trimmed; no control characters.
-    #[schema(min_length = 1, max_length = 200, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub name: String,
     /// Where email notifications go (empty or absent: none).
     #[serde(default)]
@@ -175,13 +191,25 @@ pub struct UserOut {
 #[serde(deny_unknown_fields)]
 pub struct PatientIn {
     /// The patient's practice; a patient never moves between practices.
-    #[schema(min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$")]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$"
+    )]
     pub practice_id: String,
     /// First name. 1 to 200 characters once trimmed; no control characters.
-    #[schema(min_length = 1, max_length = 200, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub first_name: String,
     /// Last name. 1 to 200 characters once trimmed; no control characters.
-    #[schema(min_length = 1, max_length = 200, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub last_name: String,
     /// `YYYY-MM-DD`, a real calendar date, not in the future (in the practice's time
     /// zone), not before 1900.
@@ -237,7 +265,9 @@ fn country_schema() -> utoipa::openapi::Object {
     utoipa::openapi::ObjectBuilder::new()
         .schema_type(utoipa::openapi::Type::String)
         .enum_values(Some(codes))
-        .description(Some("ISO 3166-1 alpha-2 country: the default region for phone numbers."))
+        .description(Some(
+            "ISO 3166-1 alpha-2 country: the default region for phone numbers.",
+        ))
         .build()
 }
 

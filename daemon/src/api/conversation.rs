@@ -97,6 +97,7 @@ impl MessageOut {
 /// `?before=&limit=` of a conversation page.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// Only messages with a lower sequence number (the `next_cursor` of the newer page).
     #[param(minimum = 1)]
@@ -182,12 +183,20 @@ pub struct SendIn {
     /// and tab; at most `conversations.sms_body_max_chars` (1,600) characters when it
     /// goes out by SMS, else `conversations.portal_body_max_chars` (10,000) (422
     /// `body_too_long`).
-    #[schema(min_length = 1, max_length = 10000, pattern = "^[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 10000,
+        pattern = "^[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub body: String,
     /// Optional idempotency key, scoped to the conversation and author: a retry with
     /// the same id returns the first result; with another body it is 409 `txn_id_reused`.
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 128, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$")]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$"
+    )]
     pub client_txn_id: Option<String>,
 }
 

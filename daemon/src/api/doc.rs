@@ -123,10 +123,7 @@ fn complete(path: &str, operation: &mut Operation) {
         );
     }
     if credential != Credential::None {
-        add(
-            "401",
-            "`unauthorized`: no bearer token, or an unknown one",
-        );
+        add("401", "`unauthorized`: no bearer token, or an unknown one");
         add(
             "403",
             if credential == Credential::StaffUser {
@@ -139,10 +136,16 @@ fn complete(path: &str, operation: &mut Operation) {
         );
     }
     if has_path_params {
-        add("404", "`not_found`: no such id, deleted, or of another practice");
+        add(
+            "404",
+            "`not_found`: no such id, deleted, or of another practice",
+        );
     }
     if has_body {
-        add("413", "`body_too_large`: larger than `server.max_body_bytes`");
+        add(
+            "413",
+            "`body_too_large`: larger than `server.max_body_bytes`",
+        );
         add(
             "415",
             "`unsupported_media_type`: the body is not `application/json`",

@@ -291,7 +291,8 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 /// Whether `text` holds a character no API text may hold: NUL, or a control
 /// character other than newline and tab.
 pub fn has_forbidden_control(text: &str) -> bool {
-    text.chars().any(|c| c.is_control() && c != '\n' && c != '\t')
+    text.chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
 }
 
 /// The path (`a.b[2].c`) of the first string or key in `value` holding a forbidden
@@ -336,7 +337,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 
 /// Parses a raw query string as [`ApiQuery`] does.
 pub fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
-    let invalid = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message);
+    let invalid =
+        |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message);
     let pairs = form_urlencoded::parse(query.as_bytes());
     let deserializer = serde_urlencoded::Deserializer::new(pairs);
     let value: T = serde_path_to_error::deserialize(deserializer).map_err(|err| {
@@ -412,15 +414,13 @@ fn percent_decode(text: &str) -> Vec<u8> {
         let hex = |b: u8| (b as char).to_digit(16);
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b => out.push(b),
         }
         i += 1;
@@ -466,7 +466,9 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
                 | ErrorKind::DeserializeError { key, .. } => {
                     Err(invalid(&key, "A path parameter is not acceptable."))
                 }
-                _ => Err(ApiError::internal(&"path parameters of an unexpected shape")),
+                _ => Err(ApiError::internal(
+                    &"path parameters of an unexpected shape",
+                )),
             },
             Err(_) => Err(ApiError::internal(&"path parameters missing")),
         }

@@ -276,6 +276,7 @@ pub fn sse_event(notification: &notification::Model) -> SseEvent {
 /// `?limit=&cursor=`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct NotificationsQuery {
     /// Page size (default 50, at most 200).
     #[param(minimum = 1, maximum = 200)]

@@ -71,6 +71,7 @@ pub async fn staff_patient(
 /// `?limit=&cursor=`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Page size (default 50, at most 200).
     #[param(minimum = 1, maximum = 200)]
@@ -235,11 +236,16 @@ pub async fn my_patients(
 /// `?q=&limit=&cursor=`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct SearchQuery {
     /// Name words (any word prefix, case-insensitive), a phone number (national or
     /// international), a date of birth (`YYYY-MM-DD` or `MM/DD/YYYY`), or the
     /// platform's patient id. 1 to 100 characters, not only white space.
-    #[param(min_length = 1, max_length = 100, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$")]
+    #[param(
+        min_length = 1,
+        max_length = 100,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub q: String,
     /// Page size (default 50, at most 200).
     #[param(minimum = 1, maximum = 200)]
