@@ -55,10 +55,17 @@ fn full_settings() -> Settings {
             name: "a".to_owned(),
             token_sha256: crate::hash_token("a"),
             scopes: vec![Scope::Admin],
+            practices: Some(vec!["p1".to_owned()]),
         }],
         writer: Writer {
             max_batch_units: 512,
             queue_depth: 8192,
+        },
+        retention: Retention {
+            operational: Duration::from_secs(3600),
+            unmatched_inbound: Duration::from_secs(7200),
+            prune_interval: Duration::from_secs(60),
+            prune_batch: 10,
         },
         conversations: Conversations {
             idle_timeout: Duration::from_secs(600),
@@ -83,6 +90,12 @@ fn full_settings() -> Settings {
             email_subject: "s".to_owned(),
             email_body: "b".to_owned(),
         },
+        events: Events {
+            max_streams: 2048,
+            max_streams_per_subscriber: 16,
+            buffer: 256,
+            idle_timeout: Duration::from_secs(1800),
+        },
         gateways: vec![Gateway {
             name: "g".to_owned(),
             kind: GatewayKind::Email,
@@ -92,7 +105,9 @@ fn full_settings() -> Settings {
             allowed_hosts: vec!["x.example".to_owned()],
             rate_limit: limit(),
             per_recipient: limit(),
-            inbound_per_sender: limit(),
+            auto_answers_per_sender: limit(),
+            health_interval: Duration::from_secs(30),
+            down_fails_readiness: false,
         }],
     }
 }
@@ -235,7 +250,7 @@ fn production_example_lists_every_field() {
          a commented `# key = default` line with its doc"
     );
     // The walk itself is not vacuous.
-    assert!(wanted.contains("gateways.inbound_per_sender.burst"));
+    assert!(wanted.contains("gateways.auto_answers_per_sender.burst"));
     assert!(wanted.contains("sms_auth.templates.opted_out"));
     assert!(wanted.contains("gateways.config"));
 }
@@ -360,16 +375,18 @@ const STRUCT_POINTERS: &[(&str, &[&str])] = &[
     ("ApiClient", &["/clients/0"]),
     ("Writer", &["/writer"]),
     ("Conversations", &["/conversations"]),
+    ("Retention", &["/retention"]),
     ("SmsAuth", &["/sms_auth"]),
     ("SmsTemplates", &["/sms_auth/templates"]),
     ("Notifications", &["/notifications"]),
+    ("Events", &["/events"]),
     ("Gateway", &["/gateways/0"]),
     (
         "RateLimit",
         &[
             "/gateways/0/rate_limit",
             "/gateways/0/per_recipient",
-            "/gateways/0/inbound_per_sender",
+            "/gateways/0/auto_answers_per_sender",
         ],
     ),
 ];
@@ -392,6 +409,7 @@ fn mutated(full: &Value, pointer: &str) -> Settings {
         .into_iter()
         .map(Value::String)
         .collect(),
+        Value::Bool(b) => vec![json!(!b)],
         Value::Array(items) => {
             let mut longer = items.clone();
             longer.extend(items.first().cloned());

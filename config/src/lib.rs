@@ -22,8 +22,8 @@ pub use load::{
 };
 pub use reload::{ReloadRefused, reload_plan};
 pub use settings::{
-    ApiClient, Conversations, Database, Gateway, GatewayKind, Log, LogFormat, Notifications,
-    RateLimit, Scope, Server, Settings, SmsAuth, SmsTemplates, Writer,
+    ApiClient, Conversations, Database, Events, Gateway, GatewayKind, Log, LogFormat,
+    Notifications, RateLimit, Retention, Scope, Server, Settings, SmsAuth, SmsTemplates, Writer,
 };
 pub use validate::{Problem, SMS_TEMPLATE_MAX_CHARS};
 

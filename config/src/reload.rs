@@ -5,8 +5,8 @@
 //! not compile until this file says whether a reload may change it.
 
 use crate::settings::{
-    ApiClient, Conversations, Database, Gateway, Log, Notifications, Server, Settings, SmsAuth,
-    Writer,
+    ApiClient, Conversations, Database, Events, Gateway, Log, Notifications, Retention, Server,
+    Settings, SmsAuth, Writer,
 };
 
 /// A reload changed a field that only a restart can change; the old settings stay.
@@ -74,6 +74,8 @@ pub fn reload_plan(old: &Settings, new: &Settings) -> Result<Vec<String>, Reload
         conversations,
         sms_auth,
         notifications,
+        retention,
+        events,
         gateways,
     } = new;
 
@@ -86,6 +88,8 @@ pub fn reload_plan(old: &Settings, new: &Settings) -> Result<Vec<String>, Reload
     diff_conversations(&mut d, &old.conversations, conversations);
     diff_sms_auth(&mut d, &old.sms_auth, sms_auth);
     diff_notifications(&mut d, &old.notifications, notifications);
+    diff_retention(&mut d, &old.retention, retention);
+    diff_events(&mut d, &old.events, events);
     diff_gateways(&mut d, &old.gateways, gateways)?;
     Ok(d.changed)
 }
@@ -169,7 +173,25 @@ fn client_fields_all_reloadable(client: &ApiClient) {
         name: _,
         token_sha256: _,
         scopes: _,
+        practices: _,
     } = client;
+}
+
+fn diff_events(d: &mut Diff, old: &Events, new: &Events) {
+    let Events {
+        max_streams,
+        max_streams_per_subscriber,
+        buffer,
+        idle_timeout,
+    } = new;
+    d.reloadable("events.max_streams", &old.max_streams, max_streams);
+    d.reloadable(
+        "events.max_streams_per_subscriber",
+        &old.max_streams_per_subscriber,
+        max_streams_per_subscriber,
+    );
+    d.reloadable("events.buffer", &old.buffer, buffer);
+    d.reloadable("events.idle_timeout", &old.idle_timeout, idle_timeout);
 }
 
 fn diff_writer(d: &mut Diff, old: &Writer, new: &Writer) -> Result<(), ReloadRefused> {
@@ -206,6 +228,27 @@ fn diff_conversations(d: &mut Diff, old: &Conversations, new: &Conversations) {
         &old.portal_body_max_chars,
         portal_body_max_chars,
     );
+}
+
+fn diff_retention(d: &mut Diff, old: &Retention, new: &Retention) {
+    let Retention {
+        operational,
+        unmatched_inbound,
+        prune_interval,
+        prune_batch,
+    } = new;
+    d.reloadable("retention.operational", &old.operational, operational);
+    d.reloadable(
+        "retention.unmatched_inbound",
+        &old.unmatched_inbound,
+        unmatched_inbound,
+    );
+    d.reloadable(
+        "retention.prune_interval",
+        &old.prune_interval,
+        prune_interval,
+    );
+    d.reloadable("retention.prune_batch", &old.prune_batch, prune_batch);
 }
 
 fn diff_sms_auth(d: &mut Diff, old: &SmsAuth, new: &SmsAuth) {
@@ -278,7 +321,9 @@ fn diff_gateways(d: &mut Diff, old: &[Gateway], new: &[Gateway]) -> Result<(), R
             allowed_hosts,
             rate_limit,
             per_recipient,
-            inbound_per_sender,
+            auto_answers_per_sender,
+            health_interval,
+            down_fails_readiness,
         } = new;
         d.fixed(at("name"), &old.name, name)?;
         d.fixed(at("kind"), &old.kind, kind)?;
@@ -289,9 +334,15 @@ fn diff_gateways(d: &mut Diff, old: &[Gateway], new: &[Gateway]) -> Result<(), R
         d.reloadable(at("rate_limit"), &old.rate_limit, rate_limit);
         d.reloadable(at("per_recipient"), &old.per_recipient, per_recipient);
         d.reloadable(
-            at("inbound_per_sender"),
-            &old.inbound_per_sender,
-            inbound_per_sender,
+            at("auto_answers_per_sender"),
+            &old.auto_answers_per_sender,
+            auto_answers_per_sender,
+        );
+        d.reloadable(at("health_interval"), &old.health_interval, health_interval);
+        d.reloadable(
+            at("down_fails_readiness"),
+            &old.down_fails_readiness,
+            down_fails_readiness,
         );
     }
     d.fixed("gateways", &old.len(), &new.len())

@@ -47,6 +47,12 @@ pub struct Settings {
     /// Staff notifications: the unread reminder and notification emails.
     /// Default: see the fields of `Notifications`. Reloadable: per field.
     pub notifications: Notifications,
+    /// How long operational rows are kept before the background pruner removes them.
+    /// Default: see the fields of `Retention`. Reloadable: per field.
+    pub retention: Retention,
+    /// The server-sent event streams (staff and portal): caps, buffers, idle limit.
+    /// Default: see the fields of `Events`. Reloadable: per field.
+    pub events: Events,
     /// The gateway plugin instances (`[[gateways]]` tables), one per provider account.
     /// Adding, removing, renaming or reordering instances needs a restart.
     /// Default: none. Reloadable: per field (the list itself: no).
@@ -65,6 +71,8 @@ impl Default for Settings {
             conversations: Conversations::default(),
             sms_auth: SmsAuth::default(),
             notifications: Notifications::default(),
+            retention: Retention::default(),
+            events: Events::default(),
             gateways: Vec::new(),
         }
     }
@@ -164,6 +172,44 @@ impl Default for Server {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
+        }
+    }
+}
+
+/// The server-sent event streams (`/v1/staff/events`, `/v1/portal/patients/{id}/events`).
+/// Keep-alive comments are `server.sse_keepalive`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Events {
+    /// Most streams open at once, all users and patients together; one more is
+    /// refused with 503 `stream_capacity` and `Retry-After`. Each stream holds a
+    /// connection (a file descriptor): keep it below the connection cap.
+    /// Default: 2048. Reloadable: yes (applies to streams opened after the reload).
+    pub max_streams: usize,
+    /// Most streams open at once per staff user, and per patient on the portal; one
+    /// more is refused with 429 `too_many_streams` and `Retry-After`.
+    /// Default: 16. Reloadable: yes (applies to streams opened after the reload).
+    pub max_streams_per_subscriber: usize,
+    /// Events one stream may have waiting to be written; a consumer that falls this
+    /// far behind is dropped (its stream ends with an `end` event, reason
+    /// `slow_consumer`) rather than buffered without bound. The client re-reads the
+    /// conversation and reconnects.
+    /// Default: 256. Reloadable: yes (applies to streams opened after the reload).
+    pub buffer: usize,
+    /// A stream that delivered no event for this long ends (an `end` event, reason
+    /// `idle`); keep-alive comments do not count. Clients reconnect.
+    /// Default: "30min". Reloadable: yes (applies to streams opened after the reload).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Self {
+            max_streams: 2048,
+            max_streams_per_subscriber: 16,
+            buffer: 256,
+            idle_timeout: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -283,9 +329,25 @@ pub struct ApiClient {
     /// users), "portal" (the portal backend). At least one.
     /// Default: none (required). Reloadable: yes.
     pub scopes: Vec<Scope>,
+    /// The practices (platform ids) this client serves: a request about any other
+    /// practice is answered as for another practice (404) — staff requests by the
+    /// acting user's practice, portal requests by the patient's, admin upserts and
+    /// deletes by the practice they name. Absent: every practice, the less safe choice
+    /// (one leaked token then reaches every clinic); name them where one client serves
+    /// a known set of clinics. An empty list serves none.
+    /// Default: absent (every practice). Reloadable: yes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub practices: Option<Vec<String>>,
 }
 
 impl ApiClient {
+    /// Whether this client may act about practice `practice_id` (see `practices`).
+    pub fn serves(&self, practice_id: &str) -> bool {
+        self.practices
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|p| p == practice_id))
+    }
+
     /// Whether `token` is this client's bearer token: its SHA-256 is compared with
     /// `token_sha256` in constant time.
     pub fn matches_token(&self, token: &str) -> bool {
@@ -351,6 +413,44 @@ impl Default for Conversations {
             idle_timeout: Duration::from_secs(10 * 60),
             sms_body_max_chars: 1600,
             portal_body_max_chars: 10_000,
+        }
+    }
+}
+
+/// How long operational rows are kept. Messages, the audit log and the SMS status
+/// history are records and are never pruned; these are what caremsg keeps only to
+/// work: fired timers, inbound receipts (the provider-retry dedup), parked delivery
+/// receipts, and the texts of unknown numbers (PHI).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// Fired (and dead-lettered) timers, inbound receipts and parked delivery receipts
+    /// older than this are pruned. Keep it longer than any provider retries a webhook.
+    /// Default: "30days". Reloadable: yes.
+    #[serde(with = "humantime_serde")]
+    pub operational: Duration,
+    /// Texts from numbers that are no patient's (`unmatched_inbound`, PHI from
+    /// unknown numbers) older than this are pruned.
+    /// Default: "30days". Reloadable: yes.
+    #[serde(with = "humantime_serde")]
+    pub unmatched_inbound: Duration,
+    /// Time between two pruning runs.
+    /// Default: "1h". Reloadable: yes.
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+    /// Most rows one pruning statement removes (each batch is one write unit, so
+    /// pruning never holds the writer long).
+    /// Default: 1000. Reloadable: yes.
+    pub prune_batch: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            operational: Duration::from_secs(30 * 24 * 60 * 60),
+            unmatched_inbound: Duration::from_secs(30 * 24 * 60 * 60),
+            prune_interval: Duration::from_secs(60 * 60),
+            prune_batch: 1000,
         }
     }
 }
@@ -508,11 +608,30 @@ pub struct Gateway {
     /// Default: absent (unlimited). Reloadable: yes.
     #[serde(default)]
     pub per_recipient: Option<RateLimit>,
-    /// Inbound rate accepted from any one sender; excess inbound messages are dropped
-    /// and counted.
+    /// Rate of caremsg's automatic answers to any one number (HELP replies,
+    /// wrong-date-of-birth replies, answers to unknown numbers), so that two
+    /// auto-responders cannot loop. Inbound texts are never limited: each is stored, and
+    /// keywords (STOP, START, HELP) always take effect; an answer over the limit is not
+    /// sent, and is counted (`caremsg_sms_answers_throttled_total`) and shown in the
+    /// conversation or the unmatched-inbound log. `inbound_per_sender` is an older name.
     /// Default: absent (unlimited). Reloadable: yes.
+    #[serde(default, alias = "inbound_per_sender")]
+    pub auto_answers_per_sender: Option<RateLimit>,
+    /// How often the daemon asks the plugin for its health (a blocking call under the
+    /// instance's concurrency limit); the answer is the `caremsg_gateway_health` gauge,
+    /// a field of `/readyz`, and a log line when it changes. At least 1s.
+    /// Default: "30s". Reloadable: yes.
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// Whether `/readyz` answers 503 while the plugin reports itself down; otherwise a
+    /// down gateway is only reported in its JSON.
+    /// Default: false. Reloadable: yes.
     #[serde(default)]
-    pub inbound_per_sender: Option<RateLimit>,
+    pub down_fails_readiness: bool,
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn empty_object() -> serde_json::Value {
@@ -535,7 +654,9 @@ impl fmt::Debug for Gateway {
             .field("allowed_hosts", &self.allowed_hosts)
             .field("rate_limit", &self.rate_limit)
             .field("per_recipient", &self.per_recipient)
-            .field("inbound_per_sender", &self.inbound_per_sender)
+            .field("auto_answers_per_sender", &self.auto_answers_per_sender)
+            .field("health_interval", &self.health_interval)
+            .field("down_fails_readiness", &self.down_fails_readiness)
             .finish()
     }
 }
@@ -593,8 +714,15 @@ mod tests {
             name: "a".to_owned(),
             token_sha256: crate::hash_token("right"),
             scopes: vec![Scope::Admin],
+            practices: None,
         };
         assert!(client.matches_token("right"));
+        assert!(client.serves("any"));
+        let scoped = ApiClient {
+            practices: Some(vec!["p1".to_owned()]),
+            ..client.clone()
+        };
+        assert!(scoped.serves("p1") && !scoped.serves("p2"));
         assert!(!client.matches_token("wrong"));
         assert!(!client.matches_token(""));
     }
@@ -633,7 +761,9 @@ mod tests {
             allowed_hosts: Vec::new(),
             rate_limit: None,
             per_recipient: None,
-            inbound_per_sender: None,
+            auto_answers_per_sender: None,
+            health_interval: std::time::Duration::from_secs(30),
+            down_fails_readiness: false,
         });
         let debug = format!("{s:?}");
         assert!(!debug.contains("hunter2"), "{debug}");

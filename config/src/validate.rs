@@ -121,6 +121,37 @@ fn is_http_url(value: &str) -> bool {
     !host.is_empty() && !host.starts_with(':') && !value.chars().any(char::is_whitespace)
 }
 
+/// The host of an http(s) URL, without port or brackets (`None` when not one).
+fn url_host(value: &str) -> Option<&str> {
+    let rest = value
+        .strip_prefix("https://")
+        .or_else(|| value.strip_prefix("http://"))?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host_port = authority.rsplit('@').next()?;
+    Some(match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host_port.split(':').next().unwrap_or_default(),
+    })
+}
+
+/// Whether `host` names this machine's loopback (`localhost`, 127.0.0.0/8, `::1`).
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether a gateway runs the development loopback SMS plugin (by its library's file
+/// name, as packaged and built: `libcaremsg_sms_loopback.so`).
+fn is_loopback_plugin(gateway: &crate::settings::Gateway) -> bool {
+    gateway
+        .library
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.contains("sms_loopback"))
+}
+
 /// The names inside `{...}` in a template, in order.
 fn placeholders(template: &str) -> Vec<&str> {
     let mut names = Vec::new();
@@ -157,6 +188,26 @@ fn u64_of(value: usize) -> u64 {
 }
 
 impl Settings {
+    /// Settings that are valid but probably a mistake: `check-config` prints them and
+    /// the daemon logs them at start. Today: a loopback (development) SMS gateway in a
+    /// daemon whose `server.public_url` is not on loopback, i.e. reachable through a
+    /// reverse proxy that makes every request look local to the plugin.
+    pub fn warnings(&self) -> Vec<Problem> {
+        let mut p = Problems::default();
+        let public_is_local = url_host(&self.server.public_url).is_some_and(is_loopback_host);
+        for (i, gateway) in self.gateways.iter().enumerate() {
+            if is_loopback_plugin(gateway) && !public_is_local {
+                p.push(
+                    format!("gateways[{i}].library"),
+                    "the loopback SMS gateway is for development, but server.public_url is not \
+                     a loopback address: behind a reverse proxy every request reaches it from \
+                     127.0.0.1; remove it, or set its \"secret\"",
+                );
+            }
+        }
+        p.0
+    }
+
     /// Checks everything the types do not: uniqueness, formats, ranges and references
     /// between sections. Returns every problem found, not just the first.
     pub fn validate(&self) -> Result<(), Vec<Problem>> {
@@ -224,6 +275,14 @@ impl Settings {
                     "is the same as another client's; each client needs its own token",
                 );
             }
+            if let Some(practices) = &client.practices
+                && practices.iter().any(|id| id.trim().is_empty())
+            {
+                p.push(
+                    format!("{at}.practices"),
+                    "must not name an empty practice id",
+                );
+            }
             if client.scopes.is_empty() {
                 p.push(
                     format!("{at}.scopes"),
@@ -232,12 +291,28 @@ impl Settings {
             }
         }
 
+        // events
+        p.at_least_one("events.max_streams", u64_of(self.events.max_streams));
+        p.at_least_one(
+            "events.max_streams_per_subscriber",
+            u64_of(self.events.max_streams_per_subscriber),
+        );
+        p.at_least_one("events.buffer", u64_of(self.events.buffer));
+        p.positive_duration("events.idle_timeout", self.events.idle_timeout);
+
         // writer
         p.at_least_one(
             "writer.max_batch_units",
             u64_of(self.writer.max_batch_units),
         );
         p.at_least_one("writer.queue_depth", u64_of(self.writer.queue_depth));
+
+        // retention
+        let retention = &self.retention;
+        p.positive_duration("retention.operational", retention.operational);
+        p.positive_duration("retention.unmatched_inbound", retention.unmatched_inbound);
+        p.positive_duration("retention.prune_interval", retention.prune_interval);
+        p.at_least_one("retention.prune_batch", retention.prune_batch);
 
         // conversations
         let conversations = &self.conversations;
@@ -336,14 +411,17 @@ impl Settings {
                     );
                 }
             }
+            if gateway.health_interval < Duration::from_secs(1) {
+                p.push(format!("{at}.health_interval"), "must be at least 1s");
+            }
             p.rate_limit(&format!("{at}.rate_limit"), gateway.rate_limit.as_ref());
             p.rate_limit(
                 &format!("{at}.per_recipient"),
                 gateway.per_recipient.as_ref(),
             );
             p.rate_limit(
-                &format!("{at}.inbound_per_sender"),
-                gateway.inbound_per_sender.as_ref(),
+                &format!("{at}.auto_answers_per_sender"),
+                gateway.auto_answers_per_sender.as_ref(),
             );
         }
 
@@ -365,11 +443,13 @@ mod tests {
             name: "a".to_owned(),
             token_sha256: crate::hash_token("a"),
             scopes: vec![Scope::Admin],
+            practices: None,
         });
         s.clients.push(ApiClient {
             name: "b".to_owned(),
             token_sha256: crate::hash_token("b"),
             scopes: vec![Scope::Staff, Scope::Portal],
+            practices: None,
         });
         for (name, kind) in [("sms", GatewayKind::Sms), ("mail", GatewayKind::Email)] {
             s.gateways.push(Gateway {
@@ -384,11 +464,55 @@ mod tests {
                     burst: 10,
                 }),
                 per_recipient: None,
-                inbound_per_sender: None,
+                auto_answers_per_sender: None,
+                health_interval: std::time::Duration::from_secs(30),
+                down_fails_readiness: false,
             });
         }
         s.notifications.email_gateway = Some("mail".to_owned());
         s
+    }
+
+    #[test]
+    fn a_loopback_gateway_behind_a_public_url_is_warned_about() {
+        let warned = |public_url: &str, library: &str| {
+            let mut s = valid();
+            s.server.public_url = public_url.to_owned();
+            s.gateways[0].library = PathBuf::from(library);
+            assert_eq!(s.validate(), Ok(()));
+            s.warnings()
+                .iter()
+                .map(|w| w.field.clone())
+                .collect::<Vec<_>>()
+        };
+        let loopback = "/usr/lib/caremsg/plugins/libcaremsg_sms_loopback.so";
+        assert_eq!(
+            warned("https://caremsg.clinic.example", loopback),
+            ["gateways[0].library"]
+        );
+        assert_eq!(
+            warned("http://10.0.0.5:8680/", loopback),
+            ["gateways[0].library"]
+        );
+        for local in [
+            "http://127.0.0.1:8680",
+            "http://localhost:8680",
+            "http://[::1]:8680",
+            "http://127.1.2.3",
+        ] {
+            assert!(warned(local, loopback).is_empty(), "{local}");
+        }
+        assert!(warned("https://caremsg.clinic.example", "libcaremsg_sms_twilio.so").is_empty());
+        assert!(valid().warnings().is_empty());
+    }
+
+    #[test]
+    fn health_interval_is_at_least_a_second() {
+        check(
+            |s| s.gateways[0].health_interval = std::time::Duration::from_millis(10),
+            "gateways[0].health_interval",
+            "at least 1s",
+        );
     }
 
     /// Breaks `valid()` with `edit` and expects exactly one problem, on `field`, whose
@@ -455,7 +579,7 @@ mod tests {
         check(|s| s.gateways[0].rate_limit = limit(0.0, 1), "gateways[0].rate_limit.per_second", "greater than zero");
         check(|s| s.gateways[0].rate_limit = limit(f64::NAN, 1), "gateways[0].rate_limit.per_second", "greater than zero");
         check(|s| s.gateways[0].per_recipient = limit(-1.0, 1), "gateways[0].per_recipient.per_second", "greater than zero");
-        check(|s| s.gateways[1].inbound_per_sender = limit(1.0, 0), "gateways[1].inbound_per_sender.burst", "at least 1");
+        check(|s| s.gateways[1].auto_answers_per_sender = limit(1.0, 0), "gateways[1].auto_answers_per_sender.burst", "at least 1");
         // The email gateway reference.
         check(|s| s.notifications.email_gateway = Some("nope".into()), "notifications.email_gateway", "names no");
         check(|s| s.notifications.email_gateway = Some("sms".into()), "notifications.email_gateway", "not of kind");

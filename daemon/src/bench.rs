@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::writer::{WriteUnit, Writer, WriterOptions};
 
+mod clinic;
 mod conversations;
+mod events;
 mod notifications;
 mod sms_auth;
 
@@ -97,6 +99,50 @@ pub enum Which {
         #[arg(long)]
         postgres: Option<String>,
     },
+    /// Event streams: the CPU per portal message with no staff stream open and with
+    /// `streams` open (one per user; care teams of five), on SQLite.
+    Events {
+        /// Staff event streams to hold open.
+        #[arg(long, default_value_t = 2_000)]
+        streams: usize,
+        /// Portal messages per measured round.
+        #[arg(long, default_value_t = 5_000)]
+        messages: usize,
+        /// Concurrent senders.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+    },
+    /// The traffic a clinic really sends, over real HTTP, seeded through the admin API
+    /// and the real SMS flow: the clinic mix with and without staff event streams, then
+    /// each request kind alone; requests/s, latency per kind, the daemon's CPU per
+    /// request, and a check that every acknowledged write is stored.
+    Clinic {
+        /// Patients (all portal-enrolled, every second one SMS-enabled).
+        #[arg(long, default_value_t = 2_000)]
+        patients: usize,
+        /// Staff users the care teams are drawn from.
+        #[arg(long, default_value_t = 20)]
+        users: usize,
+        /// Users on each patient's care team.
+        #[arg(long, default_value_t = 5)]
+        team: usize,
+        /// Staff event streams held open during the mix.
+        #[arg(long, default_value_t = 50)]
+        streams: usize,
+        /// Concurrent HTTP clients.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Seconds each phase runs.
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        /// Threads of the load generator (its CPU is not counted as the daemon's).
+        #[arg(long, default_value_t = 1)]
+        load_threads: usize,
+        /// Run on a fresh database created (and dropped) on this PostgreSQL server,
+        /// e.g. `postgres://postgres@127.0.0.1:5432/postgres`, instead of SQLite.
+        #[arg(long)]
+        postgres: Option<String>,
+    },
 }
 
 /// Runs one benchmark and prints its report.
@@ -155,6 +201,42 @@ pub async fn run(which: Which) -> anyhow::Result<()> {
                 notifications::Backend::Postgres,
             );
             println!("{}", notifications::run(plan, backend).await?);
+            Ok(())
+        }
+        Which::Events {
+            streams,
+            messages,
+            clients,
+        } => {
+            let plan = events::Plan {
+                streams,
+                messages,
+                clients,
+            };
+            println!("{}", events::run(plan).await?);
+            Ok(())
+        }
+        Which::Clinic {
+            patients,
+            users,
+            team,
+            streams,
+            clients,
+            seconds,
+            load_threads,
+            postgres,
+        } => {
+            let plan = clinic::Plan {
+                patients,
+                users,
+                team,
+                streams,
+                clients,
+                seconds,
+                load_threads,
+                postgres,
+            };
+            println!("{}", clinic::run(plan).await?);
             Ok(())
         }
     }
@@ -233,6 +315,16 @@ where
 /// The settings of a benchmark daemon: the embedded default with its state in `dir`,
 /// an ephemeral port, no gateways, and large write batches.
 pub(crate) fn scratch_settings(dir: &std::path::Path) -> anyhow::Result<caremsg_config::Settings> {
+    let mut settings = scratch_settings_with_gateways(dir)?;
+    settings.gateways.clear();
+    Ok(settings)
+}
+
+/// [`scratch_settings`] keeping the embedded default's gateways (the loopback SMS
+/// gateway), for the caller to point at its library.
+pub(crate) fn scratch_settings_with_gateways(
+    dir: &std::path::Path,
+) -> anyhow::Result<caremsg_config::Settings> {
     let text = caremsg_config::EMBEDDED_DEFAULT
         .replace(
             "state_dir = \"state\"",
@@ -240,7 +332,6 @@ pub(crate) fn scratch_settings(dir: &std::path::Path) -> anyhow::Result<caremsg_
         )
         .replace("listen = \"127.0.0.1:8680\"", "listen = \"127.0.0.1:0\"");
     let mut settings = caremsg_config::from_toml_str(&text)?;
-    settings.gateways.clear();
     settings.log.level = "warn".into();
     settings.writer.max_batch_units = 1024;
     Ok(settings)
@@ -265,6 +356,35 @@ pub(crate) fn writer_summary(metrics: &str) -> String {
         units / batches.max(1.0),
         seconds * 1000.0 / batches.max(1.0)
     )
+}
+
+/// Runs `work` on a fresh database created on the PostgreSQL server at `server` (its
+/// URL is handed to `work`) and drops that database afterwards, whatever `work`
+/// returned.
+pub(crate) async fn with_postgres_database<T, Fut>(
+    server: &str,
+    work: impl FnOnce(String) -> Fut,
+) -> anyhow::Result<T>
+where
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    use sea_orm::ConnectionTrait;
+    let name = format!("caremsg_bench_{}", uuid::Uuid::new_v4().simple());
+    let admin = sea_orm::Database::connect(server)
+        .await
+        .context("connecting to the PostgreSQL server")?;
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await?;
+    let base = server.rsplit_once('/').map_or(server, |(b, _)| b);
+    let result = work(format!("{base}/{name}")).await;
+    if let Err(err) = admin
+        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+    {
+        tracing::warn!(error = %err, "The benchmark database could not be dropped.");
+    }
+    result
 }
 
 fn verdict(ok: bool) -> &'static str {

@@ -9,7 +9,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use caremsg_migration::{Migrator, MigratorTrait};
-use sea_orm::{DatabaseConnection, DbBackend, SqlxPostgresConnector, SqlxSqliteConnector};
+use sea_orm::{
+    DatabaseConnection, DbBackend, DbErr, RuntimeErr, SqlxPostgresConnector, SqlxSqliteConnector,
+};
+use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
@@ -165,11 +168,166 @@ pub async fn migrations_applied(db: &DatabaseConnection) -> Result<bool, sea_orm
     Ok(Migrator::get_pending_migrations(db).await?.is_empty())
 }
 
+/// What a database error says about the storage behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The storage cannot take or serve work now and may later: a full disk, an I/O
+    /// error, a lock held past the busy timeout, no connection, a serialization
+    /// failure. The request may be retried.
+    Storage,
+    /// The operation broke off half-way (a lost connection, a protocol error, a
+    /// crashed worker, an I/O error): a `COMMIT` that fails so may or may not have
+    /// taken effect.
+    Interrupted,
+}
+
+/// Classifies `err`: `None` for errors that say nothing about the storage (a
+/// constraint, a syntax error, a decoding error).
+pub fn fault(err: &DbErr) -> Option<Fault> {
+    let sqlx = match err {
+        DbErr::ConnectionAcquire(_) => return Some(Fault::Storage),
+        DbErr::Conn(RuntimeErr::SqlxError(e))
+        | DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e)) => e,
+        DbErr::Conn(_) => return Some(Fault::Interrupted),
+        _ => return None,
+    };
+    match &**sqlx {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => {
+            Some(Fault::Interrupted)
+        }
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
+            Some(Fault::Storage)
+        }
+        sqlx::Error::Database(db) => {
+            let code = db.code()?;
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                sqlite_fault(code.parse().ok()?)
+            } else {
+                postgres_storage_state(&code).then_some(Fault::Storage)
+            }
+        }
+        _ => None,
+    }
+}
+
+/// What a SQLite (extended) result code says: the primary code is its low byte.
+fn sqlite_fault(extended: i32) -> Option<Fault> {
+    match extended & 0xff {
+        // IOERR: a read, write or sync failed half-way.
+        10 => Some(Fault::Interrupted),
+        // BUSY, LOCKED, NOMEM, READONLY, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB.
+        5 | 6 | 7 | 8 | 11 | 13 | 14 | 15 | 26 => Some(Fault::Storage),
+        _ => None,
+    }
+}
+
+/// Whether a PostgreSQL SQLSTATE names a storage fault: connection exceptions (08),
+/// insufficient resources (53: disk full, out of memory, too many connections),
+/// operator intervention (57P: shutdown, cannot connect now), system errors (58:
+/// I/O), serialization failure and deadlock.
+fn postgres_storage_state(code: &str) -> bool {
+    ["08", "53", "57P", "58"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || matches!(code, "40001" | "40P01")
+}
+
+/// Whether the writer's connection is outside any transaction, as both sqlx and
+/// the database see it: sqlx's transaction depth is 0 and, on SQLite, the handle is
+/// in autocommit mode (`sqlite3_get_autocommit`). On PostgreSQL a connection whose
+/// `COMMIT` failed is discarded ([`discard_writer_connection`]) rather than reused,
+/// so sqlx's depth is the check.
+pub async fn outside_transaction(db: &DatabaseConnection) -> Result<bool, DbErr> {
+    let acquire = |e: sqlx::Error| DbErr::Conn(RuntimeErr::SqlxError(e.into()));
+    match db.get_database_backend() {
+        DbBackend::Sqlite => {
+            let mut conn = db
+                .get_sqlite_connection_pool()
+                .acquire()
+                .await
+                .map_err(acquire)?;
+            if conn.is_in_transaction() {
+                return Ok(false);
+            }
+            let mut handle = conn.lock_handle().await.map_err(acquire)?;
+            let raw = handle.as_raw_handle().as_ptr();
+            // SAFETY: `raw` is this connection's open handle, locked for the call so
+            // no other thread uses it; sqlite3_get_autocommit only reads its state.
+            #[allow(unsafe_code)]
+            let autocommit = unsafe { libsqlite3_sys::sqlite3_get_autocommit(raw) };
+            Ok(autocommit != 0)
+        }
+        DbBackend::Postgres => {
+            let conn = db
+                .get_postgres_connection_pool()
+                .acquire()
+                .await
+                .map_err(acquire)?;
+            Ok(!conn.is_in_transaction())
+        }
+        _ => Ok(true),
+    }
+}
+
+/// Closes the writer's connection and takes it out of its pool, so that the next
+/// batch starts on a new one: whatever transaction or savepoints a failed `COMMIT`
+/// or `ROLLBACK` left open on it end with it (the database rolls them back). Errors
+/// closing a broken connection are of no interest.
+pub async fn discard_writer_connection(db: &DatabaseConnection) {
+    match db.get_database_backend() {
+        DbBackend::Sqlite => {
+            if let Ok(conn) = db.get_sqlite_connection_pool().acquire().await {
+                let _ = conn.detach().close().await;
+            }
+        }
+        DbBackend::Postgres => {
+            if let Ok(conn) = db.get_postgres_connection_pool().acquire().await {
+                let _ = conn.detach().close().await;
+            }
+        }
+        _ => {}
+    }
+}
+
 /// A short name of the back end, for logs and metrics.
 pub fn backend_name(db: &DatabaseConnection) -> &'static str {
     match db.get_database_backend() {
         DbBackend::Sqlite => "sqlite",
         DbBackend::Postgres => "postgres",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_faults_are_told_from_errors_of_the_request() {
+        // SQLite: BUSY, BUSY_SNAPSHOT, FULL, READONLY, CANTOPEN are storage faults;
+        // IOERR and its extended codes broke off; constraints and errors are not.
+        for code in [5, 517, 13, 8, 14] {
+            assert_eq!(sqlite_fault(code), Some(Fault::Storage), "{code}");
+        }
+        for code in [10, 266, 778] {
+            assert_eq!(sqlite_fault(code), Some(Fault::Interrupted), "{code}");
+        }
+        for code in [1, 19, 787, 1555, 2067] {
+            assert_eq!(sqlite_fault(code), None, "{code}");
+        }
+        for state in ["08006", "53100", "57P01", "58030", "40001", "40P01"] {
+            assert!(postgres_storage_state(state), "{state}");
+        }
+        for state in ["23505", "23503", "42601", "22001"] {
+            assert!(!postgres_storage_state(state), "{state}");
+        }
+        let lost = DbErr::Exec(RuntimeErr::SqlxError(std::sync::Arc::new(sqlx::Error::Io(
+            std::io::ErrorKind::ConnectionReset.into(),
+        ))));
+        assert_eq!(fault(&lost), Some(Fault::Interrupted));
+        let busy_pool = DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::Timeout);
+        assert_eq!(fault(&busy_pool), Some(Fault::Storage));
+        assert_eq!(fault(&DbErr::Custom("x".into())), None);
     }
 }

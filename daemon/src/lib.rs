@@ -19,6 +19,7 @@ pub mod notifications;
 pub mod notify;
 pub mod phi;
 pub mod phone;
+pub mod prune;
 pub mod reload;
 pub mod sms;
 pub mod sql;
@@ -104,20 +105,26 @@ pub struct Running {
     timers: timers::TimerServiceHandle,
     // The durable timers' wake-up task; stopped before the writer.
     timer_task: JoinHandle<()>,
-    // Tells the wake-up task to stop.
+    // Tells the wake-up task (and the pruner) to stop.
     timer_stop: CancellationToken,
+    // The pruner of operational tables; stopped with the timers, before the writer.
+    prune_task: JoinHandle<()>,
 }
 
 /// Starts the daemon: database and migrations, the writer, the HTTP server. Returns
 /// once it is serving and systemd has been told so.
 pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Running> {
-    let db = open_database(&settings)
+    let metrics = Arc::new(Metrics::new());
+    let mut db = open_database(&settings)
         .await
         .context("opening the database")?;
+    let statements = metrics.db_reader_statements.clone();
+    db.set_metric_callback(move |_| {
+        statements.inc();
+    });
     let writer_db = db::connect_writer(&db_options(&settings))
         .await
         .context("opening the writer's database connection")?;
-    let metrics = Arc::new(Metrics::new());
     let writer_stop = CancellationToken::new();
     let (writer, writer_task) = Writer::start(
         writer_db,
@@ -129,25 +136,30 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         writer_stop.clone(),
     )
     .context("starting the writer's thread")?;
+    for warning in settings.warnings() {
+        tracing::warn!(field = %warning.field, "Configuration: {}.", warning.message);
+    }
+    let listen = settings.server.listen;
+    let settings = Arc::new(ArcSwap::from_pointee(settings));
     // After the writer: the gateways write through it from their first pass.
-    let gateways = gateways::Gateways::load(&settings)
+    let gateways = gateways::Gateways::load(settings.clone(), options.clock.clone())
         .await
         .context("loading the gateway plugins")?;
-    let listener = tokio::net::TcpListener::bind(settings.server.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding {}", settings.server.listen))?;
+        .with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
     let backend = db::backend_name(&db);
-    let settings = Arc::new(ArcSwap::from_pointee(settings));
     let http_stop = CancellationToken::new();
     let actor_system = actors::ActorSystem::start().context("starting the actor system")?;
+    let events = events::Events::new(Some(db.clone()), metrics.events.clone(), 4096);
     let state: Shared = Arc::new_cyclic(|weak| AppState {
         db,
         writer,
         settings: settings.clone(),
         clock: options.clock.clone(),
         metrics: metrics.clone(),
-        events: events::Events::new(4096),
+        events,
         conversations: actors::Conversations::new(actor_system, weak.clone()),
         runtime: tokio::runtime::Handle::current(),
         shutdown: http_stop.clone(),
@@ -171,6 +183,7 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
             ..timers::TimerServiceOptions::default()
         },
     )
+    .with_failures(state.writer.clone(), state.metrics.clone())
     .with_handler(
         notifications::reminder::KIND,
         notifications::reminder::handler(&state),
@@ -179,7 +192,12 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         caremsg_entities::TimerKind::SmsAuthWindow,
         sms::auth::window_handler(&state),
     )
+    .with_handler(
+        gateways::consent::FOLLOW_UP,
+        gateways::consent::handler(&state),
+    )
     .spawn(timer_stop.clone());
+    let prune_task = prune::spawn(Arc::downgrade(&state), timer_stop.clone());
     let app = api::router(state.clone());
     let server = tokio::spawn(http::serve(
         listener,
@@ -192,7 +210,7 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         settings,
         metrics,
         log_filter: options.log_filter,
-        on_apply: vec![gateways_reload_hook(&state)],
+        on_apply: vec![gateways_reload_hook(&state), streams_reload_hook(&state)],
     };
     tracing::info!(%addr, database = backend, "caremsgd is serving.");
     notify::ready("Serving");
@@ -211,6 +229,7 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         timers: timer_handle,
         timer_task,
         timer_stop,
+        prune_task,
     })
 }
 
@@ -275,6 +294,12 @@ impl Running {
         self.timers.tick().await
     }
 
+    /// Polls every gateway plugin's health now and waits for the answers: what the
+    /// periodic poll does every `health_interval`, on demand.
+    pub async fn poll_gateway_health(&self) {
+        self.state.gateways.poll_health(&self.state).await;
+    }
+
     /// Reloads the configuration, as SIGHUP does.
     pub fn reload(&self) -> ReloadOutcome {
         self.reloader.reload()
@@ -308,6 +333,9 @@ impl Running {
         if let Err(err) = self.timer_task.await {
             tracing::error!(error = %err, "The timer service task ended abnormally.");
         }
+        if let Err(err) = self.prune_task.await {
+            tracing::error!(error = %err, "The pruner task ended abnormally.");
+        }
         // The gateways record the pass in flight through the writer, and texts a
         // plugin emitted may still go to a patient's actor: before both.
         self.state.gateways.shutdown(grace).await;
@@ -335,6 +363,17 @@ fn gateways_reload_hook(state: &Shared) -> reload::ApplyHook {
     })
 }
 
+/// Ends the event streams whose token a reload no longer lists (with its scope and
+/// practice).
+fn streams_reload_hook(state: &Shared) -> reload::ApplyHook {
+    let state = Arc::downgrade(state);
+    Arc::new(move |_old: &Settings, new: &Settings| {
+        if let Some(state) = state.upgrade() {
+            state.events.revalidate(&new.clients);
+        }
+    })
+}
+
 /// Runs the daemon until `shutdown` completes; SIGHUP reloads the configuration.
 pub async fn run(
     settings: Settings,
@@ -345,6 +384,8 @@ pub async fn run(
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
     let running = start(settings, options).await?;
+    // One line on stdout for whoever started it by hand (journald keeps it too).
+    println!("caremsgd: listening on http://{}", running.local_addr());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

@@ -135,7 +135,10 @@ fn caremsg_env() -> Vec<(String, String)> {
 
 fn check_config(file: &std::path::Path) -> ExitCode {
     match caremsg_config::load_with_env(Some(file), caremsg_env()) {
-        Ok(_) => {
+        Ok(settings) => {
+            for warning in settings.warnings() {
+                println!("{}: warning: {warning}", file.display());
+            }
             println!("{}: OK", file.display());
             ExitCode::SUCCESS
         }

@@ -60,6 +60,20 @@ pub struct RateLimitLabels {
     pub limit: String,
 }
 
+/// Labels of a count per gateway instance.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    /// The gateway instance's name.
+    pub gateway: String,
+}
+
+/// Labels of a count per timer kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimerKindLabels {
+    /// The timer's kind.
+    pub kind: String,
+}
+
 /// Labels of a webhook request the plugin refused.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WebhookRejectLabels {
@@ -67,6 +81,13 @@ pub struct WebhookRejectLabels {
     pub gateway: String,
     /// The 4xx status the plugin answered (403: signature or source refused).
     pub status: String,
+}
+
+/// Labels of a gateway's health.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayHealthLabels {
+    /// The gateway instance's name.
+    pub gateway: String,
 }
 
 /// Every metric the daemon exports.
@@ -97,6 +118,8 @@ pub struct Metrics {
     pub outbox_depth: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Age in seconds of the oldest queued delivery, read when scraped.
     pub outbox_oldest_seconds: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Deliveries whose outcome is unknown (`reconcile`), read when scraped.
+    pub deliveries_reconcile: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Conversation actors alive, read when scraped.
     pub actors_live: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Durable timers due and not yet fired, read when scraped.
@@ -113,6 +136,17 @@ pub struct Metrics {
     pub rate_limit_waits: Family<RateLimitLabels, Counter>,
     /// Webhook requests the plugin refused (4xx), by gateway and status.
     pub webhook_rejects: Family<WebhookRejectLabels, Counter>,
+    /// Automatic answers not sent: their number was over `auto_answers_per_sender`.
+    pub sms_answers_throttled: Family<InstanceLabels, Counter>,
+    /// Timers whose handler failed too often: moved to the dead-letter state.
+    pub timers_dead: Family<TimerKindLabels, Counter>,
+    /// The event streams: open, refused, ended, events delivered, audience reads.
+    pub events: crate::events::EventMetrics,
+    /// Statements run on the readers' pool (not the writer's connection): what a
+    /// request or an event costs the database in reads.
+    pub db_reader_statements: Counter<u64, AtomicU64>,
+    /// Each gateway plugin's health at the last poll: 2 ok, 1 degraded, 0 down.
+    pub gateway_health: Family<GatewayHealthLabels, Gauge>,
 }
 
 impl Metrics {
@@ -208,6 +242,12 @@ impl Metrics {
             "Deliveries queued in the outbox",
             outbox_depth.clone(),
         );
+        let deliveries_reconcile = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "deliveries_reconcile",
+            "Deliveries whose outcome is unknown after a crash, waiting for an operator",
+            deliveries_reconcile.clone(),
+        );
         let outbox_oldest_seconds = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         registry.register(
             "outbox_oldest_seconds",
@@ -244,11 +284,67 @@ impl Metrics {
             "Provider webhook requests the gateway plugin refused, by gateway and status",
             webhook_rejects.clone(),
         );
+        let sms_answers_throttled = Family::<InstanceLabels, Counter>::default();
+        registry.register(
+            "sms_answers_throttled",
+            "Automatic answers not sent because their number was over the automatic-answer limit",
+            sms_answers_throttled.clone(),
+        );
+        let timers_dead = Family::<TimerKindLabels, Counter>::default();
+        registry.register(
+            "timers_dead",
+            "Timers moved to the dead-letter state after their handler failed too often",
+            timers_dead.clone(),
+        );
+        let events = crate::events::EventMetrics::default();
+        registry.register(
+            "event_streams",
+            "Server-sent event streams open now, by kind (staff, portal)",
+            events.streams.clone(),
+        );
+        registry.register(
+            "event_streams_refused",
+            "Event streams refused at a cap, by reason (per_subscriber, total)",
+            events.refused.clone(),
+        );
+        registry.register(
+            "event_streams_ended",
+            "Event streams the daemon ended, by reason",
+            events.ended.clone(),
+        );
+        registry.register(
+            "events_delivered",
+            "Events put into event stream channels",
+            events.delivered.clone(),
+        );
+        registry.register(
+            "event_audience_reads",
+            "Database reads computing the audience of an event",
+            events.audience_reads.clone(),
+        );
+        let db_reader_statements = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "db_reader_statements",
+            "Statements run on the readers' connection pool",
+            db_reader_statements.clone(),
+        );
+        let gateway_health = Family::<GatewayHealthLabels, Gauge>::default();
+        registry.register(
+            "gateway_health",
+            "Gateway plugin health at the last poll: 2 ok, 1 degraded, 0 down",
+            gateway_health.clone(),
+        );
         Self {
+            gateway_health,
+            sms_answers_throttled,
+            timers_dead,
+            events,
+            db_reader_statements,
             notifications,
             rate_limit_waits,
             webhook_rejects,
             outbox_depth,
+            deliveries_reconcile,
             outbox_oldest_seconds,
             actors_live,
             timers_due,
@@ -321,6 +417,24 @@ impl Metrics {
             .get_or_create(&RateLimitLabels {
                 gateway: gateway.to_owned(),
                 limit: limit.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one automatic answer of `gateway` not sent (over the answer limit).
+    pub fn answer_throttled(&self, gateway: &str) {
+        self.sms_answers_throttled
+            .get_or_create(&InstanceLabels {
+                gateway: gateway.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one timer of `kind` moved to the dead-letter state.
+    pub fn timer_dead(&self, kind: &str) {
+        self.timers_dead
+            .get_or_create(&TimerKindLabels {
+                kind: kind.to_owned(),
             })
             .inc();
     }

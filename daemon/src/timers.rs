@@ -20,9 +20,21 @@
 //!   rows and hands each to the [`TimerHandler`] registered for its kind. Ticks can be
 //!   run by hand ([`TimerService::run_once`], [`TimerServiceHandle::tick`]), so tests
 //!   drive time with a `ManualClock` and never sleep.
+//! - **Subjects are structured.** Besides its key (`subject`, unique with the kind),
+//!   a timer names what it is about in columns of their own ([`Names`]: patient,
+//!   user, sequence), so "every timer of patient X" is an equality match
+//!   ([`cancel_patient`]), never a pattern over the key.
+//! - **Failure backs off.** A handler that fails (or panics) leaves its timer due
+//!   later: `attempts` grows and `due_at` moves by a doubling delay
+//!   ([`retry_delay`]); after [`TimerServiceOptions::max_attempts`] failures the timer
+//!   is dead-lettered (`dead`, and `fired` so nothing reads it as due again), counted
+//!   in `caremsg_timers_dead_total` and logged once. A timer whose subject is gone is
+//!   the handlers' business: they fire it without effect.
 //!
 //! **Architecture Invariant:** a timer's effect commits only in a unit that also
-//! contains [`fire`] for it; nothing else marks a timer fired.
+//! contains [`fire`] for it; nothing else marks a timer fired, except the
+//! dead-lettering of a timer whose handler failed too often (which has no effect)
+//! and a deactivation's cancelling of its subject's timers.
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -35,7 +47,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use sea_orm::ActiveValue::Set;
-use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::sea_query::{Expr, IntoCondition, OnConflict};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
     QueryOrder, QuerySelect, QueryTrait,
@@ -51,6 +63,31 @@ use crate::writer::{Expect, WriteError, WriteUnit, Writer};
 /// cancelled, or moved later than "now".
 pub const FIRE_PRECONDITION: &str = "timer due and not yet fired";
 
+/// What a timer is about, in the structured columns (see the module's documentation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Names<'a> {
+    /// The patient.
+    pub patient_id: Option<&'a str>,
+    /// The user.
+    pub user_id: Option<&'a str>,
+    /// A message sequence number.
+    pub seq: Option<i64>,
+}
+
+/// The longest delay between two tries of a failing timer.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(60 * 60);
+
+/// The delay before the next try of a timer whose handler failed `attempts` times:
+/// 2 s doubled per failure, at most [`MAX_RETRY_DELAY`].
+pub fn retry_delay(attempts: i32) -> Duration {
+    let doublings = u32::try_from(attempts.saturating_sub(1))
+        .unwrap_or(0)
+        .min(20);
+    Duration::from_secs(2)
+        .saturating_mul(1u32 << doublings)
+        .min(MAX_RETRY_DELAY)
+}
+
 /// Arms the timer `kind` for `subject` to fire at `due_at`, `now` being the time of
 /// arming. If the timer exists it is re-armed: its due time moves to `due_at` and it
 /// counts as not fired again (it keeps its id and creation time).
@@ -59,13 +96,26 @@ pub const FIRE_PRECONDITION: &str = "timer due and not yet fired";
 /// not do that after the fact (a resend racing the window's end) carry their own
 /// precondition on the state the timer guards, such as "the session is pending".
 pub fn arm(kind: TimerKind, subject: &str, due_at: DateTime<Utc>, now: DateTime<Utc>) -> WriteUnit {
-    let statement = timer::Entity::insert(new_row(kind, subject, due_at, now))
+    arm_about(kind, subject, Names::default(), due_at, now)
+}
+
+/// [`arm`], naming what the timer is about.
+pub fn arm_about(
+    kind: TimerKind,
+    subject: &str,
+    names: Names<'_>,
+    due_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> WriteUnit {
+    let statement = timer::Entity::insert(new_row(kind, subject, names, due_at, now))
         .on_conflict(
             OnConflict::columns([timer::Column::Kind, timer::Column::Subject])
                 .update_columns([
                     timer::Column::DueAt,
                     timer::Column::Fired,
                     timer::Column::FiredAt,
+                    timer::Column::Attempts,
+                    timer::Column::Dead,
                 ])
                 .to_owned(),
         )
@@ -82,8 +132,19 @@ pub fn arm_if_absent(
     due_at: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> WriteUnit {
+    arm_if_absent_about(kind, subject, Names::default(), due_at, now)
+}
+
+/// [`arm_if_absent`], naming what the timer is about.
+pub fn arm_if_absent_about(
+    kind: TimerKind,
+    subject: &str,
+    names: Names<'_>,
+    due_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> WriteUnit {
     WriteUnit::new().insert_or_ignore(
-        new_row(kind, subject, due_at, now),
+        new_row(kind, subject, names, due_at, now),
         &[timer::Column::Kind, timer::Column::Subject],
     )
 }
@@ -96,6 +157,40 @@ pub fn cancel(kind: TimerKind, subject: &str) -> WriteUnit {
         .filter(timer::Column::Subject.eq(subject))
         .into_query();
     WriteUnit::new().exec(statement, Expect::Any, "timer cancelled")
+}
+
+/// Marks every unfired timer about `patient_id` fired at `now`, without effect (the
+/// patient or their practice was deactivated): an equality match on the structured
+/// column, whatever the patient's id contains.
+pub fn cancel_patient(patient_id: &str, now: DateTime<Utc>) -> WriteUnit {
+    cancel_where(
+        timer::Column::PatientId.eq(patient_id).into_condition(),
+        now,
+    )
+}
+
+/// [`cancel_patient`] for every timer whose patient meets `patients` (a condition on
+/// the `patients` table, such as "of practice X").
+pub fn cancel_patients_where(
+    patients: sea_orm::sea_query::SelectStatement,
+    now: DateTime<Utc>,
+) -> WriteUnit {
+    cancel_where(
+        timer::Column::PatientId
+            .in_subquery(patients)
+            .into_condition(),
+        now,
+    )
+}
+
+fn cancel_where(condition: Condition, now: DateTime<Utc>) -> WriteUnit {
+    let statement = timer::Entity::update_many()
+        .col_expr(timer::Column::Fired, Expr::value(true))
+        .col_expr(timer::Column::FiredAt, Expr::value(Some(now)))
+        .filter(timer::Column::Fired.eq(false))
+        .filter(condition)
+        .into_query();
+    WriteUnit::new().exec(statement, Expect::Any, "timers cancelled")
 }
 
 /// Marks the timer `kind` for `subject` fired at `now`. The unit fails with
@@ -211,6 +306,7 @@ pub async fn due_after(
 fn new_row(
     kind: TimerKind,
     subject: &str,
+    names: Names<'_>,
     due_at: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> timer::ActiveModel {
@@ -222,6 +318,11 @@ fn new_row(
         fired: Set(false),
         fired_at: Set(None),
         created_at: Set(now),
+        patient_id: Set(names.patient_id.map(str::to_owned)),
+        user_id: Set(names.user_id.map(str::to_owned)),
+        seq: Set(names.seq),
+        attempts: Set(0),
+        dead: Set(false),
     }
 }
 
@@ -295,6 +396,8 @@ pub struct TimerServiceOptions {
     pub page_size: u64,
     /// Handlers running at once (their writes share the writer's batches).
     pub concurrency: usize,
+    /// Failures of one timer's handler before it is dead-lettered.
+    pub max_attempts: i32,
 }
 
 impl Default for TimerServiceOptions {
@@ -303,6 +406,7 @@ impl Default for TimerServiceOptions {
             period: Duration::from_secs(1),
             page_size: 500,
             concurrency: 64,
+            max_attempts: 10,
         }
     }
 }
@@ -318,8 +422,11 @@ pub struct Tick {
     pub fired_without_effect: usize,
     /// Already fired, cancelled or moved by someone else.
     pub skipped: usize,
-    /// Handlers that failed or panicked; their timers stay due for the next tick.
+    /// Handlers that failed or panicked; their timers are tried again later (backed
+    /// off), or dead-lettered after too many failures.
     pub failed: usize,
+    /// Timers dead-lettered in this tick.
+    pub dead: usize,
     /// Due timers of a kind no handler is registered for.
     pub unhandled: usize,
 }
@@ -333,6 +440,11 @@ pub struct TimerService {
     // Who fires which kind; a kind without one is counted and left due.
     handlers: HashMap<TimerKind, Arc<dyn TimerHandler>>,
     options: TimerServiceOptions,
+    // Records failures (back-off, dead letters); without one a failed timer simply
+    // stays due.
+    writer: Option<Writer>,
+    // Counts dead letters.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Handle to a spawned [`TimerService`]: run a tick now and wait for it.
@@ -362,7 +474,17 @@ impl TimerService {
             clock,
             handlers: HashMap::new(),
             options,
+            writer: None,
+            metrics: None,
         }
+    }
+
+    /// Records handler failures through `writer` (back-off and dead letters), counting
+    /// dead letters in `metrics`.
+    pub fn with_failures(mut self, writer: Writer, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.writer = Some(writer);
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Registers `handler` for timers of `kind` (replacing an earlier one).
@@ -386,12 +508,17 @@ impl TimerService {
         let page_size = self.options.page_size.max(1);
         let concurrency = self.options.concurrency.max(1);
         let mut running = futures::stream::FuturesUnordered::new();
-        let count = |tick: &mut Tick, outcome: Option<FireOutcome>| match outcome {
-            Some(FireOutcome::Fired) => tick.fired += 1,
-            Some(FireOutcome::FiredWithoutEffect) => tick.fired_without_effect += 1,
-            Some(FireOutcome::Skipped) => tick.skipped += 1,
-            None => tick.failed += 1,
-        };
+        let mut failures: Vec<Failed> = Vec::new();
+        let mut count =
+            |tick: &mut Tick, (failed, outcome): (Failed, Option<FireOutcome>)| match outcome {
+                Some(FireOutcome::Fired) => tick.fired += 1,
+                Some(FireOutcome::FiredWithoutEffect) => tick.fired_without_effect += 1,
+                Some(FireOutcome::Skipped) => tick.skipped += 1,
+                None => {
+                    tick.failed += 1;
+                    failures.push(failed);
+                }
+            };
         loop {
             let page = due_after(&self.db, now, last.as_ref(), page_size).await?;
             let full = page.len() as u64 == page_size;
@@ -417,6 +544,7 @@ impl TimerService {
         while let Some(outcome) = running.next().await {
             count(&mut tick, outcome);
         }
+        tick.dead = self.back_off(&failures, now).await;
         for (kind, count) in unhandled {
             tick.unhandled += count;
             tracing::warn!(
@@ -467,15 +595,79 @@ impl TimerService {
     }
 }
 
+/// A timer whose handler failed: what its back-off needs.
+struct Failed {
+    id: String,
+    kind: &'static str,
+    attempts: i32,
+}
+
+impl TimerService {
+    /// Records `failures` at `now`: each timer's `attempts` grows and it is due again
+    /// after [`retry_delay`], or, at `max_attempts`, it is dead-lettered (logged once,
+    /// counted). Guarded by the attempts read, so a timer fired or re-armed meanwhile
+    /// is left alone. Returns how many were dead-lettered.
+    async fn back_off(&self, failures: &[Failed], now: DateTime<Utc>) -> usize {
+        let Some(writer) = &self.writer else {
+            return 0;
+        };
+        let mut dead = 0;
+        for failed in failures {
+            let attempts = failed.attempts.saturating_add(1);
+            let give_up = attempts >= self.options.max_attempts.max(1);
+            let mut update = timer::Entity::update_many()
+                .col_expr(timer::Column::Attempts, Expr::value(attempts))
+                .filter(timer::Column::Id.eq(failed.id.as_str()))
+                .filter(timer::Column::Fired.eq(false))
+                .filter(timer::Column::Attempts.eq(failed.attempts));
+            if give_up {
+                update = update
+                    .col_expr(timer::Column::Dead, Expr::value(true))
+                    .col_expr(timer::Column::Fired, Expr::value(true))
+                    .col_expr(timer::Column::FiredAt, Expr::value(Some(now)));
+            } else {
+                let delay = chrono::Duration::from_std(retry_delay(attempts))
+                    .unwrap_or(chrono::Duration::hours(1));
+                update = update.col_expr(timer::Column::DueAt, Expr::value(now + delay));
+            }
+            let unit = WriteUnit::new().exec(
+                update.into_query(),
+                Expect::Exactly(1),
+                "timer failed and not fired meanwhile",
+            );
+            match writer.write(unit).await {
+                Ok(()) if give_up => {
+                    dead += 1;
+                    if let Some(metrics) = &self.metrics {
+                        metrics.timer_dead(failed.kind);
+                    }
+                    tracing::error!(
+                        kind = failed.kind,
+                        timer_id = %failed.id,
+                        attempts,
+                        "A timer's handler failed too often; the timer is dead-lettered and will not be tried again."
+                    );
+                }
+                Ok(()) | Err(WriteError::Precondition(_)) => {}
+                Err(err) => {
+                    tracing::warn!(kind = failed.kind, timer_id = %failed.id, error = %err, "Recording a timer's failure failed; it stays due.");
+                }
+            }
+        }
+        dead
+    }
+}
+
 /// Runs one handler, containing its failure or panic to this timer. `None` when it
 /// failed.
 fn dispatch(
     handler: Arc<dyn TimerHandler>,
     timer: timer::Model,
     now: DateTime<Utc>,
-) -> impl Future<Output = Option<FireOutcome>> {
+) -> impl Future<Output = (Failed, Option<FireOutcome>)> {
     let kind = timer.kind.as_str();
     let id = timer.id.clone();
+    let attempts = timer.attempts;
     // The handler is called now, not when the future is first polled, so that a page
     // of due timers reaches a batching handler together; a panic while it builds its
     // future is caught here, one while the future runs below.
@@ -485,7 +677,8 @@ fn dispatch(
             Ok(run) => AssertUnwindSafe(run).catch_unwind().await,
             Err(panic) => Err(panic),
         };
-        report(kind, &id, outcome)
+        let outcome = report(kind, &id, outcome);
+        (Failed { id, kind, attempts }, outcome)
     }
 }
 
@@ -502,12 +695,12 @@ fn report(
                 kind,
                 timer_id = %id,
                 error = %err,
-                "A due timer could not fire; it stays due."
+                "A due timer could not fire; it is tried again later."
             );
             None
         }
         Err(_) => {
-            tracing::error!(kind, timer_id = %id, "A timer handler panicked; the timer stays due.");
+            tracing::error!(kind, timer_id = %id, "A timer handler panicked; the timer is tried again later.");
             None
         }
     }

@@ -73,8 +73,11 @@ impl Probe {
     }
 
     /// The built-in probe: a heartbeat through the writer's queue and batch loop.
-    /// A database error still counts as progress (the writer answered; the database
-    /// is what failed, and the writer already logged it).
+    /// A writer that answers but cannot commit (a full disk, a lost database) makes
+    /// no progress either: the probe stays pending until the writer's probe write
+    /// commits again ([`Writer::storage_ok`]), so the pings are withheld meanwhile.
+    /// Any other database error still counts as progress (the writer answered and
+    /// already logged it).
     pub fn writer(writer: Writer, metrics: Arc<Metrics>) -> Self {
         Self::new("writer", move || {
             let writer = writer.clone();
@@ -93,6 +96,10 @@ impl Probe {
                         // A closed writer while the daemon runs makes no progress,
                         // ever: let the watchdog fire.
                         futures::future::pending::<Health>().await
+                    }
+                    Err(err) if err.is_storage() => {
+                        writer.storage_ok().await;
+                        Health::Ok
                     }
                     Err(_) => {
                         metrics

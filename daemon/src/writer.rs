@@ -12,6 +12,16 @@
 //! transaction, each unit in its own savepoint: a failing unit is rolled back alone
 //! and its caller gets its own error while its batch-mates commit.
 //!
+//! **Storage faults.** A batch starts only on a connection verified to be outside any
+//! transaction; after any failed batch the connection is discarded and replaced, so
+//! a `COMMIT` or `ROLLBACK` that failed half-way (SQLite rolling back on its own after
+//! `SQLITE_FULL`, a killed PostgreSQL backend) can never leave a later batch inside a
+//! stale transaction where its "commit" would only release a savepoint. Callers of a
+//! failed batch get [`WriteError::Unavailable`], or [`WriteError::OutcomeUnknown`]
+//! when the `COMMIT` itself broke off. While the last attempt failed the writer is
+//! [`StorageHealth::Failing`]: it retries a probe write every [`PROBE_RETRY`] and
+//! before each batch, and refuses batches untried until one commits.
+//!
 //! **Architecture Invariant:** a caller that got `Ok(())` from [`Writer::write`] can
 //! read its rows back from any other connection.
 
@@ -53,6 +63,15 @@ pub enum WriteError {
     /// The database failed; the unit was not committed.
     #[error("database error: {0}")]
     Database(String),
+    /// The storage cannot take writes now (a full disk, an I/O error, a lock held
+    /// past the busy timeout, a lost connection): the unit was not committed, and a
+    /// retry may succeed once the storage recovers.
+    #[error("the database cannot store writes now: {0}")]
+    Unavailable(String),
+    /// The batch's `COMMIT` broke off (the connection was lost during it): the unit
+    /// may or may not be stored. Retry with the same idempotency key, or read back.
+    #[error("the commit's outcome is unknown: {0}")]
+    OutcomeUnknown(String),
     /// The writer is shut down.
     #[error("the writer is shut down")]
     Closed,
@@ -63,9 +82,44 @@ impl WriteError {
         match err.sql_err() {
             Some(SqlErr::UniqueConstraintViolation(what)) => Self::Conflict(what),
             Some(SqlErr::ForeignKeyConstraintViolation(what)) => Self::MissingReference(what),
+            _ if crate::db::fault(err).is_some() => Self::Unavailable(err.to_string()),
             _ => Self::Database(err.to_string()),
         }
     }
+
+    /// Whether the storage failed (rather than the unit): the whole batch is lost.
+    pub fn is_storage(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::OutcomeUnknown(_))
+    }
+
+    /// The error of a batch whose `BEGIN`, statement or `ROLLBACK` failed: nothing of
+    /// it was committed.
+    fn not_committed(err: &DbErr) -> Self {
+        match Self::from_db(err) {
+            storage @ Self::Unavailable(_) => storage,
+            _ => Self::Unavailable(err.to_string()),
+        }
+    }
+
+    /// The error of a batch whose `COMMIT` failed: unknown if it broke off half-way,
+    /// else not committed.
+    fn commit_failed(err: &DbErr) -> Self {
+        match crate::db::fault(err) {
+            Some(crate::db::Fault::Interrupted) => Self::OutcomeUnknown(err.to_string()),
+            _ => Self::not_committed(err),
+        }
+    }
+}
+
+/// Whether the writer can commit, as its last attempt found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageHealth {
+    /// The last batch (or probe write) committed.
+    Ok,
+    /// The last batch or probe write failed; the reason (no PHI: a database error
+    /// message). Writes are answered [`WriteError::Unavailable`] without being tried
+    /// until a probe write commits.
+    Failing(String),
 }
 
 /// How many rows a statement must touch for its unit to commit.
@@ -291,6 +345,8 @@ pub struct Writer {
     paused: Arc<watch::Sender<bool>>,
     // Units handed to `write` and not yet answered (for `queued`).
     waiting: Arc<AtomicUsize>,
+    // Whether the last commit succeeded (see `storage`).
+    health: watch::Receiver<StorageHealth>,
 }
 
 /// The writer task; await [`WriterTask::join`] after shutdown to know it has flushed.
@@ -332,7 +388,18 @@ impl Writer {
         let max = options.max_batch_units.max(1);
         let (paused, gate) = watch::channel(false);
         let (finished, done) = oneshot::channel();
-        let task = run(db, rx, max, metrics, stop, gate);
+        let (health_tx, health) = watch::channel(StorageHealth::Ok);
+        let task = run(
+            Batcher {
+                db,
+                metrics,
+                health: health_tx,
+            },
+            rx,
+            max,
+            stop,
+            gate,
+        );
         // The writer's task runs on a thread of its own, not among the runtime's
         // workers: it is the one serial stage every write passes through, and on a
         // busy worker each of a batch's statements waited behind the HTTP and actor
@@ -350,6 +417,7 @@ impl Writer {
                 jobs,
                 paused: Arc::new(paused),
                 waiting: Arc::default(),
+                health,
             },
             WriterTask { done },
         ))
@@ -369,6 +437,20 @@ impl Writer {
     /// been answered yet (a unit still waiting for room in a full queue is not counted).
     pub fn queued(&self) -> usize {
         self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Whether the writer's last batch or probe write committed. While it is
+    /// [`StorageHealth::Failing`] the writer retries a probe write every
+    /// [`PROBE_RETRY`] and answers writes [`WriteError::Unavailable`] until one commits.
+    pub fn storage(&self) -> StorageHealth {
+        self.health.borrow().clone()
+    }
+
+    /// Returns once the writer can commit again ([`StorageHealth::Ok`]), at once if
+    /// it can now (or if the writer has stopped).
+    pub async fn storage_ok(&self) {
+        let mut health = self.health.clone();
+        let _ = health.wait_for(|health| *health == StorageHealth::Ok).await;
     }
 
     /// Commits `unit` in the next batch; returns after the commit.
@@ -412,20 +494,36 @@ impl Writer {
     }
 }
 
-async fn run(
+/// How often a writer that cannot commit tries a probe write while no batch comes.
+pub const PROBE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What the batch loop commits with, and where it reports.
+struct Batcher {
     db: DatabaseConnection,
+    metrics: Arc<Metrics>,
+    health: watch::Sender<StorageHealth>,
+}
+
+async fn run(
+    batcher: Batcher,
     mut rx: mpsc::Receiver<Job>,
     max: usize,
-    metrics: Arc<Metrics>,
     stop: CancellationToken,
     mut gate: watch::Receiver<bool>,
 ) {
+    // First a probe write, so that a daemon started on a full disk says so at once.
+    batcher.probe().await;
     let mut batch: Vec<Job> = Vec::with_capacity(max);
     loop {
+        let failing = batcher.failing();
         let first = tokio::select! {
             biased;
             job = rx.recv() => job,
             () = stop.cancelled() => { rx.close(); rx.recv().await }
+            () = tokio::time::sleep(PROBE_RETRY), if failing => {
+                batcher.probe().await;
+                continue;
+            }
         };
         let Some(first) = first else { break };
         if gate.wait_for(|paused| !paused).await.is_err() {
@@ -441,11 +539,11 @@ async fn run(
         let started = Instant::now();
         // Watchdog heartbeats are empty units; they are not writes.
         let units = batch.iter().filter(|job| !job.unit.is_empty()).count();
-        let results = commit_batch(&db, &batch).await;
+        let results = batcher.commit(&batch, units).await;
         // Counted before anyone is answered: a caller that has its answer sees its
         // batch in the metrics.
         if units > 0 {
-            metrics.writer_batch(units, started.elapsed());
+            batcher.metrics.writer_batch(units, started.elapsed());
         }
         for (job, result) in batch.drain(..).zip(results) {
             // A caller that went away no longer needs its answer; its unit is committed.
@@ -455,52 +553,189 @@ async fn run(
     tracing::info!("The writer has flushed every accepted write and stopped.");
 }
 
-/// Commits one batch: the answer of every job in it, in order.
-async fn commit_batch(db: &DatabaseConnection, batch: &[Job]) -> Vec<Result<(), WriteError>> {
-    match try_commit(db, batch).await {
-        Ok(results) => results,
-        Err(err) => {
-            tracing::error!(error = %err, units = batch.len(), "A write batch failed to commit.");
-            vec![Err(WriteError::from_db(&err)); batch.len()]
+impl Batcher {
+    fn failing(&self) -> bool {
+        matches!(*self.health.borrow(), StorageHealth::Failing(_))
+    }
+
+    /// Records that the storage cannot commit, logging the change once.
+    fn fail(&self, error: &WriteError) {
+        let reason = error.to_string();
+        let was_ok = !self.failing();
+        self.health.send_replace(StorageHealth::Failing(reason));
+        if was_ok {
+            tracing::error!(%error, "The writer cannot commit: writes are refused (503 storage_unavailable) and a probe write is retried until one commits.");
         }
     }
+
+    /// Records that a commit succeeded, logging the recovery once.
+    fn recovered(&self) {
+        if self.failing() {
+            self.health.send_replace(StorageHealth::Ok);
+            tracing::warn!("The writer commits again: writes are accepted.");
+        }
+    }
+
+    /// Commits one batch of which `units` are not empty: the answer of every job in
+    /// it, in order. While the storage is failing, a probe write goes first, and if
+    /// it fails too the batch is refused without being tried.
+    async fn commit(&self, batch: &[Job], units: usize) -> Vec<Result<(), WriteError>> {
+        if self.failing() && !self.probe().await {
+            let error = match &*self.health.borrow() {
+                StorageHealth::Failing(reason) => WriteError::Unavailable(reason.clone()),
+                StorageHealth::Ok => WriteError::Unavailable("storage failing".into()),
+            };
+            return vec![Err(error); batch.len()];
+        }
+        let result = match self.ready().await {
+            Ok(()) => try_commit(&self.db, batch).await,
+            Err(err) => Err(err),
+        };
+        match result {
+            Ok(results) => {
+                if units > 0 {
+                    self.recovered();
+                }
+                results
+            }
+            Err(error) => {
+                tracing::error!(%error, units = batch.len(), "A write batch failed to commit.");
+                self.after_failure(&error).await;
+                vec![Err(error); batch.len()]
+            }
+        }
+    }
+
+    /// The invariant's precondition: the connection the batch will use is outside
+    /// any transaction. One that is not (a failed `COMMIT` or `ROLLBACK` left it
+    /// inside) is discarded and replaced, and the replacement checked.
+    async fn ready(&self) -> Result<(), WriteError> {
+        for _ in 0..2 {
+            match crate::db::outside_transaction(&self.db).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {
+                    tracing::error!(
+                        "The writer's connection is inside a transaction before a batch; it is discarded and replaced."
+                    );
+                    crate::db::discard_writer_connection(&self.db).await;
+                }
+                Err(err) => return Err(WriteError::not_committed(&err)),
+            }
+        }
+        Err(WriteError::Unavailable(
+            "the writer's connection stays inside a transaction".into(),
+        ))
+    }
+
+    /// After a failed batch: the connection is discarded (whatever transaction or
+    /// savepoints the failure left open end with it) and the storage marked failing.
+    async fn after_failure(&self, error: &WriteError) {
+        crate::db::discard_writer_connection(&self.db).await;
+        self.fail(error);
+    }
+
+    /// One probe write in a transaction of its own: a real write that changes
+    /// nothing ([`probe_write`]). Returns whether it committed, and records that.
+    async fn probe(&self) -> bool {
+        let result = match self.ready().await {
+            Ok(()) => probe_write(&self.db).await,
+            Err(err) => Err(err),
+        };
+        match result {
+            Ok(()) => {
+                self.recovered();
+                true
+            }
+            Err(error) => {
+                self.after_failure(&error).await;
+                false
+            }
+        }
+    }
+}
+
+/// A write that must reach the disk to commit and changes nothing: on SQLite the
+/// database header's `user_version` set to the value it has (its page goes to the
+/// WAL at `COMMIT`), on PostgreSQL a transaction id assigned (`txid_current()`, so
+/// the `COMMIT` writes and flushes a WAL record).
+async fn probe_write(db: &DatabaseConnection) -> Result<(), WriteError> {
+    use sea_orm::DbBackend;
+    let backend = db.get_database_backend();
+    let txn = db
+        .begin()
+        .await
+        .map_err(|e| WriteError::not_committed(&e))?;
+    let wrote = match backend {
+        DbBackend::Sqlite => {
+            let version: Option<i64> = txn
+                .query_one_raw(sea_orm::Statement::from_string(
+                    backend,
+                    "PRAGMA user_version",
+                ))
+                .await
+                .and_then(|row| row.map(|r| r.try_get_by_index(0)).transpose())
+                .map_err(|e| WriteError::not_committed(&e))?;
+            txn.execute_unprepared(&format!("PRAGMA user_version = {}", version.unwrap_or(0)))
+                .await
+        }
+        _ => txn.execute_unprepared("SELECT txid_current()").await,
+    };
+    if let Err(err) = wrote {
+        let error = WriteError::not_committed(&err);
+        txn.rollback()
+            .await
+            .map_err(|e| WriteError::not_committed(&e))?;
+        return Err(error);
+    }
+    txn.commit()
+        .await
+        .map_err(|e| WriteError::commit_failed(&e))
 }
 
 async fn try_commit(
     db: &DatabaseConnection,
     batch: &[Job],
-) -> Result<Vec<Result<(), WriteError>>, DbErr> {
+) -> Result<Vec<Result<(), WriteError>>, WriteError> {
+    let begin = |e: DbErr| WriteError::not_committed(&e);
     // First, optimistically, the whole batch merged in one transaction: no savepoint
     // statements on the common path, where nothing fails.
-    let txn = db.begin().await?;
+    let txn = db.begin().await.map_err(begin)?;
     match run_merged(&txn, batch).await {
         Ok(()) => {
-            txn.commit().await?;
+            txn.commit()
+                .await
+                .map_err(|e| WriteError::commit_failed(&e))?;
             return Ok(vec![Ok(()); batch.len()]);
         }
+        // The storage failed (SQLite may have rolled the transaction back on its
+        // own): the batch fails whole, no replay.
+        Err(err) if err.is_storage() => return Err(err),
         Err(err) => {
             tracing::debug!(error = %err, units = batch.len(), "A merged batch failed; replaying it unit by unit.")
         }
     }
-    txn.rollback().await?;
+    txn.rollback().await.map_err(begin)?;
     // Something failed: replay unit by unit, each in its own savepoint, so only the
     // failing units are rolled back.
-    let txn = db.begin().await?;
+    let txn = db.begin().await.map_err(begin)?;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
-        let savepoint = txn.begin().await?;
+        let savepoint = txn.begin().await.map_err(begin)?;
         match run_unit(&savepoint, &job.unit).await {
             Ok(()) => {
-                savepoint.commit().await?;
+                savepoint.commit().await.map_err(begin)?;
                 results.push(Ok(()));
             }
+            Err(err) if err.is_storage() => return Err(err),
             Err(err) => {
-                savepoint.rollback().await?;
+                savepoint.rollback().await.map_err(begin)?;
                 results.push(Err(err));
             }
         }
     }
-    txn.commit().await?;
+    txn.commit()
+        .await
+        .map_err(|e| WriteError::commit_failed(&e))?;
     Ok(results)
 }
 
@@ -751,6 +986,36 @@ mod tests {
             guard: ("n", from.into()),
             set: vec![("n", to.into()), ("note", format!("{key}{to}").into())],
             what: "counter",
+        }
+    }
+
+    #[test]
+    fn a_commit_that_broke_off_is_unknown_and_nothing_else_is_ok() {
+        let lost = DbErr::Exec(sea_orm::RuntimeErr::SqlxError(Arc::new(sqlx::Error::Io(
+            std::io::ErrorKind::ConnectionReset.into(),
+        ))));
+        assert!(matches!(
+            WriteError::commit_failed(&lost),
+            WriteError::OutcomeUnknown(_)
+        ));
+        // Before the COMMIT, a lost connection stored nothing.
+        assert!(matches!(
+            WriteError::not_committed(&lost),
+            WriteError::Unavailable(_)
+        ));
+        let other = DbErr::Custom("no such savepoint".into());
+        assert!(matches!(
+            WriteError::from_db(&other),
+            WriteError::Database(_)
+        ));
+        for failed in [
+            WriteError::commit_failed(&other),
+            WriteError::not_committed(&other),
+        ] {
+            assert!(
+                matches!(failed, WriteError::Unavailable(_)),
+                "a failed batch is a storage fault: {failed:?}"
+            );
         }
     }
 

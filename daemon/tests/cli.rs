@@ -125,10 +125,12 @@ fn run_tells_systemd_about_start_reload_and_stop() {
         .arg("--config")
         .arg(&config)
         .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let logs = std::thread::spawn(move || {
         BufReader::new(stderr)
             .lines()
@@ -138,6 +140,14 @@ fn run_tells_systemd_about_start_reload_and_stop() {
 
     let started = read_until(&socket, "READY=1");
     assert!(started.contains("STATUS=Serving"), "{started}");
+    // One line on stdout says where it listens (the port the OS gave it).
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    let port = first
+        .trim()
+        .strip_prefix("caremsgd: listening on http://127.0.0.1:")
+        .unwrap_or_else(|| panic!("not the listening line: {first:?}"));
+    assert!(port.parse::<u16>().is_ok_and(|p| p > 0), "{first:?}");
 
     // A valid reload: RELOADING=1 with MONOTONIC_USEC, then READY=1 and a STATUS line.
     std::fs::write(
@@ -198,4 +208,44 @@ fn run_tells_systemd_about_start_reload_and_stop() {
         "the refusal names the field: {logs}"
     );
     assert!(logs.contains("caremsgd has stopped"), "{logs}");
+}
+
+#[test]
+fn check_config_warns_about_a_loopback_gateway_behind_a_public_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = config_with(dir.path(), "");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&local)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && !text.contains("warning"), "{text}");
+
+    let public = dir.path().join("public.toml");
+    let config = std::fs::read_to_string(&local).unwrap();
+    assert!(
+        config.contains("public_url = \"http://127.0.0.1:8680\""),
+        "{config}"
+    );
+    std::fs::write(
+        &public,
+        config.replace(
+            "public_url = \"http://127.0.0.1:8680\"",
+            "public_url = \"https://caremsg.clinic.example\"",
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&public)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "a warning is not an error: {text}");
+    assert!(
+        text.contains("warning: gateways[0].library: the loopback SMS gateway is for development"),
+        "{text}"
+    );
+    assert!(text.trim_end().ends_with("OK"), "{text}");
 }

@@ -359,7 +359,7 @@ const EXPECTED: &[(&str, &str)] = &[
         "-rw-r--r--",
     ),
     (
-        "./usr/lib/caremsg/plugins/libcaremsg_sms_loopback.so",
+        "./usr/lib/caremsg/plugins/libcaremsg_sms_telnyx.so",
         "-rw-r--r--",
     ),
     ("./etc/caremsg/caremsg.toml", "-rw-r-----"),
@@ -500,5 +500,37 @@ fn the_debian_package_builds_and_holds_what_an_operator_installs() {
         check.status.success(),
         "{}",
         String::from_utf8_lossy(&check.stdout)
+    );
+}
+
+/// The loopback SMS gateway is for development (issue 14, item 13): the production
+/// example does not configure it, the package does not ship it, and the example draws
+/// no configuration warning.
+#[test]
+fn production_leaves_the_loopback_gateway_out() {
+    let example = read("config/caremsg.production.toml");
+    assert!(
+        !example.contains("sms_loopback"),
+        "the production example names the loopback gateway"
+    );
+    let settings = caremsg_config::from_toml_str(&example).unwrap();
+    assert!(settings.warnings().is_empty(), "{:?}", settings.warnings());
+    let manifest = read("daemon/Cargo.toml");
+    let assets = manifest
+        .split("[package.metadata.deb]")
+        .nth(1)
+        .expect("the package metadata");
+    assert!(
+        !assets.contains("libcaremsg_sms_loopback.so"),
+        "the package ships the loopback gateway"
+    );
+    assert!(
+        assets.contains("libcaremsg_sms_telnyx.so"),
+        "the package ships the Telnyx gateway"
+    );
+    assert!(
+        EXPECTED
+            .iter()
+            .all(|(path, _)| !path.contains("sms_loopback"))
     );
 }

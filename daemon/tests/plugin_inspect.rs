@@ -30,7 +30,7 @@ fn a_loadable_plugin_is_described_and_accepted() {
     for expected in [
         "name:     sms-loopback",
         "kind:     sms",
-        "abi:      1.0",
+        "abi:      1.1",
         "unwind:   yes",
         "loadable: yes",
     ] {

@@ -790,3 +790,103 @@ async fn a_kind_without_a_handler_stays_due() {
     assert_eq!((tick.due, tick.fired, tick.unhandled), (1, 0, 1));
     h.finish().await;
 }
+
+/// Issue #13 rule 4: a timer whose handler fails backs off (attempts count, growing
+/// delay) and after `max_attempts` failures is dead-lettered — counted in the
+/// metrics, never retried on every tick.
+#[tokio::test]
+async fn a_failing_timer_backs_off_and_is_dead_lettered() {
+    let h = Harness::new().await;
+    h.write(timers::arm(WINDOW, "s1", t0(), t0()))
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let failing = {
+        let calls = calls.clone();
+        timers::handler_fn(move |_timer: timer::Model, _now| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Err::<FireOutcome, _>(TimerError::Handler("always fails".to_owned())) }
+        })
+    };
+    let metrics = Arc::new(Metrics::new());
+    let service = h
+        .service(TimerServiceOptions {
+            max_attempts: 3,
+            ..manual()
+        })
+        .with_handler(WINDOW, failing)
+        .with_failures(h.writer.clone(), metrics.clone());
+    let mut now = t0();
+    let tick = service.run_once(now).await.unwrap();
+    assert_eq!((tick.due, tick.failed, tick.dead), (1, 1, 0));
+    let row = h.get(WINDOW, "s1").await.unwrap();
+    assert_eq!(row.attempts, 1);
+    assert_eq!(row.due_at, now + Duration::seconds(2), "first delay: 2 s");
+    // Not due again within the delay: the next ticks leave it alone.
+    let tick = service.run_once(now + Duration::seconds(1)).await.unwrap();
+    assert_eq!(tick.due, 0);
+    now += Duration::seconds(2);
+    let tick = service.run_once(now).await.unwrap();
+    assert_eq!((tick.due, tick.failed), (1, 1));
+    let row = h.get(WINDOW, "s1").await.unwrap();
+    assert_eq!(row.attempts, 2);
+    assert_eq!(row.due_at, now + Duration::seconds(4), "the delay doubles");
+    now += Duration::seconds(4);
+    let tick = service.run_once(now).await.unwrap();
+    assert_eq!((tick.due, tick.failed, tick.dead), (1, 1, 1));
+    let row = h.get(WINDOW, "s1").await.unwrap();
+    assert!(row.dead && row.fired, "{row:?}");
+    assert_eq!(row.attempts, 3);
+    // Dead: never handed out again, however late.
+    let tick = service.run_once(now + Duration::days(1)).await.unwrap();
+    assert_eq!(tick.due, 0);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert!(
+        metrics
+            .render()
+            .contains(r#"caremsg_timers_dead_total{kind="sms_auth_window"} 1"#),
+        "{}",
+        metrics.render()
+    );
+    h.finish().await;
+}
+
+/// Issue #13 rule 5: a timer names its patient in a column of its own, so cancelling
+/// one patient's timers is an equality match — `pat_1` does not reach `patX1` or
+/// `PAT_1`, and ids containing '/' are no trouble.
+#[tokio::test]
+async fn cancelling_a_patients_timers_is_an_equality_match() {
+    let h = Harness::new().await;
+    let names = |patient| timers::Names {
+        patient_id: Some(patient),
+        user_id: Some("u/1"),
+        seq: Some(3),
+    };
+    for patient in ["pat_1", "patX1", "PAT_1", "pat_1/u"] {
+        h.write(timers::arm_if_absent_about(
+            REMINDER,
+            &format!("{patient}/u/1/3"),
+            names(patient),
+            t0(),
+            t0(),
+        ))
+        .await
+        .unwrap();
+    }
+    h.write(timers::cancel_patient("pat_1", t0()))
+        .await
+        .unwrap();
+    for (patient, cancelled) in [
+        ("pat_1", true),
+        ("patX1", false),
+        ("PAT_1", false),
+        ("pat_1/u", false),
+    ] {
+        let row = h.get(REMINDER, &format!("{patient}/u/1/3")).await.unwrap();
+        assert_eq!(row.fired, cancelled, "{patient}");
+        assert_eq!(row.patient_id.as_deref(), Some(patient));
+        assert_eq!(row.user_id.as_deref(), Some("u/1"));
+        assert_eq!(row.seq, Some(3));
+    }
+    h.finish().await;
+}

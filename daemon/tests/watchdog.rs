@@ -294,3 +294,100 @@ fn pings_while_the_writer_commits_and_stops_while_it_hangs() {
     assert!(logs.contains("watchdog pings resume"), "{logs}");
     assert!(!logs.contains("Watchdog Clinic"), "no request data in logs");
 }
+
+/// Fills the file system holding `dir` with a file of zeros until it is full.
+fn fill(path: &Path) {
+    let mut file = std::fs::File::create(path).unwrap();
+    for chunk in [1 << 20, 4096, 512] {
+        let zeros = vec![0u8; chunk];
+        while file.write_all(&zeros).is_ok() {}
+    }
+    let _ = file.sync_all();
+}
+
+/// The status line and body of one HTTP answer.
+fn status_of(answer: &str) -> &str {
+    answer.lines().next().unwrap_or_default()
+}
+
+#[test]
+fn a_full_disk_stops_the_pings_until_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    // The state folder on a tmpfs of its own (root only; CI runs as root).
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&state)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED: mounting a tmpfs was refused; this test needs root.");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&state);
+    let socket = dir.path().join("notify.sock");
+    let notifications = Notifications::bind(&socket);
+    let daemon = start(&state, &socket);
+    notifications.until("READY=1");
+    let ping = notifications.until("WATCHDOG=1");
+    let port: u16 = ping
+        .split("Serving on 127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|port| port.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {ping}"));
+
+    // The disk fills up: a write is refused with 503, /readyz says why.
+    let filler = state.join("filler");
+    fill(&filler);
+    let body = r#"{"name": "Full Clinic", "sms_enabled": false, "portal_enabled": true,
+            "country": "US", "timezone": "America/New_York"}"#;
+    let refused = response(request(
+        port,
+        "PUT",
+        "/v1/admin/practices/full-clinic",
+        body,
+    ));
+    assert!(status_of(&refused).starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("storage_unavailable"), "{refused}");
+    let ready = response(request(port, "GET", "/readyz", ""));
+    assert!(status_of(&ready).starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(ready.contains(r#""status":"unavailable""#), "{ready}");
+
+    // No ping while the writer cannot commit.
+    let stalled = notifications.until("STATUS=Stalled");
+    assert!(stalled.contains("the writer made no progress"), "{stalled}");
+    let during = notifications.during(WATCHDOG * 2);
+    assert!(
+        during.iter().all(|m| !m.contains("WATCHDOG=1")),
+        "pinged while the disk was full: {during:#?}"
+    );
+
+    // Space returns: the probe write commits, pings resume, writes are taken.
+    std::fs::remove_file(&filler).unwrap();
+    notifications.until("WATCHDOG=1");
+    let ready = response(request(port, "GET", "/readyz", ""));
+    assert!(status_of(&ready).starts_with("HTTP/1.1 200"), "{ready}");
+    let taken = response(request(
+        port,
+        "PUT",
+        "/v1/admin/practices/full-clinic",
+        body,
+    ));
+    assert!(status_of(&taken).starts_with("HTTP/1.1 200"), "{taken}");
+
+    daemon.signal("-TERM");
+    notifications.until("STOPPING=1");
+    let logs = daemon.wait();
+    assert!(logs.contains("The writer cannot commit"), "{logs}");
+    assert!(logs.contains("The writer commits again"), "{logs}");
+    assert!(!logs.contains("Full Clinic"), "no request data in logs");
+}

@@ -329,6 +329,9 @@ pub enum TimerKind {
     SmsAuthWindow,
     /// The 24-hour unread reminder of one user for one conversation.
     UnreadReminder,
+    /// The durable follow-up of a carrier's opt-out report: the patients on the number
+    /// still to be opted out; the subject is `{practice_id}/{phone}`.
+    CarrierOptOut,
 }
 
 impl TimerKind {
@@ -337,6 +340,7 @@ impl TimerKind {
         match self {
             Self::SmsAuthWindow => "sms_auth_window",
             Self::UnreadReminder => "unread_reminder",
+            Self::CarrierOptOut => "carrier_opt_out",
         }
     }
 }
@@ -429,7 +433,10 @@ mod tests {
             SmsAuthStatus::as_str,
             &["pending", "enabled", "failed", "opted_out", "superseded"],
         );
-        check(TimerKind::as_str, &["sms_auth_window", "unread_reminder"]);
+        check(
+            TimerKind::as_str,
+            &["sms_auth_window", "unread_reminder", "carrier_opt_out"],
+        );
         check(
             NotificationKind::as_str,
             &["new_patient_message", "unread_reminder", "sms_status"],

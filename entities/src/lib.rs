@@ -24,6 +24,7 @@ pub mod inbound_receipt;
 pub mod message;
 pub mod notification;
 pub mod notification_settings;
+pub mod parked_receipt;
 pub mod patient;
 pub mod patient_program;
 pub mod practice;
@@ -70,6 +71,7 @@ pub fn all_tables() -> &'static [&'static str] {
         "audit_log",
         "inbound_receipts",
         "unmatched_inbound",
+        "parked_receipts",
     ]
 }
 
@@ -103,6 +105,7 @@ mod tests {
             audit_log::Entity.table_name(),
             inbound_receipt::Entity.table_name(),
             unmatched_inbound::Entity.table_name(),
+            parked_receipt::Entity.table_name(),
         ];
         let mut tables = all_tables().to_vec();
         entities.sort_unstable();

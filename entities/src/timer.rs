@@ -16,13 +16,25 @@ pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: String,
     pub kind: TimerKind,
-    /// What the deadline is about: a session id (`sms_auth_window`) or a
-    /// conversation and user (`unread_reminder`).
+    /// What the deadline is about, as one key (unique with `kind`): a session id
+    /// (`sms_auth_window`) or `{patient}/{user}/{seq}` (`unread_reminder`). Queries
+    /// use the structured columns below, never a pattern over this.
     pub subject: String,
     pub due_at: DateTimeUtc,
     pub fired: bool,
     pub fired_at: Option<DateTimeUtc>,
     pub created_at: DateTimeUtc,
+    /// The patient the timer is about (both kinds).
+    pub patient_id: Option<String>,
+    /// The user the timer is about (`unread_reminder`).
+    pub user_id: Option<String>,
+    /// The first unviewed message of the streak (`unread_reminder`).
+    pub seq: Option<i64>,
+    /// Times its handler failed; each failure moves `due_at` later.
+    pub attempts: i32,
+    /// Given up after too many failures (the dead-letter state; `fired` is set too,
+    /// so it is never read as due again).
+    pub dead: bool,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

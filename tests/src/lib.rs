@@ -156,7 +156,15 @@ impl TestDaemon {
 
     /// Starts a daemon on the embedded default config as changed by `edit`.
     pub async fn start_with(edit: impl FnOnce(String) -> String) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
+        Self::start_in(tempfile::tempdir()?, edit).await
+    }
+
+    /// Like [`TestDaemon::start_with`], with `dir` as the state directory (a test
+    /// that mounts a small file system there, say).
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        edit: impl FnOnce(String) -> String,
+    ) -> anyhow::Result<Self> {
         let db = TestDb::create(dir.path()).await?;
         let config_path = dir.path().join("caremsg.toml");
         std::fs::write(&config_path, edit(test_config(dir.path())))?;

@@ -1,7 +1,7 @@
 //! The inbound side end to end: replies posted to the loopback hook are stored once
 //! (into the conversation of an enabled patient, else the unmatched-inbound log),
-//! senders over their inbound limit are dropped, delivery receipts move a delivery
-//! forward only, and an opt-out event opts the number out.
+//! whatever the sender's rate (only automatic answers are limited), delivery receipts
+//! move a delivery forward only, and an opt-out event opts the number out.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is a failed test.
 
@@ -176,8 +176,8 @@ async fn requests_the_plugin_refuses_store_nothing_and_are_counted() {
 }
 
 #[tokio::test]
-async fn a_sender_over_its_inbound_limit_is_dropped() {
-    let limit = "inbound_per_sender = { per_second = 0.001, burst = 2 }\n";
+async fn a_sender_over_the_answer_limit_still_has_every_text_kept() {
+    let limit = "auto_answers_per_sender = { per_second = 0.001, burst = 2 }\n";
     let d = TestDaemon::start_with(|text| text + limit).await.unwrap();
     setup(&d, SmsStatus::None).await;
     for i in 0..4 {
@@ -192,7 +192,7 @@ async fn a_sender_over_its_inbound_limit_is_dropped() {
             .filter(unmatched_inbound::Column::FromPhone.eq(n.to_owned()))
             .count(db(&d))
     };
-    assert_eq!(from("+12015550177").await.unwrap(), 2);
+    assert_eq!(from("+12015550177").await.unwrap(), 4);
     assert_eq!(from("+12015550178").await.unwrap(), 1);
     d.stop().await.unwrap();
 }
@@ -292,9 +292,16 @@ async fn delivery_receipts_move_a_delivery_forward_only() {
         ),
         (
             receipt("NOPE", ReceiptStatus::Delivered, None),
-            EventOutcome::ReceiptIgnored,
+            EventOutcome::ReceiptParked,
             "d1",
             DeliveryStatus::Delivered,
+        ),
+        // A replayed receipt changes nothing.
+        (
+            receipt("P2", ReceiptStatus::Undelivered, Some("30005")),
+            EventOutcome::Duplicate,
+            "d2",
+            DeliveryStatus::Undelivered,
         ),
     ];
     for (event, expected, id, after) in cases {

@@ -3,7 +3,8 @@
 //! delivery and the daemon goes on; a storm of retryable errors comes back spread; a
 //! provider's push-back pauses the instance; rate limits hold and change on reload;
 //! a claim is committed before the plugin is called, and a delivery a crash left
-//! `sending` is reconciled, not sent again.
+//! `sending` is reconciled, not sent again, until an operator resolves it through the
+//! admin API.
 //!
 //! Dispatchers are driven with `outbox::run_once`, which returns when every due row
 //! is recorded; the injected clock never moves by itself, so retries stay put.
@@ -18,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use caremsg_entities::{
     DeliveryChannel, DeliveryPurpose, DeliveryStatus, SmsStatus, delivery, patient, sms_consent,
 };
-use caremsg_tests::{STAFF_TOKEN, TestDaemon, practice_body};
+use caremsg_tests::{ADMIN_TOKEN, STAFF_TOKEN, TestDaemon, practice_body};
 use caremsgd::clock::Clock;
 use caremsgd::gateways::outbox::{self, OPT_OUT_CONFIRMATION_SUBJECT};
 use caremsgd::reload::ReloadOutcome;
@@ -273,6 +274,11 @@ async fn a_staff_message_to_an_sms_enabled_patient_is_appended_to_the_loopback_o
     assert_eq!(sms.status, DeliveryStatus::Sent);
     assert_eq!(sms.attempts, 1);
     assert_eq!(sms.provider_message_id.as_deref(), line["id"].as_str());
+    assert_eq!(
+        line["delivery_id"].as_str(),
+        Some(sms.id.as_str()),
+        "the outbox line names the delivery"
+    );
     // The portal delivery names no portal gateway: the portal API serves it.
     let portal = rows
         .iter()
@@ -668,6 +674,172 @@ async fn the_claim_is_committed_before_the_call_and_a_crash_leaves_it_to_reconci
     d.stop().await.unwrap();
 }
 
+/// Rows left `sending` by a "crash", reconciled by the restart.
+async fn stranded(d: &mut TestDaemon, count: usize) -> Vec<String> {
+    let ids = queue(d, "loopback", MOBILE, DeliveryPurpose::SmsAuth, None, count).await;
+    delivery::Entity::update_many()
+        .col_expr(
+            delivery::Column::Status,
+            Expr::value(DeliveryStatus::Sending),
+        )
+        .col_expr(delivery::Column::ClaimedAt, Expr::value(d.clock.now()))
+        .filter(delivery::Column::Id.is_in(ids.clone()))
+        .exec(db(d))
+        .await
+        .unwrap();
+    d.restart().await.unwrap();
+    ids
+}
+
+async fn resolve(d: &TestDaemon, id: &str, action: &str) -> (StatusCode, Value) {
+    d.call(
+        Method::POST,
+        &format!("/v1/admin/deliveries/{id}/resolve"),
+        Some(ADMIN_TOKEN),
+        Some(&json!({ "action": action })),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn an_operator_lists_and_resolves_deliveries_left_to_reconcile() {
+    let mut d = TestDaemon::start().await.unwrap();
+    setup(&d, "loopback").await;
+    let ids = stranded(&mut d, 3).await;
+    assert_eq!(d.metric("caremsg_deliveries_reconcile").await, 3.0);
+
+    // Listed, paged, oldest first; without the recipient or the text.
+    let list = |query: &'static str| d.call(Method::GET, query, Some(ADMIN_TOKEN), None);
+    let (status, page) = list("/v1/admin/deliveries?status=reconcile&limit=2").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let listed = |page: &Value| -> Vec<String> {
+        page["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut seen = listed(&page);
+    assert_eq!(seen.len(), 2);
+    assert_eq!(page["deliveries"][0]["status"], "reconcile");
+    assert_eq!(page["deliveries"][0]["error_code"], "outcome_unknown");
+    assert_eq!(page["deliveries"][0]["gateway"], "loopback");
+    assert!(!page.to_string().contains(MOBILE), "no recipient: {page}");
+    let cursor = page["next_cursor"].as_str().unwrap().to_owned();
+    let (_, rest) = d
+        .call(
+            Method::GET,
+            &format!("/v1/admin/deliveries?status=reconcile&limit=2&cursor={cursor}"),
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+    seen.extend(listed(&rest));
+    assert_eq!(rest["next_cursor"], Value::Null);
+    seen.sort();
+    let mut all = ids.clone();
+    all.sort();
+    assert_eq!(seen, all);
+    // `reconcile` is the default; other statuses can be listed; bad input is a 422.
+    let (_, default) = list("/v1/admin/deliveries").await;
+    assert_eq!(listed(&default).len(), 3);
+    for (query, field) in [
+        ("/v1/admin/deliveries?status=lost", "status"),
+        ("/v1/admin/deliveries?limit=0", "limit"),
+        ("/v1/admin/deliveries?cursor=zz", "cursor"),
+    ] {
+        let (status, body) = list(query).await;
+        assert_eq!(
+            (status, body["error"]["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some(field)),
+            "{query}: {body}"
+        );
+    }
+    let (status, _) = d
+        .call(Method::GET, "/v1/admin/deliveries", Some(STAFF_TOKEN), None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Resolutions: a bad action, an unknown id.
+    let (status, body) = resolve(&d, &ids[0], "retry").await;
+    assert_eq!(
+        (status, body["error"]["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("action")),
+        "{body}"
+    );
+    let (status, _) = resolve(&d, "no-such-delivery", "resend").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // resend: queued again, and sent by the next pass, the outbox line naming it.
+    let (status, body) = resolve(&d, &ids[0], "resend").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("queued")),
+        "{body}"
+    );
+    outbox::run_once(d.daemon().state(), "loopback")
+        .await
+        .unwrap();
+    assert_eq!(get(&d, &ids[0]).await.status, DeliveryStatus::Sent);
+    let lines = outbox_lines(d.dir.path());
+    let sent: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l["delivery_id"].as_str())
+        .collect();
+    assert_eq!(
+        sent,
+        [ids[0].as_str()],
+        "only the resent one left the building"
+    );
+    // mark_sent and mark_failed close them; nothing is sent.
+    let (status, body) = resolve(&d, &ids[1], "mark_sent").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("sent")),
+        "{body}"
+    );
+    let (status, body) = resolve(&d, &ids[2], "mark_failed").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("failed")),
+        "{body}"
+    );
+    assert_eq!(body["error_code"], "operator_marked_failed");
+    outbox::run_once(d.daemon().state(), "loopback")
+        .await
+        .unwrap();
+    assert_eq!(outbox_lines(d.dir.path()).len(), 1);
+    // Only a delivery in reconcile can be resolved.
+    let (status, body) = resolve(&d, &ids[1], "resend").await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("not_in_reconcile"))
+    );
+    assert_eq!(d.metric("caremsg_deliveries_reconcile").await, 0.0);
+    // Each resolution is audited, with the delivery and the action.
+    let audits = caremsg_entities::audit_log::Entity::find()
+        .filter(caremsg_entities::audit_log::Column::Action.eq("admin.delivery.resolve"))
+        .all(db(&d))
+        .await
+        .unwrap();
+    let mut details: Vec<String> = audits.iter().filter_map(|a| a.detail.clone()).collect();
+    details.sort();
+    let mut expected = vec![
+        format!("delivery_id={} action=resend", ids[0]),
+        format!("delivery_id={} action=mark_sent", ids[1]),
+        format!("delivery_id={} action=mark_failed", ids[2]),
+    ];
+    expected.sort();
+    assert_eq!(details, expected);
+    assert!(
+        audits
+            .iter()
+            .all(|a| a.patient_id.as_deref() == Some("pat1"))
+    );
+    d.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_reload_restarts_an_instance_whose_config_changed() {
     let d = TestDaemon::start().await.unwrap();
@@ -713,5 +885,107 @@ async fn a_reload_restarts_an_instance_whose_config_changed() {
     );
     let moved = std::fs::read_to_string(&second_outbox).unwrap();
     assert_eq!(moved.lines().count(), 1);
+    d.stop().await.unwrap();
+}
+
+/// Issue #13 rule 2: each send's outcome is recorded as that send completes, not
+/// after the whole pass — so a crash mid-pass leaves `sending` (to reconcile) only
+/// the sends still in flight — and a delivery receipt that arrives before its
+/// send's outcome is parked and applied when the provider id lands.
+#[tokio::test]
+async fn each_outcome_is_recorded_as_its_send_completes_and_early_receipts_wait() {
+    use caremsg_plugin_host::{Event, ReceiptStatus};
+    use caremsgd::gateways::inbound::{self, EventOutcome};
+    let fake = Fake::start(201, None).await;
+    let table = fake.table("fake", 2);
+    let d = TestDaemon::start_with(|text| text + &table).await.unwrap();
+    setup(&d, "fake").await;
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    *fake.hold.lock().unwrap() = Some((arrived_tx, release.clone()));
+    let ids = queue(&d, "fake", MOBILE, DeliveryPurpose::SmsAuth, None, 2).await;
+    let state = d.daemon().state().clone();
+    let pass = tokio::spawn(async move { outbox::run_once(&state, "fake").await });
+    arrived.recv().await.unwrap();
+    arrived.recv().await.unwrap();
+    // The provider's receipt for its first message comes before any answer.
+    let gateway = d
+        .daemon()
+        .state()
+        .gateways
+        .instance("fake")
+        .unwrap()
+        .clone();
+    let early = |id: &str| Event::DeliveryReceipt {
+        provider_message_id: id.to_owned(),
+        status: ReceiptStatus::Delivered,
+        error_code: None,
+    };
+    let outcomes = inbound::commit(
+        d.daemon().state(),
+        &gateway,
+        vec![early("PROV-0"), early("PROV-1")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![EventOutcome::ReceiptParked, EventOutcome::ReceiptParked]
+    );
+    // One answer comes back; the other send is still in flight.
+    release.notify_one();
+    let mut statuses = Vec::new();
+    for _ in 0..500 {
+        statuses = Vec::new();
+        for id in &ids {
+            statuses.push(get(&d, id).await.status);
+        }
+        if statuses.contains(&DeliveryStatus::Delivered) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(
+        statuses.contains(&DeliveryStatus::Delivered)
+            && statuses.contains(&DeliveryStatus::Sending),
+        "the completed send is recorded (and its parked receipt applied) while the other is in flight: {statuses:?}"
+    );
+    *fake.hold.lock().unwrap() = None;
+    release.notify_one();
+    pass.await.unwrap().unwrap();
+    let mut statuses: Vec<_> = Vec::new();
+    for id in &ids {
+        statuses.push(get(&d, id).await.status);
+    }
+    assert_eq!(
+        statuses,
+        vec![DeliveryStatus::Delivered, DeliveryStatus::Delivered]
+    );
+    d.stop().await.unwrap();
+}
+
+/// Issue #13 rule 9: an absurd `Retry-After` is clamped (to an hour) before it
+/// becomes a pause or a retry instant: nothing overflows, nothing is reported as a
+/// plugin panic.
+#[tokio::test]
+async fn an_absurd_retry_after_is_clamped() {
+    let fake = Fake::start(429, Some(u64::MAX / 4)).await;
+    let table = fake.table("fake", 1);
+    let d = TestDaemon::start_with(|text| text + &table).await.unwrap();
+    setup(&d, "fake").await;
+    let ids = queue(&d, "fake", MOBILE, DeliveryPurpose::SmsAuth, None, 1).await;
+    let now = d.clock.now();
+    let report = outbox::run_once(d.daemon().state(), "fake").await.unwrap();
+    let row = get(&d, &ids[0]).await;
+    assert_eq!(row.status, DeliveryStatus::Queued, "{row:?}");
+    assert_ne!(row.error_code.as_deref(), Some("plugin_panicked"));
+    let hour = TimeDelta::hours(1);
+    assert!(row.next_attempt_at >= now + hour, "{row:?}");
+    assert!(
+        row.next_attempt_at <= now + hour + TimeDelta::minutes(16),
+        "{row:?}"
+    );
+    let paused = report.paused_until.expect("paused");
+    assert!(paused <= now + hour, "{paused}");
     d.stop().await.unwrap();
 }

@@ -303,3 +303,256 @@ async fn callers_are_answered_only_after_commit() {
     conn.close().await.unwrap();
     db.drop_database().await;
 }
+
+/// Units of `count` messages with 8,000-character bodies, from seq `from` on.
+fn big_messages(from: i64, count: i64) -> WriteUnit {
+    (from..from + count).fold(WriteUnit::new(), |unit, seq| {
+        let mut row = message(seq);
+        row.body = Set("x".repeat(8_000));
+        unit.insert(row)
+    })
+}
+
+/// Whether the message `id` is stored, read on a connection of its own.
+async fn stored_elsewhere(url: &str, id: &str) -> bool {
+    let other = Database::connect(url).await.unwrap();
+    let found = message::Entity::find_by_id(id.to_owned())
+        .one(&other)
+        .await
+        .unwrap()
+        .is_some();
+    other.close().await.unwrap();
+    found
+}
+
+fn id_of(row: &message::ActiveModel) -> String {
+    match &row.id {
+        sea_orm::ActiveValue::Set(id) => id.clone(),
+        _ => unreachable!(),
+    }
+}
+
+/// The reproduction of issue 12, in process and deterministic: SQLite's page limit
+/// (`PRAGMA max_page_count`, per connection) stands in for a full disk on the
+/// writer's own connection. Once space "returns", every write the writer
+/// acknowledges — alone, and in a batch whose merged attempt fails and is replayed —
+/// must be readable from another connection, and again after the writer stops.
+#[tokio::test]
+async fn after_a_full_disk_no_write_is_acknowledged_without_its_commit() {
+    let (_dir, db, conn) = setup().await;
+    let caremsg_tests::TestDb::Sqlite(_) = &db else {
+        conn.close().await.unwrap();
+        db.drop_database().await;
+        return; // SQLite's page limit; PostgreSQL has its own test below.
+    };
+    let options = caremsgd::db::DbOptions {
+        url: db.url(),
+        max_connections: 1,
+        busy_timeout: std::time::Duration::from_secs(5),
+        connect_timeout: std::time::Duration::from_secs(5),
+    };
+    let writer_db = caremsgd::db::connect_writer(&options).await.unwrap();
+    // Leaves `room` pages free on the writer's connection (a "disk" of that size).
+    let room = |room: i64| {
+        let writer_db = writer_db.clone();
+        async move {
+            use sea_orm::ConnectionTrait;
+            let row = writer_db
+                .query_one_raw(sea_orm::Statement::from_string(
+                    writer_db.get_database_backend(),
+                    "PRAGMA page_count",
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            let pages: i64 = row.try_get_by_index(0).unwrap();
+            writer_db
+                .execute_unprepared(&format!("PRAGMA max_page_count = {}", pages + room))
+                .await
+                .unwrap();
+        }
+    };
+    // A few pages of room: the first big writes fit, then the "disk" is full. (A
+    // writer that replaces its connection after a failure gets the limit again.)
+    room(8).await;
+    let (writer, task, stop) = start(&writer_db);
+    let mut acked = Vec::new();
+    let mut failed = 0;
+    let mut seq = 1;
+    while failed < 3 && seq < 200 {
+        if failed > 0 {
+            room(0).await;
+        }
+        let unit = big_messages(seq, 1);
+        match writer.write(unit).await {
+            Ok(()) => acked.push(seq),
+            Err(err) => {
+                failed += 1;
+                eprintln!("write of seq {seq} failed as the disk is full: {err}");
+            }
+        }
+        seq += 1;
+    }
+    assert_eq!(failed, 3, "the page limit must fill up");
+    // Space returns.
+    room(1_000_000).await;
+    // A write alone, then a batch whose merged attempt fails (a duplicate seq) and is
+    // replayed unit by unit, then a write alone again.
+    let mut rows = Vec::new();
+    let mut answers = Vec::new();
+    let phantom = message(1_000);
+    rows.push(id_of(&phantom));
+    answers.push(writer.write(WriteUnit::new().insert(phantom)).await);
+    writer.pause();
+    let mut handles = Vec::new();
+    for s in [1_001, 1_000, 1_002] {
+        let row = message(s);
+        rows.push(id_of(&row));
+        let writer = writer.clone();
+        handles.push(tokio::spawn(async move {
+            writer.write(WriteUnit::new().insert(row)).await
+        }));
+    }
+    while writer.queued() < 3 {
+        tokio::task::yield_now().await;
+    }
+    writer.resume();
+    for handle in handles {
+        answers.push(handle.await.unwrap());
+    }
+    let last = message(1_003);
+    rows.push(id_of(&last));
+    answers.push(writer.write(WriteUnit::new().insert(last)).await);
+    eprintln!("answers once space returned: {answers:?}");
+    assert!(
+        matches!(answers[2], Err(WriteError::Conflict(_))),
+        "the duplicate seq fails alone: {answers:?}"
+    );
+    let mut missing = Vec::new();
+    for (id, answer) in rows.iter().zip(&answers) {
+        if answer.is_ok() && !stored_elsewhere(&db.url(), id).await {
+            missing.push(id.clone());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not stored: {missing:?} (answers {answers:?})"
+    );
+    assert_eq!(
+        answers.iter().filter(|a| a.is_ok()).count(),
+        4,
+        "once space is back every good write commits: {answers:?}"
+    );
+    stop.cancel();
+    task.join().await;
+    writer_db.close().await.unwrap();
+    for id in &rows[..2] {
+        assert!(
+            stored_elsewhere(&db.url(), id).await,
+            "after the writer stopped"
+        );
+    }
+    conn.close().await.unwrap();
+}
+
+/// PostgreSQL: the writer's connection is killed (`pg_terminate_backend`) between
+/// batches and during a stream of writes. No write is acknowledged that is not
+/// stored, and the writer reconnects on its own.
+#[tokio::test]
+async fn a_killed_postgres_connection_is_replaced_and_acknowledges_nothing_lost() {
+    let (_dir, db, conn) = setup().await;
+    let caremsg_tests::TestDb::Postgres { admin_url, .. } = &db else {
+        conn.close().await.unwrap();
+        return; // PostgreSQL only.
+    };
+    use sea_orm::ConnectionTrait;
+    let options = caremsgd::db::DbOptions {
+        url: db.url(),
+        max_connections: 1,
+        busy_timeout: std::time::Duration::from_secs(5),
+        connect_timeout: std::time::Duration::from_secs(5),
+    };
+    let writer_db = caremsgd::db::connect_writer(&options).await.unwrap();
+    let (writer, task, stop) = start(&writer_db);
+    let admin = Database::connect(admin_url.as_str()).await.unwrap();
+    let name = match &db {
+        caremsg_tests::TestDb::Postgres { name, .. } => name.clone(),
+        caremsg_tests::TestDb::Sqlite(_) => unreachable!(),
+    };
+    // Kills every backend of the test database but the test's own reading one.
+    let kill = || {
+        let admin = admin.clone();
+        let name = name.clone();
+        async move {
+            admin
+                .execute_unprepared(&format!(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+                ))
+                .await
+                .unwrap();
+        }
+    };
+    let mut rows = Vec::new();
+    let mut answers = Vec::new();
+    for round in 0..20_i64 {
+        if round % 4 == 0 {
+            kill().await;
+        }
+        // Eight writes in flight while, every other round, the connection is killed.
+        let mut handles = Vec::new();
+        for i in 0..8 {
+            let row = message(1 + round * 8 + i);
+            rows.push(id_of(&row));
+            let writer = writer.clone();
+            handles.push(tokio::spawn(async move {
+                writer.write(WriteUnit::new().insert(row)).await
+            }));
+        }
+        if round % 2 == 1 {
+            kill().await;
+        }
+        for handle in handles {
+            answers.push(handle.await.unwrap());
+        }
+    }
+    let failed = answers.iter().filter(|a| a.is_err()).count();
+    eprintln!(
+        "{} writes, {} acknowledged, {failed} refused while the connection was killed",
+        answers.len(),
+        answers.len() - failed
+    );
+    for answer in answers.iter().filter_map(|a| a.as_ref().err()) {
+        assert!(
+            answer.is_storage(),
+            "a killed connection is a storage fault: {answer:?}"
+        );
+    }
+    let mut missing = 0;
+    for (id, answer) in rows.iter().zip(&answers) {
+        if answer.is_ok() && !stored_elsewhere(&db.url(), id).await {
+            missing += 1;
+        }
+    }
+    assert_eq!(missing, 0, "acknowledged but not stored");
+    // The writer reconnected: a write after the last kill commits.
+    kill().await;
+    let mut last = Err(WriteError::Closed);
+    for attempt in 0..3 {
+        let row = message(10_000 + attempt);
+        let id = id_of(&row);
+        last = writer.write(WriteUnit::new().insert(row)).await;
+        if last.is_ok() {
+            assert!(stored_elsewhere(&db.url(), &id).await);
+            break;
+        }
+    }
+    assert_eq!(last, Ok(()), "the writer reconnects");
+    assert_eq!(writer.storage(), caremsgd::writer::StorageHealth::Ok);
+    stop.cancel();
+    task.join().await;
+    writer_db.close().await.unwrap();
+    admin.close().await.unwrap();
+    conn.close().await.unwrap();
+    db.drop_database().await;
+}

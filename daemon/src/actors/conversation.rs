@@ -176,17 +176,29 @@ pub enum SendError {
     /// The database or writer failed.
     #[error("storage failed: {0}")]
     Storage(String),
+    /// The storage cannot take or serve writes now, or the commit's outcome is
+    /// unknown ([`WriteError::is_storage`]).
+    #[error("{0}")]
+    Unavailable(WriteError),
 }
 
 impl From<DbErr> for SendError {
     fn from(err: DbErr) -> Self {
-        Self::Storage(err.to_string())
+        if crate::db::fault(&err).is_some() {
+            Self::Unavailable(WriteError::Unavailable(err.to_string()))
+        } else {
+            Self::Storage(err.to_string())
+        }
     }
 }
 
 impl From<WriteError> for SendError {
     fn from(err: WriteError) -> Self {
-        Self::Storage(err.to_string())
+        if err.is_storage() {
+            Self::Unavailable(err)
+        } else {
+            Self::Storage(err.to_string())
+        }
     }
 }
 
@@ -343,7 +355,7 @@ async fn send(
     match try_send(state, patient_id, last_seq, msg).await {
         Ok((seq, stored)) => (Some(seq), Ok(stored)),
         // After a storage failure the next message re-reads the sequence.
-        Err(err @ SendError::Storage(_)) => (None, Err(err)),
+        Err(err @ (SendError::Storage(_) | SendError::Unavailable(_))) => (None, Err(err)),
         Err(err) => (last_seq, Err(err)),
     }
 }
@@ -607,14 +619,17 @@ pub(crate) async fn try_send(
     }
     state.writer.write(unit).await?;
     state.metrics.messages_stored.inc();
-    state.events.publish(Event::Message(Arc::new(MessageEvent {
-        patient_id: patient.id.clone(),
-        practice_id: practice.id.clone(),
-        seq,
-        direction,
-        channel,
-        body: msg.body.clone(),
-    })));
+    state
+        .events
+        .publish(Event::Message(Arc::new(MessageEvent {
+            patient_id: patient.id.clone(),
+            practice_id: practice.id.clone(),
+            seq,
+            direction,
+            channel,
+            body: msg.body.clone(),
+        })))
+        .await;
     notify.publish(state);
     Ok((
         seq,

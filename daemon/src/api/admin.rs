@@ -13,8 +13,8 @@ use axum::{Json, Router, routing::put};
 use caremsg_config::GatewayKind;
 use caremsg_entities::{
     CareTeamRole, SmsStatus, care_team_member, conversation, delivery, notification_settings,
-    patient, patient_program, practice, practice_sms_number, program, sms_auth_session, timer,
-    user, user_program_restriction,
+    patient, patient_program, practice, practice_sms_number, program, sms_auth_session, user,
+    user_program_restriction,
 };
 use chrono::{DateTime, NaiveDate, Utc};
 use sea_orm::ActiveValue::Set;
@@ -24,8 +24,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{Admin, ApiJson, ApiPath};
+use super::extract::{Admin, ApiJson, ApiPath, Caller};
 use crate::audit::AuditEntry;
+use crate::events::AccessChange;
 use crate::phone::{self, PhoneError};
 use crate::state::Shared;
 use crate::writer::{Expect, WriteUnit};
@@ -393,6 +394,7 @@ pub async fn put_practice(
     ApiJson(input): ApiJson<PracticeIn>,
 ) -> ApiResult<Json<PracticeOut>> {
     let practice_id = id("practice_id", &practice_id)?;
+    caller.require_practice(&practice_id, "practice")?;
     let name = name("name", &input.name)?;
     let country = input.country.trim().to_ascii_uppercase();
     let region = (country.len() == 2)
@@ -495,6 +497,11 @@ pub async fn put_practice(
         detail: Some(format!("practice_id={practice_id}")),
     };
     state.writer.write(audit.add_to(unit, now)).await?;
+    state.events.access_changed(AccessChange::Practice {
+        id: &practice_id,
+        active: true,
+        portal_enabled: input.portal_enabled,
+    });
     Ok(Json(PracticeOut {
         id: practice_id,
         name,
@@ -520,6 +527,7 @@ pub async fn put_program(
     ApiPath((practice_id, program_id)): ApiPath<(String, String)>,
     ApiJson(input): ApiJson<ProgramIn>,
 ) -> ApiResult<Json<ProgramOut>> {
+    caller.require_practice(&practice_id, "practice")?;
     let program_id = id("program_id", &program_id)?;
     let name = name("name", &input.name)?;
     if active_practice(&state, &practice_id).await?.is_none() {
@@ -605,12 +613,16 @@ pub async fn put_user(
     let name = name("name", &input.name)?;
     let email = email(input.email.as_deref())?;
     let restricted = ids("restricted_programs", &input.restricted_programs)?;
+    caller.require_practice(&input.practice_id, "practice")?;
     if active_practice(&state, &input.practice_id).await?.is_none() {
         return Err(ApiError::invalid("practice_id", "No such practice.").with_code("unknown_id"));
     }
     let existing = user::Entity::find_by_id(user_id.clone())
         .one(&state.db)
         .await?;
+    if let Some(existing) = &existing {
+        caller.require_practice(&existing.practice_id, "user")?;
+    }
     if existing
         .as_ref()
         .is_some_and(|u| u.practice_id != input.practice_id)
@@ -665,6 +677,10 @@ pub async fn put_user(
         detail: Some(format!("user_id={user_id}")),
     };
     state.writer.write(audit.add_to(unit, now)).await?;
+    state.events.access_changed(AccessChange::User {
+        id: &user_id,
+        active: true,
+    });
     Ok(Json(UserOut {
         id: user_id,
         practice_id: input.practice_id,
@@ -707,12 +723,16 @@ pub async fn put_patient(
     ApiJson(input): ApiJson<PatientIn>,
 ) -> ApiResult<Json<PatientOut>> {
     let patient_id = id("patient_id", &patient_id)?;
+    caller.require_practice(&input.practice_id, "practice")?;
     let Some(practice) = active_practice(&state, &input.practice_id).await? else {
         return Err(ApiError::invalid("practice_id", "No such practice.").with_code("unknown_id"));
     };
     let existing = patient::Entity::find_by_id(patient_id.clone())
         .one(&state.db)
         .await?;
+    if let Some(existing) = &existing {
+        caller.require_practice(&existing.practice_id, "patient")?;
+    }
     if existing
         .as_ref()
         .is_some_and(|p| p.practice_id != practice.id)
@@ -859,6 +879,11 @@ pub async fn put_patient(
         detail: None,
     };
     state.writer.write(audit.add_to(unit, now)).await?;
+    state.events.access_changed(AccessChange::Patient {
+        id: &patient_id,
+        active: true,
+        portal_enrolled: input.portal_enrolled,
+    });
     Ok(Json(PatientOut {
         id: patient_id,
         practice_id: practice.id,
@@ -876,13 +901,17 @@ pub async fn put_patient(
 #[utoipa::path(delete, path = "/v1/admin/practices/{practice_id}", tag = "admin",
     params(("practice_id" = String, Path)),
     responses((status = 204), (status = 404, body = super::error::ErrorBody)), security(("bearer" = [])))]
-/// Deactivates a practice: its patients and users disappear from every view.
+/// Deactivates a practice: its patients and users disappear from every view, and
+/// what deactivating a patient does is done for each of its patients — pending SMS
+/// sessions end, their timers (windows, reminders) are cancelled, and no delivery
+/// not yet handed to a provider is sent (the dispatcher's claim also refuses any
+/// delivery of an inactive practice).
 pub async fn delete_practice(
     State(state): State<Shared>,
     Admin(caller): Admin,
     ApiPath(practice_id): ApiPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    deactivate(&state, &caller.client, Kind::Practice, &practice_id).await
+    deactivate(&state, &caller, Kind::Practice, &practice_id).await
 }
 
 #[utoipa::path(delete, path = "/v1/admin/users/{user_id}", tag = "admin",
@@ -894,7 +923,7 @@ pub async fn delete_user(
     Admin(caller): Admin,
     ApiPath(user_id): ApiPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    deactivate(&state, &caller.client, Kind::User, &user_id).await
+    deactivate(&state, &caller, Kind::User, &user_id).await
 }
 
 #[utoipa::path(delete, path = "/v1/admin/patients/{patient_id}", tag = "admin",
@@ -907,7 +936,7 @@ pub async fn delete_patient(
     Admin(caller): Admin,
     ApiPath(patient_id): ApiPath<String>,
 ) -> ApiResult<impl IntoResponse> {
-    deactivate(&state, &caller.client, Kind::Patient, &patient_id).await
+    deactivate(&state, &caller, Kind::Patient, &patient_id).await
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -917,23 +946,36 @@ enum Kind {
     Patient,
 }
 
-async fn deactivate(state: &Shared, client: &str, kind: Kind, id: &str) -> ApiResult<StatusCode> {
+async fn deactivate(
+    state: &Shared,
+    caller: &Caller,
+    kind: Kind,
+    id: &str,
+) -> ApiResult<StatusCode> {
+    let what = match kind {
+        Kind::Practice => "practice",
+        Kind::User => "user",
+        Kind::Patient => "patient",
+    };
+    // A row of a practice this client does not serve is answered as unknown.
+    let practice_id = match kind {
+        Kind::Practice => Some(id.to_owned()),
+        Kind::User => user::Entity::find_by_id(id.to_owned())
+            .one(&state.db)
+            .await?
+            .map(|u| u.practice_id),
+        Kind::Patient => patient::Entity::find_by_id(id.to_owned())
+            .one(&state.db)
+            .await?
+            .map(|p| p.practice_id),
+    };
+    if let Some(practice_id) = &practice_id {
+        caller.require_practice(practice_id, what)?;
+    }
+    let client = caller.client.as_str();
     let now = state.clock.now();
     let (unit, action, patient_id) = match kind {
-        Kind::Practice => (
-            WriteUnit::new().exec(
-                practice::Entity::update_many()
-                    .col_expr(practice::Column::Active, Expr::value(false))
-                    .col_expr(practice::Column::UpdatedAt, Expr::value(now))
-                    .filter(practice::Column::Id.eq(id))
-                    .filter(practice::Column::Active.eq(true))
-                    .into_query(),
-                Expect::Exactly(1),
-                "practice exists",
-            ),
-            "admin.practice.delete",
-            None,
-        ),
+        Kind::Practice => (deactivate_practice(id, now), "admin.practice.delete", None),
         Kind::User => (
             WriteUnit::new().exec(
                 user::Entity::update_many()
@@ -962,28 +1004,91 @@ async fn deactivate(state: &Shared, client: &str, kind: Kind, id: &str) -> ApiRe
         detail: None,
     };
     match state.writer.write(audit.add_to(unit, now)).await {
-        Ok(()) => Ok(StatusCode::NO_CONTENT),
-        Err(crate::writer::WriteError::Precondition(_)) => Err(ApiError::not_found(match kind {
-            Kind::Practice => "practice",
-            Kind::User => "user",
-            Kind::Patient => "patient",
-        })),
+        Ok(()) => {
+            state.events.access_changed(match kind {
+                Kind::Practice => AccessChange::Practice {
+                    id,
+                    active: false,
+                    portal_enabled: false,
+                },
+                Kind::User => AccessChange::User { id, active: false },
+                Kind::Patient => AccessChange::Patient {
+                    id,
+                    active: false,
+                    portal_enrolled: false,
+                },
+            });
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Err(crate::writer::WriteError::Precondition(_)) => Err(ApiError::not_found(what)),
         Err(err) => Err(err.into()),
     }
 }
 
-/// The unit that deactivates a patient: the row, its pending SMS session and timers,
-/// and every delivery not yet handed to a provider.
+/// The unit that deactivates a practice: the row, and for all its patients what
+/// [`deactivate_patient`] does for one (sessions, timers, queued deliveries); the
+/// patient rows themselves stay active, hidden by the practice's flag.
+fn deactivate_practice(id: &str, now: DateTime<Utc>) -> WriteUnit {
+    use caremsg_entities::{DeliveryStatus, SmsAuthStatus};
+    let patients = patient::Entity::find()
+        .select_only()
+        .column(patient::Column::Id)
+        .filter(patient::Column::PracticeId.eq(id))
+        .into_query();
+    WriteUnit::new()
+        .exec(
+            practice::Entity::update_many()
+                .col_expr(practice::Column::Active, Expr::value(false))
+                .col_expr(practice::Column::UpdatedAt, Expr::value(now))
+                .filter(practice::Column::Id.eq(id))
+                .filter(practice::Column::Active.eq(true))
+                .into_query(),
+            Expect::Exactly(1),
+            "practice exists",
+        )
+        .merge(crate::timers::cancel_patients_where(patients, now))
+        .exec(
+            sms_auth_session::Entity::update_many()
+                .col_expr(
+                    sms_auth_session::Column::Status,
+                    Expr::value(SmsAuthStatus::Superseded),
+                )
+                .col_expr(sms_auth_session::Column::EndedAt, Expr::value(now))
+                .filter(sms_auth_session::Column::PracticeId.eq(id))
+                .filter(sms_auth_session::Column::Status.eq(SmsAuthStatus::Pending))
+                .into_query(),
+            Expect::Any,
+            "sessions ended",
+        )
+        .exec(
+            delivery::Entity::update_many()
+                .col_expr(
+                    delivery::Column::Status,
+                    Expr::value(DeliveryStatus::Refused),
+                )
+                .col_expr(
+                    delivery::Column::ErrorCode,
+                    Expr::value("practice_inactive"),
+                )
+                .col_expr(
+                    delivery::Column::ErrorReason,
+                    Expr::value("practice deactivated"),
+                )
+                .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
+                .filter(delivery::Column::PracticeId.eq(id))
+                .filter(delivery::Column::Status.eq(DeliveryStatus::Queued))
+                .into_query(),
+            Expect::Any,
+            "deliveries refused",
+        )
+}
+
+/// The unit that deactivates a patient: the row, its pending SMS session and timers
+/// (an equality match on the timers' patient column), and every delivery not yet
+/// handed to a provider.
 fn deactivate_patient(id: &str, now: DateTime<Utc>) -> WriteUnit {
     use caremsg_entities::DeliveryStatus;
     use caremsg_entities::SmsAuthStatus;
-    use caremsg_entities::TimerKind;
-    let pending_sessions = sms_auth_session::Entity::find()
-        .select_only()
-        .column(sms_auth_session::Column::Id)
-        .filter(sms_auth_session::Column::PatientId.eq(id))
-        .filter(sms_auth_session::Column::Status.eq(SmsAuthStatus::Pending))
-        .into_query();
     WriteUnit::new()
         .exec(
             patient::Entity::update_many()
@@ -995,28 +1100,7 @@ fn deactivate_patient(id: &str, now: DateTime<Utc>) -> WriteUnit {
             Expect::Exactly(1),
             "patient exists",
         )
-        .exec(
-            timer::Entity::update_many()
-                .col_expr(timer::Column::Fired, Expr::value(true))
-                .col_expr(timer::Column::FiredAt, Expr::value(now))
-                .filter(timer::Column::Fired.eq(false))
-                .filter(
-                    sea_orm::Condition::any()
-                        .add(
-                            sea_orm::Condition::all()
-                                .add(timer::Column::Kind.eq(TimerKind::SmsAuthWindow))
-                                .add(timer::Column::Subject.in_subquery(pending_sessions.clone())),
-                        )
-                        .add(
-                            sea_orm::Condition::all()
-                                .add(timer::Column::Kind.eq(TimerKind::UnreadReminder))
-                                .add(timer::Column::Subject.starts_with(format!("{id}/"))),
-                        ),
-                )
-                .into_query(),
-            Expect::Any,
-            "timers cancelled",
-        )
+        .merge(crate::timers::cancel_patient(id, now))
         .exec(
             sms_auth_session::Entity::update_many()
                 .col_expr(

@@ -4,20 +4,21 @@
 
 use std::convert::Infallible;
 
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use caremsg_entities::{delivery, message};
 use chrono::{DateTime, Utc};
-use futures::{Stream, StreamExt};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde::{Deserialize, Serialize};
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiResult};
+use super::extract::Caller;
 use crate::actors::conversation::{SendError, Stored};
-use crate::events::{Event, MessageEvent};
+use crate::events::{
+    ApiClientRef, EndReason, Event, Limits, MessageEvent, Refused, Subscriber, Subscription,
+};
 use crate::state::Shared;
 
 /// Default and largest page of a conversation.
@@ -233,6 +234,7 @@ impl From<SendError> for ApiError {
             )
             .field("client_txn_id"),
             SendError::Storage(cause) => ApiError::internal(&cause),
+            SendError::Unavailable(cause) => ApiError::from(cause),
         }
     }
 }
@@ -291,6 +293,13 @@ pub struct LaggedEventData {
     pub missed: u64,
 }
 
+/// The `data` of an `end` event, a stream's last: why the daemon ended it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EndEventData {
+    /// `access_revoked`, `credentials_changed`, `slow_consumer` or `idle`.
+    pub reason: String,
+}
+
 /// The `data:` line of a portal stream event (`event: message` or `event: lagged`).
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(untagged)]
@@ -299,6 +308,8 @@ pub enum PortalEventData {
     Message(MessageEventData),
     /// `event: lagged`.
     Lagged(LaggedEventData),
+    /// `event: end`.
+    End(EndEventData),
 }
 
 /// The `data:` line of a staff stream event (`event: message`, `notification`,
@@ -314,6 +325,8 @@ pub enum StaffEventData {
     SmsStatus(SmsStatusEventData),
     /// `event: lagged`.
     Lagged(LaggedEventData),
+    /// `event: end`.
+    End(EndEventData),
 }
 
 /// The SSE event for a stored message.
@@ -344,34 +357,97 @@ pub fn sms_status_event(change: &crate::events::SmsStatusEvent) -> SseEvent {
         .unwrap_or_else(|_| SseEvent::default().event("error"))
 }
 
-/// A server-sent event stream of the bus, passed through `select` (which decides,
-/// per event, what this subscriber sees), kept alive while idle, and ended when the
-/// daemon stops serving.
-pub fn stream<F, Fut>(
+/// The `end` event a stream's last: `{"reason": ...}` (no PHI).
+fn end_event(reason: EndReason) -> SseEvent {
+    SseEvent::default()
+        .event("end")
+        .data(format!("{{\"reason\":\"{}\"}}", reason.as_str()))
+}
+
+/// Opens a stream for `who` under the `[events]` caps: 429 `too_many_streams` past
+/// the per-subscriber cap, 503 `stream_capacity` past the total, both with
+/// `Retry-After`.
+pub fn open_stream(
     state: &Shared,
-    select: F,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>> + use<F, Fut>>
-where
-    F: Fn(Event) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Option<SseEvent>> + Send + 'static,
-{
-    let select = std::sync::Arc::new(select);
-    let events = BroadcastStream::new(state.events.subscribe())
-        .then(move |item| {
-            let select = select.clone();
-            async move {
-                match item {
-                    Ok(event) => select(event).await,
-                    Err(BroadcastStreamRecvError::Lagged(missed)) => Some(
-                        SseEvent::default()
-                            .event("lagged")
-                            .data(format!("{{\"missed\":{missed}}}")),
+    caller: &Caller,
+    who: Subscriber,
+) -> Result<Subscription, StreamRefused> {
+    let settings = state.settings.load();
+    let client = ApiClientRef {
+        name: &caller.client,
+        token_sha256: &caller.token_sha256,
+    };
+    state
+        .events
+        .open(who, &client, Limits::from(&settings.events))
+        .map_err(|refused| {
+            let error = match refused {
+                Refused::PerSubscriber => ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_streams",
+                    format!(
+                        "At most {} event streams may be open at once for one user or patient; close one first.",
+                        settings.events.max_streams_per_subscriber
                     ),
+                ),
+                Refused::Total => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "stream_capacity",
+                    "The daemon has as many event streams open as it is configured for; try again later.",
+                ),
+            };
+            StreamRefused(error)
+        })
+}
+
+/// A stream refused at a cap: its error, answered with `Retry-After`.
+#[derive(Debug)]
+pub struct StreamRefused(ApiError);
+
+impl IntoResponse for StreamRefused {
+    fn into_response(self) -> Response {
+        ([(header::RETRY_AFTER, STREAM_RETRY_AFTER_SECS)], self.0).into_response()
+    }
+}
+
+/// What a refused stream's `Retry-After` says, in seconds.
+const STREAM_RETRY_AFTER_SECS: &str = "30";
+
+/// The server-sent event stream of `subscription`: each event `render`ed (the hub
+/// delivered only what this subscriber may see), keep-alive comments every
+/// `server.sse_keepalive`, a last `end` event when the daemon ends the stream (access
+/// lost, slow consumer, idle), and a plain end when the daemon stops serving.
+pub fn stream(
+    state: &Shared,
+    subscription: Subscription,
+    render: fn(&Event) -> Option<SseEvent>,
+) -> Response {
+    let settings = state.settings.load();
+    let idle = settings.events.idle_timeout;
+    let keepalive = settings.server.sse_keepalive;
+    let shutdown = state.shutdown.clone();
+    let events = futures::stream::unfold(Some(subscription), move |subscription| {
+        let shutdown = shutdown.clone();
+        async move {
+            let mut subscription = subscription?;
+            loop {
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return None,
+                    next = subscription.next(idle) => match next {
+                        Ok(event) => {
+                            if let Some(sse) = render(&event) {
+                                return Some((Ok::<_, Infallible>(sse), Some(subscription)));
+                            }
+                        }
+                        Err(Some(reason)) => return Some((Ok(end_event(reason)), None)),
+                        Err(None) => return None,
+                    },
                 }
             }
-        })
-        .filter_map(|event| async move { event.map(Ok) })
-        .take_until(state.shutdown.clone().cancelled_owned());
-    let keepalive = state.settings.load().server.sse_keepalive;
-    Sse::new(events).keep_alive(KeepAlive::new().interval(keepalive))
+        }
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(keepalive))
+        .into_response()
 }

@@ -2,7 +2,7 @@
 //! for anything the client got wrong; causes of 5xx go to the log, never to the client.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -20,7 +20,13 @@ pub struct ApiError {
     pub message: String,
     /// The request field at fault, when there is one.
     pub field: Option<String>,
+    /// Seconds for the `Retry-After` header, when the client should retry later.
+    pub retry_after: Option<u32>,
 }
+
+/// The `Retry-After` of a `storage_unavailable` answer, in seconds: about when the
+/// writer's next probe write has been tried ([`crate::writer::PROBE_RETRY`]).
+pub const STORAGE_RETRY_AFTER: u32 = 2;
 
 /// The body of every error response.
 #[derive(Debug, Serialize, ToSchema)]
@@ -49,7 +55,14 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            retry_after: None,
         }
+    }
+
+    /// Asks the client to retry after `seconds` (the `Retry-After` header).
+    pub fn retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     /// Names the field at fault.
@@ -107,14 +120,30 @@ impl ApiError {
         )
     }
 
-    /// 503: a dependency (the database) is unavailable.
-    pub fn unavailable(cause: &dyn std::fmt::Display) -> Self {
-        tracing::error!(error = %cause, "A request failed because a dependency is unavailable.");
+    /// 503 `storage_unavailable` with `Retry-After`: the database cannot store or
+    /// read now (a full disk, an I/O error, a lock held too long, no connection).
+    /// Nothing was changed; the same request may be retried. The cause is logged.
+    pub fn storage_unavailable(cause: &dyn std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, "A request failed: the database is unavailable.");
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "The service is unavailable; try again.",
+            "storage_unavailable",
+            "The database cannot store or read data now; nothing was changed. Retry later.",
         )
+        .retry_after(STORAGE_RETRY_AFTER)
+    }
+
+    /// 503 `storage_outcome_unknown` with `Retry-After`: the connection to the
+    /// database broke during the commit, so the change may or may not be stored.
+    pub fn storage_outcome_unknown(cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "A request's commit broke off; its outcome is unknown.");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage_outcome_unknown",
+            "The database connection broke during the commit: the change may or may not be \
+             stored. Retry with the same client_txn_id, or read it back.",
+        )
+        .retry_after(STORAGE_RETRY_AFTER)
     }
 }
 
@@ -127,17 +156,22 @@ impl IntoResponse for ApiError {
                 field: self.field,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
 impl From<sea_orm::DbErr> for ApiError {
     fn from(err: sea_orm::DbErr) -> Self {
-        match err {
-            sea_orm::DbErr::ConnectionAcquire(_) | sea_orm::DbErr::Conn(_) => {
-                Self::unavailable(&err)
-            }
-            _ => Self::internal(&err),
+        if crate::db::fault(&err).is_some() {
+            Self::storage_unavailable(&err)
+        } else {
+            Self::internal(&err)
         }
     }
 }
@@ -150,6 +184,8 @@ impl From<WriteError> for ApiError {
                 "shutting_down",
                 "The daemon is shutting down; try again.",
             ),
+            WriteError::Unavailable(_) => Self::storage_unavailable(&err),
+            WriteError::OutcomeUnknown(_) => Self::storage_outcome_unknown(&err),
             other => Self::internal(&other),
         }
     }
@@ -157,3 +193,37 @@ impl From<WriteError> for ApiError {
 
 /// The result of a handler.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_faults_answer_503_with_retry_after_never_500() {
+        for (err, code) in [
+            (
+                WriteError::Unavailable("disk full".into()),
+                "storage_unavailable",
+            ),
+            (
+                WriteError::OutcomeUnknown("connection reset".into()),
+                "storage_outcome_unknown",
+            ),
+        ] {
+            let response = ApiError::from(err).into_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(
+                response.headers().get(header::RETRY_AFTER),
+                Some(&HeaderValue::from(STORAGE_RETRY_AFTER)),
+                "{code}"
+            );
+        }
+        let busy = sea_orm::DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::Timeout);
+        assert_eq!(ApiError::from(busy).code, "storage_unavailable");
+        let bug = ApiError::from(WriteError::Database("syntax error".into()));
+        assert_eq!(
+            (bug.status, bug.code),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        );
+    }
+}

@@ -9,7 +9,6 @@ use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use caremsg_config::Scope;
 use caremsg_entities::user;
-use sea_orm::EntityTrait;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -24,9 +23,31 @@ pub struct Caller {
     pub client: String,
     /// What it may do.
     pub scopes: Vec<Scope>,
+    /// The practices it serves (`clients[].practices`); `None`: every practice.
+    pub practices: Option<Vec<String>>,
+    /// The client's configured token hash: an event stream opened with this token
+    /// ends when a reload no longer lists it (see `Events::revalidate`).
+    pub token_sha256: String,
 }
 
 impl Caller {
+    /// Whether this client may act about practice `practice_id`: outside its
+    /// `practices`, a request is answered as for another practice (404).
+    pub fn serves(&self, practice_id: &str) -> bool {
+        self.practices
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|p| p == practice_id))
+    }
+
+    /// 404 `not_found` (`what`) unless this client serves `practice_id`.
+    pub fn require_practice(&self, practice_id: &str, what: &str) -> Result<(), ApiError> {
+        if self.serves(practice_id) {
+            Ok(())
+        } else {
+            Err(ApiError::not_found(what))
+        }
+    }
+
     /// 403 unless the client has `scope`.
     pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
         if self.scopes.contains(&scope) {
@@ -62,6 +83,8 @@ pub fn authenticate(clients: &[caremsg_config::ApiClient], token: &str) -> Optio
             found = Some(Caller {
                 client: client.name.clone(),
                 scopes: client.scopes.clone(),
+                practices: client.practices.clone(),
+                token_sha256: client.token_sha256.clone(),
             });
         }
     }
@@ -131,9 +154,18 @@ impl FromRequestParts<Shared> for Staff {
     async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
         let caller = Caller::from_request_parts(parts, state).await?;
         caller.require(Scope::Staff)?;
-        let user_id = parts
-            .headers
-            .get(USER_HEADER)
+        let mut named = parts.headers.get_all(USER_HEADER).iter();
+        let first = named.next();
+        if named.next().is_some() {
+            // Proxies and clients disagree on which of two copies wins: refuse both.
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "repeated_header",
+                "Name the acting user once: X-Caremsg-User appears more than once.",
+            )
+            .field("X-Caremsg-User"));
+        }
+        let user_id = first
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
             .filter(|v| !v.is_empty())
@@ -145,11 +177,12 @@ impl FromRequestParts<Shared> for Staff {
                 )
                 .field("X-Caremsg-User")
             })?;
-        let user = user::Entity::find_by_id(user_id.to_owned())
-            .one(&state.db)
+        let user = crate::access::active_user(&state.db, user_id)
             .await?
-            .filter(|u| u.active)
             .ok_or_else(|| ApiError::forbidden("unknown_user", "The acting user is not known."))?;
+        // A user of a practice this token does not serve is answered as a user of
+        // another practice: 404, whatever the route.
+        caller.require_practice(&user.practice_id, "user")?;
         Ok(Self { caller, user })
     }
 }

@@ -137,16 +137,8 @@ pub async fn hook(
         && let Err(error) = inbound::commit(&state, &gateway, outcome.events).await
     {
         tracing::error!(gateway = %gateway.name(), %error, "A webhook's events could not be stored; the provider is asked to retry.");
-        let mut response = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "The events could not be stored; retry later.",
-        )
-        .into_response();
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return response;
+        // Whatever failed, the provider retries: 503 with Retry-After, never 500.
+        return ApiError::storage_unavailable(&error).into_response();
     }
     if (400..500).contains(&outcome.response.status) {
         state

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod conversation;
+pub mod deliveries;
 pub mod doc;
 pub mod error;
 pub mod extract;
@@ -37,6 +38,7 @@ use crate::state::Shared;
     paths(
         admin::put_practice, admin::delete_practice, admin::put_program,
         admin::put_user, admin::delete_user, admin::put_patient, admin::delete_patient,
+        deliveries::list, deliveries::resolve,
         staff::my_patients, staff::search, staff::open_conversation, staff::send,
         staff::mark_read, staff::care_team, staff::notify_me, staff::stop_notifying_me, staff::events,
         notifications::get_settings, notifications::put_settings, notifications::list, notifications::mark_read,
@@ -60,6 +62,7 @@ pub struct ApiDoc;
 pub fn router(state: Shared) -> Router {
     Router::new()
         .merge(admin::routes())
+        .merge(deliveries::routes())
         .merge(staff::routes())
         .merge(notifications::routes())
         .merge(portal::routes())

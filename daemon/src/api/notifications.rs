@@ -20,7 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Staff};
-use crate::access::ACCESSIBLE;
+use crate::access::{ACCESSIBLE, Denied, patient_for};
 use crate::audit::AuditEntry;
 use crate::notifications::settings::{
     self, Change, Channels, Prefs, Setting, SettingsError, email_unavailable,
@@ -398,10 +398,13 @@ pub async fn list(
 
 #[utoipa::path(post, path = "/v1/staff/notifications/{notification_id}/read", tag = "staff",
     params(("notification_id" = String, Path)),
-    responses((status = 200, body = NotificationOut), (status = 404, body = super::error::ErrorBody)),
+    responses((status = 200, body = NotificationOut), (status = 403, body = super::error::ErrorBody),
+        (status = 404, body = super::error::ErrorBody)),
     security(("bearer" = [])))]
 /// Marks one of my notifications read (again: it keeps its first `read_at`). Another
-/// user's notification is a 404.
+/// user's notification, or one about a patient removed or of a deactivated practice,
+/// is a 404; one about a patient I am now restricted from is a 403
+/// `access_restricted` (the access rule, as for the patient's own paths).
 pub async fn mark_read(
     State(state): State<Shared>,
     staff: Staff,
@@ -414,6 +417,19 @@ pub async fn mark_read(
     let Some(found) = mine().one(&state.db).await? else {
         return Err(ApiError::not_found("notification"));
     };
+    // The access rule, as for a direct request about the patient: a patient removed
+    // (or of a deactivated practice) makes the notification unknown, as the list
+    // leaves it out; a patient the user is now restricted from is 403.
+    match patient_for(&state.db, &staff.user, &found.patient_id).await? {
+        Ok(_) => {}
+        Err(Denied::NotFound) => return Err(ApiError::not_found("notification")),
+        Err(Denied::Restricted) => {
+            return Err(ApiError::forbidden(
+                "access_restricted",
+                "You are restricted from every program this notification's patient is enrolled in.",
+            ));
+        }
+    }
     if found.read_at.is_none() {
         let unit = WriteUnit::new().exec(
             notification::Entity::update_many()

@@ -9,8 +9,12 @@ use sea_orm::ConnectionTrait;
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
+use std::collections::BTreeMap;
+
 use super::ApiDoc;
+use crate::gateways::health::GatewayHealth;
 use crate::state::Shared;
+use crate::writer::StorageHealth;
 
 /// The ops routes (no token; bind the daemon to loopback).
 pub fn routes() -> Router<Shared> {
@@ -24,8 +28,16 @@ pub fn routes() -> Router<Shared> {
 /// A health or readiness answer.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
-    /// `ok` or what is wrong.
+    /// `ok` or `unavailable`.
     pub status: String,
+    /// Why the daemon is unavailable (never PHI).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// `/readyz` only: each gateway plugin's health at the last poll, by instance
+    /// name. A gateway that is down makes the daemon unavailable only with its
+    /// `down_fails_readiness` setting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateways: Option<BTreeMap<String, GatewayHealth>>,
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = Health)))]
@@ -33,46 +45,64 @@ pub struct Health {
 pub async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".to_owned(),
+        reason: None,
+        gateways: None,
     })
 }
 
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses((status = 200, body = Health), (status = 503, body = Health)))]
-/// The database answers and every migration is applied.
+/// Ready to take writes: the writer's last commit (or probe write) succeeded, the
+/// database answers, every migration is applied, and no gateway with
+/// `down_fails_readiness` reports itself down. Otherwise 503 with the reason. Lists
+/// every gateway's health either way.
 pub async fn readyz(State(state): State<Shared>) -> impl IntoResponse {
-    let ping = state.db.execute_unprepared("SELECT 1").await;
-    let status = match ping {
-        Err(err) => {
-            tracing::warn!(error = %err, "Readiness check: the database does not answer.");
-            "database unreachable"
-        }
-        Ok(_) => match crate::db::migrations_applied(&state.db).await {
-            Ok(true) => "ok",
-            Ok(false) => "migrations pending",
-            Err(err) => {
-                tracing::warn!(error = %err, "Readiness check: migrations could not be read.");
-                "migrations unknown"
-            }
-        },
+    let (gateways, required_down) = state.gateways.health_report(&state.settings.load());
+    let reason = match unready(&state).await {
+        Some(reason) => Some(reason),
+        None => required_down.map(|name| format!("gateway {name} reports itself down")),
     };
-    let code = if status == "ok" {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    let (code, status) = match reason {
+        None => (StatusCode::OK, "ok"),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
     };
     (
         code,
         Json(Health {
             status: status.to_owned(),
+            reason,
+            gateways: Some(gateways),
         }),
     )
+}
+
+/// Why the daemon is not ready, if it is not.
+async fn unready(state: &Shared) -> Option<String> {
+    if let StorageHealth::Failing(cause) = state.writer.storage() {
+        return Some(format!(
+            "the writer cannot commit ({cause}); a probe write is retried every {}s",
+            crate::writer::PROBE_RETRY.as_secs()
+        ));
+    }
+    if let Err(err) = state.db.execute_unprepared("SELECT 1").await {
+        tracing::warn!(error = %err, "Readiness check: the database does not answer.");
+        return Some("the database does not answer".to_owned());
+    }
+    match crate::db::migrations_applied(&state.db).await {
+        Ok(true) => None,
+        Ok(false) => Some("migrations are pending".to_owned()),
+        Err(err) => {
+            tracing::warn!(error = %err, "Readiness check: migrations could not be read.");
+            Some("the applied migrations could not be read".to_owned())
+        }
+    }
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text format")))]
 /// Prometheus metrics.
 pub async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
     if let Err(err) = scrape_gauges(&state).await {
-        tracing::warn!(error = %err, "Metrics: the outbox and timer gauges could not be read.");
+        tracing::warn!(error = %err, "Metrics: the outbox, delivery and timer gauges could not be read.");
     }
     (
         [(
@@ -86,14 +116,23 @@ pub async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
 /// The gauges that are read from the database when scraped.
 async fn scrape_gauges(state: &Shared) -> Result<(), sea_orm::DbErr> {
     use caremsg_entities::{DeliveryStatus, delivery, timer};
-    use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
+    use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect};
     let now = state.clock.now();
     let queued =
         delivery::Entity::find().filter(delivery::Column::Status.eq(DeliveryStatus::Queued));
     let depth = queued.clone().count(&state.db).await?;
-    let oldest = queued
-        .order_by_asc(delivery::Column::CreatedAt)
+    // MIN over the `(status, created_at)` index: one index probe, never a sort of
+    // the outbox.
+    let oldest: Option<chrono::DateTime<chrono::Utc>> = queued
+        .select_only()
+        .column_as(delivery::Column::CreatedAt.min(), "oldest")
+        .into_tuple::<Option<chrono::DateTime<chrono::Utc>>>()
         .one(&state.db)
+        .await?
+        .flatten();
+    let reconcile = delivery::Entity::find()
+        .filter(delivery::Column::Status.eq(DeliveryStatus::Reconcile))
+        .count(&state.db)
         .await?;
     let due = timer::Entity::find()
         .filter(timer::Column::Fired.eq(false))
@@ -106,7 +145,10 @@ async fn scrape_gauges(state: &Shared) -> Result<(), sea_orm::DbErr> {
         .set(i64::try_from(depth).unwrap_or(i64::MAX));
     metrics
         .outbox_oldest_seconds
-        .set(oldest.map_or(0, |d| (now - d.created_at).num_seconds().max(0)));
+        .set(oldest.map_or(0, |d| (now - d).num_seconds().max(0)));
+    metrics
+        .deliveries_reconcile
+        .set(i64::try_from(reconcile).unwrap_or(i64::MAX));
     metrics
         .timers_due
         .set(i64::try_from(due).unwrap_or(i64::MAX));

@@ -6,19 +6,19 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use caremsg_entities::{patient, practice};
 
 use super::conversation::{self as conv, MessageOut, Page, PageQuery, SendIn};
 use super::error::{ApiError, ApiResult};
-use super::extract::{ApiJson, ApiPath, ApiQuery, Portal};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, Portal};
 use super::staff::ReadOut;
 use crate::access::patient_for_portal;
 use crate::actors::conversation::{Author, MarkRead, Reader, SendMessage};
 use crate::audit::AuditEntry;
-use crate::events::Event;
+use crate::events::{Event, Subscriber};
 use crate::phi::Phi;
 use crate::state::Shared;
 
@@ -34,13 +34,17 @@ pub fn routes() -> Router<Shared> {
         .route("/v1/portal/patients/{patient_id}/events", get(events))
 }
 
-/// The patient, if the portal may act for it.
+/// The patient, if the portal may act for it: active, of an active practice this
+/// client serves (else 404, as for an unknown patient), with portal chat on and the
+/// patient enrolled (else 409).
 async fn portal_patient(
     state: &Shared,
+    caller: &Caller,
     patient_id: &str,
 ) -> ApiResult<(patient::Model, practice::Model)> {
     let (patient, practice) = patient_for_portal(&state.db, patient_id)
         .await?
+        .filter(|(_, practice)| caller.serves(&practice.id))
         .ok_or_else(|| ApiError::not_found("patient"))?;
     if !practice.portal_enabled {
         return Err(ApiError::conflict(
@@ -68,7 +72,7 @@ pub async fn conversation(
     ApiPath(patient_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Page>> {
-    let (patient, _) = portal_patient(&state, &patient_id).await?;
+    let (patient, _) = portal_patient(&state, &caller, &patient_id).await?;
     let page = conv::page(&state, &patient.id, &query).await?;
     AuditEntry {
         client: &caller.client,
@@ -93,7 +97,7 @@ pub async fn send(
     ApiPath(patient_id): ApiPath<String>,
     ApiJson(input): ApiJson<SendIn>,
 ) -> ApiResult<impl IntoResponse> {
-    let (patient, practice) = portal_patient(&state, &patient_id).await?;
+    let (patient, practice) = portal_patient(&state, &caller, &patient_id).await?;
     let stored = state
         .conversations
         .send(
@@ -118,10 +122,10 @@ pub async fn send(
 /// `read_by_patient_at` on the staff messages it covers.
 pub async fn mark_read(
     State(state): State<Shared>,
-    Portal(_caller): Portal,
+    Portal(caller): Portal,
     ApiPath(patient_id): ApiPath<String>,
 ) -> ApiResult<Json<ReadOut>> {
-    let (patient, _) = portal_patient(&state, &patient_id).await?;
+    let (patient, _) = portal_patient(&state, &caller, &patient_id).await?;
     let last_read_seq = state
         .conversations
         .send(
@@ -140,27 +144,44 @@ pub async fn mark_read(
     responses((status = 200, content_type = "text/event-stream", body = super::conversation::PortalEventData,
         description = "Server-sent events, each `event: <name>` and one `data:` line of JSON: \
         `message` (a message of this conversation), `lagged` (events were missed: re-read \
-        the conversation). Comments (`:`) every `server.sse_keepalive` keep it open. No \
-        `id:` and no replay: after a reconnect, re-read the conversation."),
-        (status = 409, body = super::error::ErrorBody, description = "`portal_disabled`, `portal_not_enrolled`")),
+        the conversation), and a last `end` (`{\"reason\"}`) when the daemon ends the stream. \
+        Comments (`:`) every `server.sse_keepalive` keep it open. No `id:` and no replay: \
+        after a reconnect, re-read the conversation."),
+        (status = 409, body = super::error::ErrorBody, description = "`portal_disabled`, `portal_not_enrolled`"),
+        (status = 429, body = super::error::ErrorBody, description = "`too_many_streams`: this patient has `events.max_streams_per_subscriber` open"),
+        (status = 503, body = super::error::ErrorBody, description = "`stream_capacity`: `events.max_streams` are open")),
     security(("bearer" = [])))]
-/// Server-sent events: new messages of this patient's conversation.
+/// Server-sent events: new messages of this patient's conversation. The stream ends
+/// when the patient, or its practice, is deactivated or leaves the portal.
 pub async fn events(
     State(state): State<Shared>,
-    Portal(_caller): Portal,
+    Portal(caller): Portal,
     ApiPath(patient_id): ApiPath<String>,
-) -> ApiResult<impl IntoResponse> {
-    let (patient, _) = portal_patient(&state, &patient_id).await?;
-    let id = patient.id;
-    Ok(conv::stream(&state, move |event| {
-        let id = id.clone();
-        async move {
-            match event {
-                Event::Message(message) => {
-                    (message.patient_id == id).then(|| conv::message_event(&message))
-                }
-                Event::Notification { .. } | Event::SmsStatus(_) => None,
-            }
-        }
-    }))
+) -> Response {
+    let (patient, practice) = match portal_patient(&state, &caller, &patient_id).await {
+        Ok(found) => found,
+        Err(err) => return err.into_response(),
+    };
+    let who = Subscriber::Portal {
+        patient_id: patient.id.clone(),
+        practice_id: practice.id,
+    };
+    let subscription = match conv::open_stream(&state, &caller, who) {
+        Ok(subscription) => subscription,
+        Err(refused) => return refused.into_response(),
+    };
+    // Subscribed first, checked again after: see the staff stream.
+    if let Err(err) = portal_patient(&state, &caller, &patient.id).await {
+        return err.into_response();
+    }
+    conv::stream(&state, subscription, portal_event)
+}
+
+/// The SSE form of an event on a portal stream (the hub sends it this patient's
+/// messages only).
+fn portal_event(event: &Event) -> Option<axum::response::sse::Event> {
+    match event {
+        Event::Message(message) => Some(conv::message_event(message)),
+        Event::Notification { .. } | Event::SmsStatus(_) => None,
+    }
 }

@@ -54,6 +54,7 @@ impl From<SmsError> for ApiError {
                 ApiError::conflict("already_opted_out", "The patient is already opted out.")
             }
             SmsError::Storage(cause) => ApiError::internal(&cause),
+            SmsError::Unavailable(cause) => ApiError::from(cause),
         }
     }
 }

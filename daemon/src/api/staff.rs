@@ -7,7 +7,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use caremsg_entities::{
@@ -25,7 +25,7 @@ use super::extract::{ApiJson, ApiPath, ApiQuery, Staff};
 use crate::access::{ACCESSIBLE, Denied, may_access, patient_for};
 use crate::actors::conversation::{Author, MarkRead, Reader, SendMessage};
 use crate::audit::AuditEntry;
-use crate::events::Event;
+use crate::events::{AccessChange, Event, Subscriber};
 use crate::phi::Phi;
 use crate::sql::{like_escape, statement};
 use crate::state::Shared;
@@ -621,6 +621,9 @@ pub async fn notify_me(
         ],
     );
     state.writer.write(unit).await?;
+    state.events.access_changed(AccessChange::Panel {
+        patient_id: &patient.id,
+    });
     let role = care_team_member::Entity::find_by_id((patient.id, staff.user.id))
         .one(&state.db)
         .await?
@@ -658,7 +661,7 @@ pub async fn stop_notifying_me(
     }
     let unit = WriteUnit::new().exec(
         care_team_member::Entity::delete_many()
-            .filter(care_team_member::Column::PatientId.eq(patient.id))
+            .filter(care_team_member::Column::PatientId.eq(patient.id.clone()))
             .filter(care_team_member::Column::UserId.eq(staff.user.id))
             .filter(care_team_member::Column::Role.eq(CareTeamRole::NotificationUser))
             .into_query(),
@@ -666,6 +669,9 @@ pub async fn stop_notifying_me(
         "notification user removed",
     );
     state.writer.write(unit).await?;
+    state.events.access_changed(AccessChange::Panel {
+        patient_id: &patient.id,
+    });
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -674,63 +680,43 @@ pub async fn stop_notifying_me(
 #[utoipa::path(get, path = "/v1/staff/events", tag = "staff",
     responses((status = 200, content_type = "text/event-stream", body = super::conversation::StaffEventData,
         description = "Server-sent events, each `event: <name>` and one `data:` line of JSON: \
-        `message` (a message of a patient on my list), `notification` (addressed to me), \
-        `sms_status` (a patient on my list), `lagged` (events were missed: re-read). \
-        Comments (`:`) every `server.sse_keepalive` keep it open. No `id:` and no replay: \
-        after a reconnect, re-read what is shown.")),
+        `message` (a message of a patient on my list I may access), `notification` (addressed \
+        to me), `sms_status` (a patient on my list), `lagged` (events were missed: re-read), \
+        and a last `end` (`{\"reason\"}`) when the daemon ends the stream. Comments (`:`) \
+        every `server.sse_keepalive` keep it open. No `id:` and no replay: after a reconnect, \
+        re-read what is shown."),
+        (status = 429, body = super::error::ErrorBody, description = "`too_many_streams`: this user has `events.max_streams_per_subscriber` open"),
+        (status = 503, body = super::error::ErrorBody, description = "`stream_capacity`: `events.max_streams` are open")),
     security(("bearer" = [])))]
-/// Server-sent events for me: new messages of patients on my list, and my notifications.
-pub async fn events(State(state): State<Shared>, staff: Staff) -> impl IntoResponse {
-    let db = state.db.clone();
-    let user = staff.user;
-    conv::stream(&state, move |event| {
-        let db = db.clone();
-        let user = user.clone();
-        async move {
-            match event {
-                Event::Message(message) => {
-                    if message.practice_id != user.practice_id {
-                        return None;
-                    }
-                    let on_list = care_team_member::Entity::find_by_id((
-                        message.patient_id.clone(),
-                        user.id.clone(),
-                    ))
-                    .one(&db)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some();
-                    let allowed = on_list
-                        && may_access(&db, &user.id, &message.patient_id)
-                            .await
-                            .unwrap_or(false);
-                    allowed.then(|| conv::message_event(&message))
-                }
-                Event::Notification {
-                    user_id,
-                    notification,
-                } => (user_id == user.id).then(|| super::notifications::sse_event(&notification)),
-                Event::SmsStatus(change) => {
-                    if change.practice_id != user.practice_id {
-                        return None;
-                    }
-                    let on_list = care_team_member::Entity::find_by_id((
-                        change.patient_id.clone(),
-                        user.id.clone(),
-                    ))
-                    .one(&db)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some();
-                    let allowed = on_list
-                        && may_access(&db, &user.id, &change.patient_id)
-                            .await
-                            .unwrap_or(false);
-                    allowed.then(|| conv::sms_status_event(&change))
-                }
-            }
+/// Server-sent events for me: new messages and SMS status changes of patients on my
+/// list that I may access, and my notifications. The stream ends when I lose access.
+pub async fn events(State(state): State<Shared>, staff: Staff) -> Response {
+    let who = Subscriber::Staff {
+        user_id: staff.user.id.clone(),
+        practice_id: staff.user.practice_id.clone(),
+    };
+    let subscription = match conv::open_stream(&state, &staff.caller, who) {
+        Ok(subscription) => subscription,
+        Err(refused) => return refused.into_response(),
+    };
+    // Subscribed first, checked again after: a deactivation that committed before
+    // this check is seen here, one after it ends the stream (Events::access_changed).
+    match crate::access::active_user(&state.db, &staff.user.id).await {
+        Ok(Some(user)) if staff.caller.serves(&user.practice_id) => {}
+        Ok(_) => {
+            return ApiError::forbidden("unknown_user", "The acting user is not known.")
+                .into_response();
         }
+        Err(err) => return ApiError::from(err).into_response(),
+    }
+    conv::stream(&state, subscription, staff_event)
+}
+
+/// The SSE form of an event on a staff stream.
+fn staff_event(event: &Event) -> Option<axum::response::sse::Event> {
+    Some(match event {
+        Event::Message(message) => conv::message_event(message),
+        Event::SmsStatus(change) => conv::sms_status_event(change),
+        Event::Notification { notification, .. } => super::notifications::sse_event(notification),
     })
 }

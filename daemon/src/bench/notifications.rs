@@ -15,9 +15,7 @@ use caremsg_entities::{
 };
 use chrono::{NaiveDate, Utc};
 use sea_orm::ActiveValue::Set;
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
-};
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter};
 
 use crate::actors::conversation::{Author, SendMessage};
 use crate::clock::ManualClock;
@@ -126,22 +124,7 @@ pub async fn run(plan: Plan, backend: Backend) -> anyhow::Result<Report> {
         match &backend {
             Backend::Sqlite => measure(plan, &dir, None).await,
             Backend::Postgres(server) => {
-                let name = format!("caremsg_bench_{}", uuid::Uuid::new_v4().simple());
-                let admin = sea_orm::Database::connect(server.as_str())
-                    .await
-                    .context("connecting to the PostgreSQL server")?;
-                admin
-                    .execute_unprepared(&format!("CREATE DATABASE {name}"))
-                    .await?;
-                let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
-                let result = measure(plan, &dir, Some(format!("{base}/{name}"))).await;
-                if let Err(err) = admin
-                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await
-                {
-                    tracing::warn!(error = %err, "The benchmark database could not be dropped.");
-                }
-                result
+                super::with_postgres_database(server, |url| measure(plan, &dir, Some(url))).await
             }
         }
     })

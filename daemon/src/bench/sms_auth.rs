@@ -212,6 +212,11 @@ async fn seed(db: &sea_orm::DatabaseConnection, count: usize) -> anyhow::Result<
             fired: Set(false),
             fired_at: Set(None),
             created_at: Set(now),
+            patient_id: Set(Some(format!("sp{i}"))),
+            user_id: Set(None),
+            seq: Set(None),
+            attempts: Set(0),
+            dead: Set(false),
         }))
         .exec_without_returning(db)
         .await?;

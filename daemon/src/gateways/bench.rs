@@ -126,7 +126,9 @@ fn settings(dir: &Path, library: &Path, concurrency: usize) -> Settings {
         allowed_hosts: Vec::new(),
         rate_limit: None,
         per_recipient: None,
-        inbound_per_sender: None,
+        auto_answers_per_sender: None,
+        health_interval: std::time::Duration::from_secs(30),
+        down_fails_readiness: false,
     };
     let mut settings = Settings {
         state_dir: dir.to_owned(),

@@ -6,8 +6,10 @@
 //! same path:
 //!
 //! - **A text** is recognised by `(gateway, provider message id)`: seen before, it is
-//!   a provider's retry and nothing is stored again. A sender over the instance's
-//!   `inbound_per_sender` limit is dropped (and counted). Otherwise [`route`] decides:
+//!   a provider's retry and nothing is stored again. Whatever the rate, every new text
+//!   is stored before the provider is answered: the instance's
+//!   `auto_answers_per_sender` limit throttles only caremsg's automatic answers
+//!   (`sms::auth`), never a text or a keyword's effect. [`route`] decides:
 //!   a text to a practice's number from the mobile number of an active patient of
 //!   that practice whose SMS status is `pending` or `enabled` (or, for a keyword,
 //!   `opted_out`) goes to that patient's actor, where SMS authentication takes
@@ -15,18 +17,24 @@
 //!   per provider id; any other text goes to the unmatched-inbound log, together
 //!   with its `inbound_receipts` row in one unit (an insert-or-ignore that must
 //!   insert, so a concurrent duplicate rolls the unit back).
-//! - **A delivery receipt** moves the delivery with that provider id forward only:
-//!   `queued`/`sending` → `sent` → `delivered` | `failed` | `undelivered`; never
-//!   backward, never from one final status to another. A receipt for an id not
-//!   (yet) stored is ignored: the delivery's own `send` result still records it.
+//! - **A delivery receipt** is deduplicated by (provider id, status) — a replayed
+//!   status callback changes nothing — and moves the delivery with that provider id
+//!   forward only: `queued`/`sending` → `sent` → `delivered` | `failed` |
+//!   `undelivered`; never backward, never from one final status to another. A receipt
+//!   for an id no delivery carries yet (its send's outcome is not recorded yet) is
+//!   parked (`parked_receipts`) and applied when the outcome records the id
+//!   ([`apply_parked`]). A failed receipt with a carrier opt-out code opts out that
+//!   delivery's number for that delivery's practice only, never over a consent
+//!   change newer than the send.
 //! - **An opt-out** opts the number out of every practice whose numbers this instance
-//!   serves, then tells its patients' actors ([`super::consent`]).
+//!   serves, then tells its patients' actors ([`super::consent`]) — unless it came in
+//!   the same callback as a delivery receipt, which scopes it (above).
 
 use std::sync::Arc;
 
 use caremsg_entities::{
-    DeliveryStatus, SmsStatus, delivery, inbound_receipt, patient, practice, practice_sms_number,
-    unmatched_inbound,
+    DeliveryChannel, DeliveryStatus, SmsStatus, delivery, inbound_receipt, parked_receipt, patient,
+    practice, practice_sms_number, sms_consent, unmatched_inbound,
 };
 use caremsg_plugin_host::{Event, ReceiptStatus};
 use chrono::{DateTime, Utc};
@@ -38,7 +46,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::host::Emitted;
 use super::instance::GatewayInstance;
-use super::limits::Check;
 use crate::phi::{Body, Phi, Phone};
 use crate::state::Shared;
 use crate::writer::{Expect, WriteError, WriteUnit};
@@ -71,12 +78,16 @@ pub enum EventOutcome {
     Unmatched,
     /// The text was stored before (a provider's retry); nothing changed.
     Duplicate,
-    /// The sender is over its inbound limit; the text was dropped.
-    RateLimited,
     /// The receipt moved a delivery forward.
     ReceiptApplied,
-    /// The receipt names no stored delivery, or would move one backward.
+    /// The receipt would move its delivery backward, or from one final status to
+    /// another.
     ReceiptIgnored,
+    /// No delivery carries the receipt's provider id yet: it is parked until one does.
+    ReceiptParked,
+    /// A provider's opt-out report that came with a delivery receipt in the same
+    /// callback: the receipt applies it, scoped to its delivery.
+    OptOutScoped,
     /// The opt-out is recorded.
     OptedOut,
 }
@@ -88,9 +99,10 @@ impl EventOutcome {
             Self::Conversation => "conversation",
             Self::Unmatched => "unmatched",
             Self::Duplicate => "duplicate",
-            Self::RateLimited => "rate_limited",
             Self::ReceiptApplied => "receipt_applied",
             Self::ReceiptIgnored => "receipt_ignored",
+            Self::ReceiptParked => "receipt_parked",
+            Self::OptOutScoped => "opt_out_scoped",
             Self::OptedOut => "opted_out",
         }
     }
@@ -117,8 +129,18 @@ pub async fn commit(
     events: Vec<Event>,
 ) -> Result<Vec<EventOutcome>, InboundError> {
     let mut outcomes = Vec::with_capacity(events.len());
+    // A status callback reports a carrier opt-out as a failed receipt (which applies
+    // it to that delivery's practice and number only) and, with it, an opt-out of the
+    // bare number: that one must not reach every practice on the gateway.
+    let with_receipt = events
+        .iter()
+        .any(|event| matches!(event, Event::DeliveryReceipt { .. }));
     for event in events {
-        let outcome = commit_one(state, gateway, without_nul(event)).await;
+        let outcome = if with_receipt && matches!(event, Event::OptOut { .. }) {
+            Ok(EventOutcome::OptOutScoped)
+        } else {
+            commit_one(state, gateway, without_nul(event)).await
+        };
         let label = match &outcome {
             Ok(outcome) => outcome.as_str(),
             Err(_) => "failed",
@@ -181,10 +203,6 @@ async fn commit_one(
         } => {
             if seen(state, gateway.name(), &provider_message_id).await? {
                 return Ok(EventOutcome::Duplicate);
-            }
-            if let Check::Wait(_) = gateway.limits().check_sender(&from) {
-                tracing::warn!(gateway = %gateway.name(), %provider_message_id, "An inbound text was dropped: its sender is over the inbound limit.");
-                return Ok(EventOutcome::RateLimited);
             }
             route(
                 state,
@@ -347,37 +365,53 @@ pub async fn route(state: &Shared, sms: InboundSms) -> Result<EventOutcome, Inbo
             crate::sms::auth::ReplyOutcome::NotForPatient => {}
         }
     }
-    let now = state.clock.now();
-    let (keyword_unit, answered) = match &practice {
-        Some(practice) => {
-            crate::sms::auth::unmatched(state, practice, from.expose(), sms.body.expose(), now)
+    // A STOP's consent change is guarded (`NOT_YET_OPTED_OUT`): when a concurrent
+    // STOP from the same number won, the text is stored again with what it now
+    // warrants (no second confirmation). Twice is enough: the second try sees the
+    // number opted out and changes no consent.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let now = state.clock.now();
+        let (keyword_unit, answered) = match &practice {
+            Some(practice) => {
+                crate::sms::auth::unmatched(
+                    state,
+                    &sms.gateway,
+                    practice,
+                    from.expose(),
+                    sms.body.expose(),
+                    now,
+                )
                 .await?
+            }
+            None => (WriteUnit::new(), None),
+        };
+        let unit = receipt_unit(
+            &sms.gateway,
+            &sms.provider_message_id,
+            EventOutcome::Unmatched,
+            now,
+            true,
+        )
+        .insert(unmatched_inbound::ActiveModel {
+            id: Set(uuid::Uuid::now_v7().to_string()),
+            gateway: Set(sms.gateway.clone()),
+            provider_message_id: Set(Some(sms.provider_message_id.clone())),
+            from_phone: Set(from.expose().clone()),
+            to_phone: Set(sms.to.expose().clone()),
+            practice_id: Set(practice.as_ref().map(|p| p.id.clone())),
+            body: Set(sms.body.expose().clone()),
+            answered: Set(answered.map(str::to_owned)),
+            received_at: Set(now),
+        })
+        .merge(keyword_unit);
+        match state.writer.write(unit).await {
+            Ok(()) => return Ok(EventOutcome::Unmatched),
+            Err(error) if is_duplicate(&error) => return Ok(EventOutcome::Duplicate),
+            Err(WriteError::Precondition(crate::sms::auth::NOT_YET_OPTED_OUT)) if tries < 3 => {}
+            Err(error) => return Err(error.into()),
         }
-        None => (WriteUnit::new(), None),
-    };
-    let unit = receipt_unit(
-        &sms.gateway,
-        &sms.provider_message_id,
-        EventOutcome::Unmatched,
-        now,
-        true,
-    )
-    .insert(unmatched_inbound::ActiveModel {
-        id: Set(uuid::Uuid::now_v7().to_string()),
-        gateway: Set(sms.gateway.clone()),
-        provider_message_id: Set(Some(sms.provider_message_id.clone())),
-        from_phone: Set(from.into_inner()),
-        to_phone: Set(sms.to.into_inner()),
-        practice_id: Set(practice.map(|p| p.id)),
-        body: Set(sms.body.into_inner()),
-        answered: Set(answered.map(str::to_owned)),
-        received_at: Set(now),
-    })
-    .merge(keyword_unit);
-    match state.writer.write(unit).await {
-        Ok(()) => Ok(EventOutcome::Unmatched),
-        Err(error) if is_duplicate(&error) => Ok(EventOutcome::Duplicate),
-        Err(error) => Err(error.into()),
     }
 }
 
@@ -388,7 +422,43 @@ fn normalise(number: &Phone, country: &str) -> Phone {
         .unwrap_or_else(|| number.clone())
 }
 
-/// Moves the delivery with `provider_message_id` forward to the receipt's status.
+/// Provider error codes that mean "the recipient opted out at the carrier" when a
+/// status callback reports a failed delivery (Twilio's 21610).
+pub const CARRIER_OPT_OUT_CODES: &[&str] = &["21610"];
+
+/// The precondition of applying a parked receipt: it is still parked (another
+/// applier did not take it first).
+const STILL_PARKED: &str = "the receipt is still parked";
+
+fn status_name(status: ReceiptStatus) -> &'static str {
+    match status {
+        ReceiptStatus::Sent => "sent",
+        ReceiptStatus::Delivered => "delivered",
+        ReceiptStatus::Failed => "failed",
+        ReceiptStatus::Undelivered => "undelivered",
+    }
+}
+
+fn status_named(name: &str) -> Option<ReceiptStatus> {
+    Some(match name {
+        "sent" => ReceiptStatus::Sent,
+        "delivered" => ReceiptStatus::Delivered,
+        "failed" => ReceiptStatus::Failed,
+        "undelivered" => ReceiptStatus::Undelivered,
+        _ => return None,
+    })
+}
+
+/// The `inbound_receipts` key that deduplicates status callbacks: one per (provider
+/// id, status).
+fn receipt_key(provider_message_id: &str, status: ReceiptStatus) -> String {
+    format!("receipt:{}:{provider_message_id}", status_name(status))
+}
+
+/// A delivery receipt: deduplicated by (provider id, status) — a replayed callback
+/// changes nothing — then applied to the delivery with that provider id, or, when no
+/// delivery carries the id yet (the send's outcome is not recorded yet), parked
+/// until it does ([`apply_parked`]).
 async fn receipt(
     state: &Shared,
     gateway: &str,
@@ -396,34 +466,99 @@ async fn receipt(
     status: ReceiptStatus,
     error_code: Option<String>,
 ) -> Result<EventOutcome, InboundError> {
+    let key = receipt_key(provider_message_id, status);
+    if seen(state, gateway, &key).await? {
+        return Ok(EventOutcome::Duplicate);
+    }
+    let now = state.clock.now();
+    let target = delivery_with(state, gateway, provider_message_id).await?;
+    let Some(target) = target else {
+        // Parked, with its dedup row; then looked for again, in case the send's
+        // outcome landed in between (its recorder looks for parked receipts after
+        // its own commit, so one of the two sees the other).
+        let unit = receipt_unit(gateway, &key, EventOutcome::ReceiptParked, now, true)
+            .insert_or_ignore(
+                parked_receipt::ActiveModel {
+                    gateway: Set(gateway.to_owned()),
+                    provider_message_id: Set(provider_message_id.to_owned()),
+                    status: Set(status_name(status).to_owned()),
+                    error_code: Set(error_code),
+                    received_at: Set(now),
+                },
+                &[
+                    parked_receipt::Column::Gateway,
+                    parked_receipt::Column::ProviderMessageId,
+                    parked_receipt::Column::Status,
+                ],
+            );
+        match state.writer.write(unit).await {
+            Ok(()) => {}
+            Err(error) if is_duplicate(&error) => return Ok(EventOutcome::Duplicate),
+            Err(error) => return Err(error.into()),
+        }
+        tracing::debug!(%gateway, %provider_message_id, "A delivery receipt was parked: no delivery carries its provider id yet.");
+        apply_parked(state, gateway, &[provider_message_id.to_owned()]).await?;
+        return Ok(EventOutcome::ReceiptParked);
+    };
+    let dedup = receipt_unit(gateway, &key, EventOutcome::ReceiptApplied, now, true);
+    match apply(state, gateway, &target, status, error_code, dedup).await {
+        Ok(outcome) => Ok(outcome),
+        Err(InboundError::Write(error)) if is_duplicate(&error) => Ok(EventOutcome::Duplicate),
+        Err(error) => Err(error),
+    }
+}
+
+/// The delivery of `gateway` that carries `provider_message_id`.
+async fn delivery_with(
+    state: &Shared,
+    gateway: &str,
+    provider_message_id: &str,
+) -> Result<Option<delivery::Model>, DbErr> {
+    delivery::Entity::find()
+        .filter(delivery::Column::Gateway.eq(gateway))
+        .filter(delivery::Column::ProviderMessageId.eq(provider_message_id))
+        .one(&state.db)
+        .await
+}
+
+/// Applies receipt `status` to `target`, moving it forward only, with `with` (the
+/// receipt's dedup row, or the removal of its parked row) in the same unit. A failed
+/// delivery whose code is a carrier opt-out ([`CARRIER_OPT_OUT_CODES`]) also opts
+/// the delivery's number out of the delivery's practice — only that one — unless the
+/// number's consent changed after the delivery was handed to the provider (a START
+/// texted after the failed send wins).
+async fn apply(
+    state: &Shared,
+    gateway: &str,
+    target: &delivery::Model,
+    status: ReceiptStatus,
+    error_code: Option<String>,
+    with: WriteUnit,
+) -> Result<EventOutcome, InboundError> {
     use DeliveryStatus as S;
-    let (target, before): (S, &[S]) = match status {
+    let (to, before): (S, &[S]) = match status {
         ReceiptStatus::Sent => (S::Sent, &[S::Queued, S::Sending]),
         ReceiptStatus::Delivered => (S::Delivered, &[S::Queued, S::Sending, S::Sent]),
         ReceiptStatus::Failed => (S::Failed, &[S::Queued, S::Sending, S::Sent]),
         ReceiptStatus::Undelivered => (S::Undelivered, &[S::Queued, S::Sending, S::Sent]),
     };
-    let current: Option<S> = delivery::Entity::find()
-        .select_only()
-        .column(delivery::Column::Status)
-        .filter(delivery::Column::Gateway.eq(gateway))
-        .filter(delivery::Column::ProviderMessageId.eq(provider_message_id))
-        .into_tuple()
-        .one(&state.db)
-        .await?;
-    if !current.is_some_and(|current| before.contains(&current)) {
-        tracing::debug!(%gateway, %provider_message_id, "A delivery receipt was ignored: no such delivery, or its status is already past it.");
+    let now = state.clock.now();
+    if !before.contains(&target.status) {
+        tracing::debug!(%gateway, delivery_id = %target.id, "A delivery receipt was ignored: the delivery's status is already past it.");
+        state.writer.write(with).await?;
         return Ok(EventOutcome::ReceiptIgnored);
     }
-    let now = state.clock.now();
+    let opted_out = matches!(to, S::Failed | S::Undelivered)
+        && error_code
+            .as_deref()
+            .is_some_and(|code| CARRIER_OPT_OUT_CODES.contains(&code));
     let mut update = delivery::Entity::update_many()
-        .col_expr(delivery::Column::Status, Expr::value(target))
+        .col_expr(delivery::Column::Status, Expr::value(to))
         .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
-        .filter(delivery::Column::Gateway.eq(gateway))
-        .filter(delivery::Column::ProviderMessageId.eq(provider_message_id))
+        .filter(delivery::Column::Id.eq(target.id.as_str()))
         .filter(delivery::Column::Status.is_in(before.iter().copied()));
-    if matches!(target, S::Failed | S::Undelivered) {
-        let reason = match target {
+    if matches!(to, S::Failed | S::Undelivered) {
+        let reason = match to {
             S::Failed => "The provider reports that it could not send the message.",
             _ => "The carrier reports that the message could not be delivered.",
         };
@@ -431,11 +566,92 @@ async fn receipt(
             .col_expr(delivery::Column::ErrorCode, Expr::value(error_code))
             .col_expr(delivery::Column::ErrorReason, Expr::value(reason));
     }
-    state
-        .writer
-        .write(WriteUnit::new().exec(update.into_query(), Expect::Any, "delivery receipt"))
-        .await?;
+    let mut unit = with.exec(update.into_query(), Expect::Any, "delivery receipt");
+    let mut follow_up = None;
+    if opted_out
+        && target.channel == DeliveryChannel::Sms
+        && let Some(phone) = &target.recipient
+    {
+        let consent = sms_consent::Entity::find_by_id((target.practice_id.clone(), phone.clone()))
+            .one(&state.db)
+            .await?;
+        let sent_at = target.claimed_at.unwrap_or(target.created_at);
+        if consent.is_some_and(|c| c.changed_at > sent_at) {
+            tracing::info!(%gateway, delivery_id = %target.id, "A carrier opt-out report was not applied: the number's consent changed after the message was sent.");
+        } else {
+            unit = unit.merge(super::consent::number_opted_out(
+                &target.practice_id,
+                phone,
+                now,
+            ));
+            follow_up = Some((target.practice_id.clone(), phone.clone()));
+        }
+    }
+    state.writer.write(unit).await?;
+    if let Some((practice_id, phone)) = follow_up {
+        super::consent::follow_up_logged(state, gateway, &practice_id, &phone).await;
+    }
     Ok(EventOutcome::ReceiptApplied)
+}
+
+/// Applies the receipts parked for `provider_ids` of `gateway` whose delivery now
+/// carries the id: each in one unit with the removal of its parked row (guarded, so
+/// of two appliers one applies it), in the order the provider reports progress.
+pub async fn apply_parked(
+    state: &Shared,
+    gateway: &str,
+    provider_ids: &[String],
+) -> Result<(), InboundError> {
+    for chunk in provider_ids.chunks(500) {
+        let parked = parked_receipt::Entity::find()
+            .filter(parked_receipt::Column::Gateway.eq(gateway))
+            .filter(parked_receipt::Column::ProviderMessageId.is_in(chunk.iter().cloned()))
+            .all(&state.db)
+            .await?;
+        let mut parked: Vec<(ReceiptStatus, parked_receipt::Model)> = parked
+            .into_iter()
+            .filter_map(|p| status_named(&p.status).map(|s| (s, p)))
+            .collect();
+        parked.sort_by_key(|(status, p)| {
+            (
+                p.provider_message_id.clone(),
+                *status != ReceiptStatus::Sent,
+            )
+        });
+        for (status, row) in parked {
+            let Some(target) = delivery_with(state, gateway, &row.provider_message_id).await?
+            else {
+                continue;
+            };
+            let take = WriteUnit::new().exec(
+                parked_receipt::Entity::delete_many()
+                    .filter(parked_receipt::Column::Gateway.eq(gateway))
+                    .filter(
+                        parked_receipt::Column::ProviderMessageId
+                            .eq(row.provider_message_id.as_str()),
+                    )
+                    .filter(parked_receipt::Column::Status.eq(row.status.as_str()))
+                    .into_query(),
+                Expect::Exactly(1),
+                STILL_PARKED,
+            );
+            match apply(
+                state,
+                gateway,
+                &target,
+                status,
+                row.error_code.clone(),
+                take,
+            )
+            .await
+            {
+                Ok(_) => {}
+                Err(InboundError::Write(WriteError::Precondition(STILL_PARKED))) => {}
+                Err(error) => return Err(error),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Opts `number` out of every practice whose numbers `gateway` serves.
@@ -468,8 +684,7 @@ async fn opt_out(
     }
     state.writer.write(unit).await?;
     for (practice_id, phone) in numbers {
-        let patients = super::consent::patients_on(&state.db, &practice_id, &phone).await?;
-        super::consent::tell_patients(state, gateway, &patients).await;
+        super::consent::follow_up_logged(state, gateway, &practice_id, &phone).await;
     }
     Ok(EventOutcome::OptedOut)
 }

@@ -9,6 +9,7 @@ use caremsg_plugin_host::{CallError, HostServices, Instance, Plugin};
 use chrono::{DateTime, Utc};
 use tokio::sync::Semaphore;
 
+use super::health::GatewayHealth;
 use super::limits::Limits;
 
 /// A started gateway instance, shared by its dispatcher, the webhook route and the
@@ -32,6 +33,8 @@ pub struct GatewayInstance {
     services: Arc<dyn HostServices>,
     /// The reload whose `config` runs now; serialises restarts.
     restarted: Mutex<u64>,
+    /// The plugin's answer at the last health poll; `None` before the first.
+    health: Mutex<Option<GatewayHealth>>,
 }
 
 impl std::fmt::Debug for GatewayInstance {
@@ -61,6 +64,7 @@ impl GatewayInstance {
             paused_until: Mutex::new(None),
             services,
             restarted: Mutex::new(0),
+            health: Mutex::new(None),
         }
     }
 
@@ -142,6 +146,22 @@ impl GatewayInstance {
             }
             None => false,
         }
+    }
+
+    /// The plugin's answer at the last health poll; `None` before the first.
+    pub fn health(&self) -> Option<GatewayHealth> {
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records a health answer; returns the previous one.
+    pub(crate) fn set_health(&self, report: GatewayHealth) -> Option<GatewayHealth> {
+        self.health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace(report)
     }
 
     /// Until when the provider asked for a pause, if that is after `now`.

@@ -1,6 +1,8 @@
 //! The rate limits of one gateway instance (governor token buckets): outbound per
 //! instance, counted in SMS segments (messages, for other kinds); outbound per
-//! recipient; inbound per sender. A reload rebuilds only the limiters whose settings
+//! recipient; caremsg's automatic answers per sender (`auto_answers_per_sender`: HELP
+//! replies, wrong-date-of-birth replies, answers to unknown numbers — never the texts
+//! themselves, which are always stored, nor the keywords' effects). A reload rebuilds only the limiters whose settings
 //! changed, so an unchanged limit keeps its state.
 //!
 //! Limiters run on governor's monotonic clock, not on the daemon's injected
@@ -50,8 +52,8 @@ pub(crate) struct Limits {
     instance: Limit<DefaultDirectRateLimiter>,
     /// Outbound messages per second to one recipient.
     per_recipient: Limit<DefaultKeyedRateLimiter<String>>,
-    /// Inbound messages per second from one sender.
-    inbound_per_sender: Limit<DefaultKeyedRateLimiter<String>>,
+    /// Automatic answers per second to one sender.
+    answers_per_sender: Limit<DefaultKeyedRateLimiter<String>>,
 }
 
 fn quota(limit: &RateLimit) -> Option<Quota> {
@@ -101,7 +103,7 @@ impl Limits {
         Self {
             instance: direct(gateway.rate_limit.as_ref()),
             per_recipient: keyed(gateway.per_recipient.as_ref()),
-            inbound_per_sender: keyed(gateway.inbound_per_sender.as_ref()),
+            answers_per_sender: keyed(gateway.auto_answers_per_sender.as_ref()),
         }
     }
 
@@ -111,7 +113,10 @@ impl Limits {
         let same = |a: &Option<RateLimit>, b: &Option<RateLimit>| a == b;
         let unchanged = same(&self.instance.config, &gateway.rate_limit)
             && same(&self.per_recipient.config, &gateway.per_recipient)
-            && same(&self.inbound_per_sender.config, &gateway.inbound_per_sender);
+            && same(
+                &self.answers_per_sender.config,
+                &gateway.auto_answers_per_sender,
+            );
         if unchanged {
             return None;
         }
@@ -126,13 +131,13 @@ impl Limits {
             } else {
                 keyed(gateway.per_recipient.as_ref())
             },
-            inbound_per_sender: if same(
-                &self.inbound_per_sender.config,
-                &gateway.inbound_per_sender,
+            answers_per_sender: if same(
+                &self.answers_per_sender.config,
+                &gateway.auto_answers_per_sender,
             ) {
-                self.inbound_per_sender.clone()
+                self.answers_per_sender.clone()
             } else {
-                keyed(gateway.inbound_per_sender.as_ref())
+                keyed(gateway.auto_answers_per_sender.as_ref())
             },
         })
     }
@@ -160,14 +165,15 @@ impl Limits {
         check_keyed(&self.per_recipient, recipient)
     }
 
-    /// Takes one inbound token for `sender`.
-    pub(crate) fn check_sender(&self, sender: &str) -> Check {
-        check_keyed(&self.inbound_per_sender, sender)
+    /// Takes one automatic-answer token for `sender` (a text caremsg would send on its
+    /// own in answer to one of theirs).
+    pub(crate) fn check_answer(&self, sender: &str) -> Check {
+        check_keyed(&self.answers_per_sender, sender)
     }
 
     /// Forgets keys whose buckets are full again (bounded memory for keyed limits).
     pub(crate) fn forget_idle_keys(&self) {
-        for limit in [&self.per_recipient, &self.inbound_per_sender] {
+        for limit in [&self.per_recipient, &self.answers_per_sender] {
             if let Some(limiter) = &limit.limiter {
                 limiter.retain_recent();
                 limiter.shrink_to_fit();
@@ -193,7 +199,9 @@ mod tests {
             allowed_hosts: vec![],
             rate_limit: rate.map(limit),
             per_recipient: per_recipient.map(limit),
-            inbound_per_sender: None,
+            auto_answers_per_sender: None,
+            health_interval: std::time::Duration::from_secs(30),
+            down_fails_readiness: false,
         }
     }
 

@@ -27,10 +27,11 @@
 
 pub mod bench;
 pub mod consent;
+pub mod health;
 mod host;
 pub mod inbound;
 mod instance;
-mod limits;
+pub(crate) mod limits;
 pub mod outbox;
 pub mod retry;
 
@@ -40,6 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use caremsg_config::{GatewayKind, Settings};
 use caremsg_plugin_host::{HostServices, HyperHttp, Kind, LoadError, StartError};
 use tokio::sync::mpsc;
@@ -49,6 +51,7 @@ use tokio_util::sync::CancellationToken;
 pub use self::host::Emitted;
 pub use self::instance::GatewayInstance;
 use self::outbox::Dispatcher;
+use crate::clock::SharedClock;
 use crate::state::Shared;
 
 /// Most events plugins may have emitted and not yet committed; beyond it `emit`
@@ -147,27 +150,36 @@ impl Gateways {
     /// Loads every configured library and starts its instance (on the blocking pool:
     /// plugins may do I/O when they start). The first failure stops everything
     /// already started and names the instance and the file.
-    pub async fn load(settings: &Settings) -> Result<Self, GatewayError> {
+    ///
+    /// `settings` are the live settings (plugins read `server.public_url` through
+    /// `Host::hook_url`), `clock` the daemon's clock (`Host::now`).
+    pub async fn load(
+        settings: Arc<ArcSwap<Settings>>,
+        clock: SharedClock,
+    ) -> Result<Self, GatewayError> {
         let runtime = tokio::runtime::Handle::current();
-        let gateways = settings.gateways.clone();
-        tokio::task::spawn_blocking(move || Self::load_blocking(&gateways, runtime))
+        tokio::task::spawn_blocking(move || Self::load_blocking(settings, clock, runtime))
             .await
             .map_err(|error| GatewayError::Join(error.to_string()))?
     }
 
     fn load_blocking(
-        configured: &[caremsg_config::Gateway],
+        settings: Arc<ArcSwap<Settings>>,
+        clock: SharedClock,
         runtime: tokio::runtime::Handle,
     ) -> Result<Self, GatewayError> {
+        let configured = settings.load().gateways.clone();
         let http = Arc::new(HyperHttp::new(runtime, HTTP_TIMEOUT));
         let (tx, rx) = mpsc::channel(EMIT_QUEUE);
         let services: Arc<dyn HostServices> = Arc::new(host::Services {
             http: http.clone(),
             emitted: tx,
+            settings,
+            clock,
         });
         let mut instances: HashMap<String, Arc<GatewayInstance>> = HashMap::new();
         let mut ordered = Vec::new();
-        for gateway in configured {
+        for gateway in &configured {
             let path = gateway.library.display().to_string();
             let fail = |instances: &HashMap<String, Arc<GatewayInstance>>| {
                 for started in instances.values() {
@@ -290,7 +302,49 @@ impl Gateways {
             state.clone(),
             self.stop.clone(),
         )));
+        for instance in self.instances.values() {
+            tasks.push(tokio::spawn(health::run(
+                state.clone(),
+                instance.clone(),
+                self.stop.clone(),
+            )));
+        }
         Ok(())
+    }
+
+    /// Polls every instance's health now and waits for the answers (what the periodic
+    /// poll does, on demand: tests call it rather than wait for `health_interval`).
+    pub async fn poll_health(&self, state: &Shared) {
+        for instance in self.instances.values() {
+            health::poll(instance, &state.metrics).await;
+        }
+    }
+
+    /// Every instance's last health report, by name (`/readyz`), and the name of one
+    /// that is down with `down_fails_readiness` set (in `settings`), if any.
+    pub fn health_report(
+        &self,
+        settings: &Settings,
+    ) -> (
+        std::collections::BTreeMap<String, health::GatewayHealth>,
+        Option<String>,
+    ) {
+        let mut fails = None;
+        let mut report = std::collections::BTreeMap::new();
+        for (name, instance) in &self.instances {
+            let Some(last) = instance.health() else {
+                continue;
+            };
+            let required = settings
+                .gateways
+                .iter()
+                .any(|g| &g.name == name && g.down_fails_readiness);
+            if required && last.health == health::HealthState::Down && fails.is_none() {
+                fails = Some(name.clone());
+            }
+            report.insert(name.clone(), last);
+        }
+        (report, fails)
     }
 
     /// Logs queued deliveries that name a gateway no instance has: they wait until a

@@ -16,7 +16,8 @@
 //! 2. **Claim, with consent, in one write unit** through the writer, so the claim is
 //!    committed before any plugin call and the consent read is the committed state
 //!    at that instant: rows whose number opted out of the practice's texts
-//!    (`sms_consent`), whose patient opted out or was deleted, or — for conversation
+//!    (`sms_consent`), whose patient opted out or was deleted, whose practice was
+//!    deactivated (even the opt-out confirmation), or — for conversation
 //!    messages — whose patient's SMS status is no longer `enabled` become `refused`
 //!    (with the reason in `error_code`) and are never handed to the plugin; the rest
 //!    become `sending` with `claimed_at` and one more attempt.
@@ -57,7 +58,7 @@ use std::time::{Duration, Instant};
 use caremsg_config::GatewayKind;
 use caremsg_entities::{
     DeliveryChannel, DeliveryPurpose, DeliveryStatus, SmsStatus, delivery, message, patient,
-    sms_consent,
+    practice, sms_consent,
 };
 use caremsg_plugin_host::{CallError, Outbound, SendOutcome};
 use chrono::{DateTime, TimeDelta, Utc};
@@ -481,7 +482,9 @@ async fn plugin_pass(
         return Ok(report);
     }
 
-    // 3. Send.
+    // 3. Send, and 4. record each outcome as its send completes (the writer commits
+    // the records of sends that complete together in one batch): a crash mid-pass
+    // leaves `sending` only the rows whose outcome is truly unknown.
     let bodies = message_bodies(state, &claimed).await?;
     let mut sends = FuturesUnordered::new();
     for row in claimed {
@@ -494,28 +497,32 @@ async fn plugin_pass(
                     .and_then(|id| bodies.get(id).cloned())
             })
             .unwrap_or_default();
-        sends.push(send_one(state, dispatcher, gateway, row, body));
+        sends.push(async move {
+            let (row, outcome) = send_one(state, dispatcher, gateway, row, body).await;
+            let label = outcome.label();
+            record(
+                state,
+                gateway.name(),
+                vec![(row, outcome)],
+                state.clock.now(),
+            )
+            .await;
+            label
+        });
     }
-    let mut outcomes = Vec::with_capacity(sends.len());
-    while let Some(outcome) = sends.next().await {
-        outcomes.push(outcome);
-    }
-    drop(sends);
-
-    // 4. Record.
-    for (_, outcome) in &outcomes {
-        match outcome {
-            Outcome::Sent { .. } => report.sent += 1,
-            Outcome::Retry { .. } => report.retried += 1,
-            Outcome::Failed { .. } | Outcome::Unsubscribed { .. } => report.failed += 1,
-            Outcome::NotAttempted { .. } => report.deferred += 1,
+    while let Some(label) = sends.next().await {
+        match label {
+            "sent" => report.sent += 1,
+            "retry" => report.retried += 1,
+            "not_attempted" => report.deferred += 1,
+            _ => report.failed += 1,
         }
     }
+    drop(sends);
     if let Some(until) = gateway.paused_until(now) {
         report.paused_until = Some(until);
         report.more = false;
     }
-    record(state, gateway.name(), outcomes, now).await;
     Ok(report)
 }
 
@@ -574,6 +581,11 @@ fn claim_unit(ids: &[String], now: DateTime<Utc>) -> WriteUnit {
                 .add(patient_where(patient::Column::Active.eq(false))),
             "patient_inactive",
             "The patient was removed; nothing more is sent to them.",
+        ),
+        (
+            Condition::all().add(practice_inactive()),
+            "practice_inactive",
+            "The practice was deactivated; nothing more is sent for it.",
         ),
         (
             Condition::all()
@@ -664,6 +676,22 @@ fn number_opted_out() -> Expr {
     )
 }
 
+/// The delivery's practice was deactivated (nothing is exempt: not even an opt-out
+/// confirmation leaves for a deactivated practice).
+fn practice_inactive() -> Expr {
+    Expr::exists(
+        Query::select()
+            .expr(Expr::val(1))
+            .from(practice::Entity)
+            .and_where(
+                Expr::col((practice::Entity, practice::Column::Id))
+                    .equals((delivery::Entity, delivery::Column::PracticeId)),
+            )
+            .and_where(practice::Column::Active.eq(false))
+            .to_owned(),
+    )
+}
+
 /// The delivery's patient meets `condition`.
 fn patient_where(condition: impl IntoCondition) -> Expr {
     Expr::exists(
@@ -706,7 +734,7 @@ async fn send_one(
         .call_if(
             || gateway.paused_until(state.clock.now()).is_none(),
             move |instance| {
-                let result = instance.send(&outbound);
+                let result = instance.send(&outbound).map(retry::clamp_retry_after);
                 // Paused before the concurrency permit is released, so no send
                 // waiting for it goes out after the provider pushed back.
                 if let Ok(SendOutcome::Retryable { after, code, .. }) = &result
@@ -787,11 +815,12 @@ async fn send_one(
     (row, outcome)
 }
 
-/// Records the outcomes of a pass: the common `sent` rows in few statements, the
-/// rest one statement each, all in one unit. If that unit fails (say a plugin
-/// returned a provider id already stored), each row is recorded on its own, so one
-/// bad row cannot leave the others `sending`. Then the patients of numbers that
-/// unsubscribed are told ([`super::consent`]).
+/// Records outcomes: the `sent` rows in few statements, the rest one statement each,
+/// all in one unit. If that unit fails (say a plugin returned a provider id already
+/// stored), each row is recorded on its own, so one bad row cannot leave the others
+/// `sending`. Then receipts parked for the provider ids now stored are applied
+/// ([`super::inbound::apply_parked`]), and the patients of numbers that unsubscribed
+/// are told ([`super::consent::follow_up`]).
 async fn record(
     state: &Shared,
     gateway: &str,
@@ -809,7 +838,14 @@ async fn record(
     let mut sent = Vec::new();
     let mut singles: Vec<(String, WriteUnit)> = Vec::new();
     let mut unsubscribed: Vec<(String, String)> = Vec::new();
+    let mut provider_ids: Vec<String> = Vec::new();
     for (row, outcome) in outcomes {
+        if let Outcome::Sent {
+            provider_id: Some(id),
+        } = &outcome
+        {
+            provider_ids.push(id.clone());
+        }
         if let Outcome::Unsubscribed { .. } = &outcome
             && row.channel == DeliveryChannel::Sms
             && let Some(recipient) = &row.recipient
@@ -831,13 +867,13 @@ async fn record(
         tracing::warn!(%gateway, %error, "Recording a pass's outcomes failed; recording each delivery on its own.");
         record_one_by_one(state, gateway, sent, singles, now).await;
     }
+    if !provider_ids.is_empty()
+        && let Err(error) = super::inbound::apply_parked(state, gateway, &provider_ids).await
+    {
+        tracing::warn!(%gateway, %error, "Receipts parked for sent deliveries could not be applied yet; they are applied with the next receipt or pruned.");
+    }
     for (practice_id, phone) in unsubscribed {
-        match super::consent::patients_on(&state.db, &practice_id, &phone).await {
-            Ok(patients) => super::consent::tell_patients(state, gateway, &patients).await,
-            Err(error) => {
-                tracing::error!(%gateway, %error, "The patients of an unsubscribed number could not be read; the number is opted out.");
-            }
-        }
+        super::consent::follow_up_logged(state, gateway, &practice_id, &phone).await;
     }
 }
 

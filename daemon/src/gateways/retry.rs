@@ -20,6 +20,29 @@ pub const RETRY_CAP: Duration = Duration::from_secs(15 * 60);
 /// working day without texting a patient about yesterday's news.
 pub const MAX_RETRY_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// The longest wait a provider's `Retry-After` may impose: a larger (or absurd) value
+/// is clamped to it before it becomes a pause or a retry instant, so it can never
+/// overflow a time computation.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60 * 60);
+
+/// `outcome` with its `retry_after`, if any, clamped to [`MAX_RETRY_AFTER`].
+pub fn clamp_retry_after(
+    outcome: caremsg_plugin_host::SendOutcome,
+) -> caremsg_plugin_host::SendOutcome {
+    match outcome {
+        caremsg_plugin_host::SendOutcome::Retryable {
+            after,
+            code,
+            reason,
+        } => caremsg_plugin_host::SendOutcome::Retryable {
+            after: after.map(|after| after.min(MAX_RETRY_AFTER)),
+            code,
+            reason,
+        },
+        other => other,
+    }
+}
+
 /// Closest two retry instants handed out by one [`Spreader`] may be, in milliseconds.
 const MIN_GAP_MS: i64 = 2;
 

@@ -51,7 +51,6 @@ use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, Que
 
 use self::recipients::Recipient;
 use self::settings::Setting;
-use crate::events::Event;
 use crate::state::AppState;
 use crate::writer::{Expect, WriteUnit};
 
@@ -119,10 +118,7 @@ impl Notify {
             }
             if in_app {
                 state.metrics.notification(kind, "in_app", 1);
-                state.events.publish(Event::Notification {
-                    user_id: row.user_id.clone(),
-                    notification: Arc::new(row),
-                });
+                state.events.notify(row.user_id.clone(), Arc::new(row));
             }
         }
         if emails > 0 {

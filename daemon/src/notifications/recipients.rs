@@ -167,6 +167,6 @@ mod tests {
         assert_eq!(ACCESSIBLE.matches('?').count(), 1);
         let rule = accessible_to_row_user();
         assert!(!rule.contains('?'));
-        assert!(rule.contains("r.user_id = u.id"));
+        assert!(rule.contains("acc_u.id = u.id"));
     }
 }

@@ -81,6 +81,15 @@ pub fn parse(subject: &str) -> Vec<(&str, &str, i64)> {
         .collect()
 }
 
+/// The (patient, user, seq) a reminder names: its structured columns, or — for a row
+/// the migration could not split — every candidate split of its subject.
+fn names(timer: &timer::Model) -> Vec<(&str, &str, i64)> {
+    match (&timer.patient_id, &timer.user_id, timer.seq) {
+        (Some(p), Some(u), Some(seq)) => vec![(p.as_str(), u.as_str(), seq)],
+        _ => parse(&timer.subject),
+    }
+}
+
 /// Arms the reminder of the streak starting at `seq`, due at `due_at`, unless that
 /// streak's timer exists (armed or fired).
 pub fn arm(
@@ -90,7 +99,12 @@ pub fn arm(
     due_at: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> WriteUnit {
-    timers::arm_if_absent(KIND, &subject(patient_id, user_id, seq), due_at, now)
+    let names = timers::Names {
+        patient_id: Some(patient_id),
+        user_id: Some(user_id),
+        seq: Some(seq),
+    };
+    timers::arm_if_absent_about(KIND, &subject(patient_id, user_id, seq), names, due_at, now)
 }
 
 /// The unit that goes with moving `user_id`'s read marker in `patient_id`'s
@@ -255,7 +269,7 @@ fn effect(
     now: DateTime<Utc>,
 ) -> Notify {
     let mut notify = Notify::default();
-    let found = parse(&timer.subject)
+    let found = names(timer)
         .into_iter()
         .find_map(|(p, u, seq)| panel.get(&(p, u)).map(|to| (*to, seq)));
     if let Some((to, seq)) = found
@@ -293,7 +307,7 @@ async fn fire_batch(state: &AppState, now: DateTime<Utc>, group: Vec<Due>) {
     let mut patients = BTreeSet::new();
     let mut users = BTreeSet::new();
     for due in &group {
-        for (p, u, _) in parse(&due.timer.subject) {
+        for (p, u, _) in names(&due.timer) {
             patients.insert(p.to_owned());
             users.insert(u.to_owned());
         }

@@ -113,17 +113,35 @@ pub enum SmsError {
     /// Storage failed.
     #[error("storage failed: {0}")]
     Storage(String),
+    /// The storage cannot take or serve writes now, or the commit's outcome is
+    /// unknown ([`WriteError::is_storage`]).
+    #[error("{0}")]
+    Unavailable(WriteError),
 }
 
 impl From<DbErr> for SmsError {
     fn from(err: DbErr) -> Self {
-        Self::Storage(err.to_string())
+        match SendError::from(err) {
+            SendError::Unavailable(err) => Self::Unavailable(err),
+            other => Self::Storage(other.to_string()),
+        }
     }
 }
 
 impl From<WriteError> for SmsError {
     fn from(err: WriteError) -> Self {
-        Self::Storage(err.to_string())
+        match err {
+            // The database's guard of one pending-or-enabled patient per number and
+            // practice (the partial unique index `ux_patients_sms_number`; SQLite
+            // names its columns): a concurrent start on the same number won.
+            WriteError::Conflict(what)
+                if what.contains("ux_patients_sms_number") || what.contains("mobile_phone") =>
+            {
+                Self::PhoneInUse
+            }
+            other if other.is_storage() => Self::Unavailable(other),
+            other => Self::Storage(other.to_string()),
+        }
     }
 }
 
@@ -131,6 +149,7 @@ impl From<SendError> for SmsError {
     fn from(err: SendError) -> Self {
         match err {
             SendError::NotFound => Self::NotFound,
+            SendError::Unavailable(err) => Self::Unavailable(err),
             other => Self::Storage(other.to_string()),
         }
     }
@@ -216,6 +235,28 @@ async fn latest_session(
         .order_by_desc(sms_auth_session::Column::Id)
         .one(&state.db)
         .await
+}
+
+/// The conversation's note when an automatic answer was throttled.
+pub const ANSWER_THROTTLED: &str = "An automatic answer was not sent: this number has had too many automatic answers in a short time.";
+
+/// Whether caremsg may send an automatic answer (HELP, a wrong date of birth, an
+/// unknown number's HELP) to `to` through `gateway` now: the instance's
+/// `auto_answers_per_sender` limit, which exists so that two auto-responders cannot
+/// loop. A refusal is counted; the caller records it where the text is recorded. The
+/// text that asked is stored and its keyword applied either way.
+pub fn may_answer(state: &Shared, gateway: &str, to: &str) -> bool {
+    let Some(instance) = state.gateways.instance(gateway) else {
+        return true;
+    };
+    match instance.limits().check_answer(to) {
+        crate::gateways::limits::Check::Allowed => true,
+        crate::gateways::limits::Check::Wait(_) => {
+            state.metrics.answer_throttled(gateway);
+            tracing::info!(%gateway, "An automatic answer was not sent: its number is over the automatic-answer limit.");
+            false
+        }
+    }
 }
 
 /// Whether `phone` texted STOP to `practice_id` (and not START since).
@@ -335,6 +376,17 @@ impl<'a> Change<'a> {
         self.change = Some((history_id, self.seq));
     }
 
+    /// An automatic answer to `to` through `gateway`, unless the number is over the
+    /// automatic-answer limit ([`may_answer`]): then a `system` note says so instead.
+    async fn answer(&mut self, gateway: &str, to: &str, body: String) -> Result<(), SmsError> {
+        if may_answer(self.state, gateway, to) {
+            self.text(to, body, None).await
+        } else {
+            self.system(ANSWER_THROTTLED);
+            Ok(())
+        }
+    }
+
     /// An outbound text to `to` (an outbox row).
     async fn text(
         &mut self,
@@ -387,9 +439,13 @@ impl<'a> Change<'a> {
                     expires_at: Set(expires_at),
                     ended_at: Set(None),
                 })
-                .merge(timers::arm(
+                .merge(timers::arm_about(
                     TimerKind::SmsAuthWindow,
                     &session_id,
+                    timers::Names {
+                        patient_id: Some(&self.patient.id),
+                        ..timers::Names::default()
+                    },
                     expires_at,
                     now,
                 )),
@@ -478,7 +534,8 @@ impl<'a> Change<'a> {
                     direction: m.direction,
                     channel: m.channel,
                     body: Phi::new(m.body.clone()),
-                })));
+                })))
+                .await;
         }
         if let Some((status, reason)) = self.status {
             self.state
@@ -488,7 +545,8 @@ impl<'a> Change<'a> {
                     practice_id: self.practice.id.clone(),
                     status,
                     reason: reason.map(|r| r.as_str().to_owned()),
-                })));
+                })))
+                .await;
         }
         Ok(self.seq)
     }
@@ -546,6 +604,7 @@ async fn text_row(
 /// was answered.
 pub async fn unmatched(
     state: &Shared,
+    gateway: &str,
     practice: &practice::Model,
     from: &str,
     body: &str,
@@ -557,10 +616,11 @@ pub async fn unmatched(
     let mut unit = WriteUnit::new();
     let answered = match keywords::classify(body) {
         Some(Keyword::OptOut) if !opted_out => {
-            unit = unit.merge(consent(
+            // Guarded: of two STOPs at once, one opts the number out and is confirmed;
+            // the other fails this precondition and is routed again (no answer).
+            unit = unit.merge(opt_out_once(
                 &practice.id,
                 from,
-                true,
                 SmsStatusReason::PatientStop.as_str(),
                 now,
             ));
@@ -581,11 +641,15 @@ pub async fn unmatched(
             Some("opt_out_confirmed")
         }
         Some(Keyword::Help) if !opted_out => {
-            let text = texts::render(templates, Template::Help, name);
-            if let Some(row) = text_row(state, practice, None, from, text, None, now).await? {
-                unit = unit.insert(row);
+            if may_answer(state, gateway, from) {
+                let text = texts::render(templates, Template::Help, name);
+                if let Some(row) = text_row(state, practice, None, from, text, None, now).await? {
+                    unit = unit.insert(row);
+                }
+                Some("help")
+            } else {
+                Some("help_throttled")
             }
-            Some("help")
         }
         Some(Keyword::OptIn) if opted_out => {
             unit = unit.merge(consent(&practice.id, from, false, "patient_start", now));
@@ -594,6 +658,38 @@ pub async fn unmatched(
         _ => None,
     };
     Ok((unit, answered))
+}
+
+/// The precondition of [`opt_out_once`]: the number was not opted out when the unit
+/// was built; a concurrent STOP got there first.
+pub const NOT_YET_OPTED_OUT: &str = "the number is not opted out yet";
+
+/// Opts `phone` out of `practice_id`'s texts, failing [`NOT_YET_OPTED_OUT`] unless
+/// this unit is the one that changes it (a consent row is made first if none exists).
+fn opt_out_once(practice_id: &str, phone: &str, reason: &str, now: DateTime<Utc>) -> WriteUnit {
+    WriteUnit::new()
+        .insert_or_ignore(
+            sms_consent::ActiveModel {
+                practice_id: Set(practice_id.to_owned()),
+                phone: Set(phone.to_owned()),
+                opted_out: Set(false),
+                reason: Set(None),
+                changed_at: Set(now),
+            },
+            &[sms_consent::Column::PracticeId, sms_consent::Column::Phone],
+        )
+        .exec(
+            sms_consent::Entity::update_many()
+                .col_expr(sms_consent::Column::OptedOut, Expr::value(true))
+                .col_expr(sms_consent::Column::Reason, Expr::value(reason))
+                .col_expr(sms_consent::Column::ChangedAt, Expr::value(now))
+                .filter(sms_consent::Column::PracticeId.eq(practice_id))
+                .filter(sms_consent::Column::Phone.eq(phone))
+                .filter(sms_consent::Column::OptedOut.eq(false))
+                .into_query(),
+            Expect::Exactly(1),
+            NOT_YET_OPTED_OUT,
+        )
 }
 
 fn session_end(
@@ -842,9 +938,13 @@ async fn resend(
                 Expect::Exactly(1),
                 "session pending",
             )
-            .merge(timers::arm(
+            .merge(timers::arm_about(
                 TimerKind::SmsAuthWindow,
                 &session.id,
+                timers::Names {
+                    patient_id: Some(&session.patient_id),
+                    ..timers::Names::default()
+                },
                 expires_at,
                 now,
             )),
@@ -1064,7 +1164,7 @@ async fn reply(
             change.system("Patient texted HELP.");
             if !opted_out_number {
                 let text = change.template(Template::Help);
-                change.text(&phone, text, None).await?;
+                change.answer(gateway, &phone, text).await?;
             }
             Ok((change.commit(None).await?, ReplyOutcome::Handled))
         }
@@ -1093,7 +1193,8 @@ async fn reply(
         _ => match (&pending, change.patient.sms_status) {
             (Some(session), SmsStatus::Pending) => {
                 let session = session.clone();
-                dob_reply(change, session, &phone, body, receipt("auth_reply")).await
+                let receipt = receipt("auth_reply");
+                dob_reply(change, session, gateway, &phone, body, receipt).await
             }
             (_, SmsStatus::Enabled) => {
                 let patient_id = change.patient.id.clone();
@@ -1124,6 +1225,7 @@ async fn reply(
 async fn dob_reply(
     mut change: Change<'_>,
     session: sms_auth_session::Model,
+    gateway: &str,
     phone: &str,
     body: Body,
     receipt: WriteUnit,
@@ -1202,7 +1304,7 @@ async fn dob_reply(
                 change.text(phone, text, None).await?;
             } else {
                 let text = change.template(Template::WrongReply);
-                change.text(phone, text, None).await?;
+                change.answer(gateway, phone, text).await?;
             }
         }
     }

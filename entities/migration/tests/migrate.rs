@@ -434,6 +434,11 @@ async fn round_trip_every_entity(db: &DatabaseConnection) -> Result<()> {
             fired: false,
             fired_at: None,
             created_at: at(10)?,
+            patient_id: Some("patient-1".into()),
+            user_id: Some("user-1".into()),
+            seq: Some(7),
+            attempts: 2,
+            dead: false,
         },
     )
     .await?;

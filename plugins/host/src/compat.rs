@@ -124,7 +124,7 @@ mod tests {
             (header(0, 1, 0, size), Some("wrong magic")),
             (
                 header(abi::MAGIC, 2, 0, size),
-                Some("built for ABI 2.0, but this daemon speaks ABI 1.0"),
+                Some("built for ABI 2.0, but this daemon speaks ABI 1.1"),
             ),
             (header(abi::MAGIC, 1, 7, size), Some("needs ABI 1.7")),
             (
@@ -150,11 +150,12 @@ mod tests {
     #[test]
     fn size_rule() {
         let path = Path::new("p.so");
+        let minor = abi::ABI_MINOR;
         let same = StructSizes::CURRENT;
-        assert!(check_sizes(path, 0, &same).is_ok());
+        assert!(check_sizes(path, minor, &same).is_ok());
         let mut bigger = same;
         bigger.outbound += 8;
-        let message = check_sizes(path, 0, &bigger)
+        let message = check_sizes(path, minor, &bigger)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
@@ -162,9 +163,15 @@ mod tests {
         let mut smaller = same;
         smaller.event -= 8;
         assert!(
-            check_sizes(path, 0, &smaller).is_err(),
+            check_sizes(path, minor, &smaller).is_err(),
             "same minor must match exactly"
         );
+        // An older minor declares the shorter structures of its day (ABI 1.0's
+        // host-services table had no `hook_url` and `now_ms`): a prefix, accepted.
+        let mut v1_0 = same;
+        v1_0.host_services -= 16;
+        assert!(check_sizes(path, 0, &v1_0).is_ok());
+        assert!(check_sizes(path, 0, &bigger).is_err());
         assert!(check_one(path, 0, "X", 8, 8).is_ok());
     }
 

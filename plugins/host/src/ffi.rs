@@ -20,7 +20,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use caremsg_plugin_sdk::abi::{self, Buffer, DeclarationHeader, Slice};
 use caremsg_plugin_sdk::headers::{self, Headers};
@@ -147,6 +147,8 @@ impl HostCtx {
                 emit: host_emit,
                 log: host_log,
                 http: host_http,
+                hook_url: host_hook_url,
+                now_ms: host_now_ms,
             },
             instance,
             services: RwLock::new(Some(services)),
@@ -311,6 +313,44 @@ unsafe extern "C" fn host_log(ctx: *const c_void, level: u32, message: Slice) {
             services.log(&ctx.instance, level, &message);
         }
     }));
+}
+
+unsafe extern "C" fn host_hook_url(ctx: *const c_void, out: *mut Buffer) -> u32 {
+    if ctx.is_null() || out.is_null() {
+        return abi::call::INVALID_INPUT;
+    }
+    let url = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: the table's `ctx`, as handed to the plugin.
+        let ctx = unsafe { host_ctx(ctx) };
+        ctx.services("hook_url")
+            .and_then(|services| services.hook_url(&ctx.instance))
+    }));
+    match url {
+        Ok(Some(url)) => {
+            // SAFETY: `out` is a valid out-parameter holding `Buffer::EMPTY` (ABI rule),
+            // so overwriting it leaks nothing.
+            unsafe { out.write(Buffer::from_string(url)) };
+            abi::call::OK
+        }
+        Ok(None) | Err(_) => abi::call::ERROR,
+    }
+}
+
+unsafe extern "C" fn host_now_ms(ctx: *const c_void) -> i64 {
+    let now = catch_unwind(AssertUnwindSafe(|| {
+        if ctx.is_null() {
+            return SystemTime::now();
+        }
+        // SAFETY: the table's `ctx`, as handed to the plugin.
+        let ctx = unsafe { host_ctx(ctx) };
+        ctx.services("now")
+            .map_or_else(SystemTime::now, |services| services.now())
+    }))
+    .unwrap_or_else(|_| SystemTime::now());
+    match now.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
 }
 
 /// # Safety

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 pub use caremsg_plugin_sdk::{
     Health, HttpResponse, Kind, Level, ReceiptStatus, SendResult as SendOutcome, WebhookResponse,
@@ -189,6 +189,20 @@ pub trait HostServices: Send + Sync {
 
     /// Performs an HTTP request for a plugin ([`crate::HyperHttp`] does the work).
     fn http(&self, instance: &str, request: HttpRequest) -> Result<HttpResponse, String>;
+
+    /// The public webhook URL of `instance` (`server.public_url` +
+    /// `/v1/hooks/{instance}`), for `Host::hook_url` (ABI 1.1). Must not block.
+    /// Default: none.
+    fn hook_url(&self, instance: &str) -> Option<String> {
+        let _ = instance;
+        None
+    }
+
+    /// The time plugins see through `Host::now` (ABI 1.1): the daemon's injected
+    /// clock. Must not block. Default: the wall clock.
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
 }
 
 #[cfg(test)]

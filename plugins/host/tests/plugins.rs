@@ -176,7 +176,7 @@ fn wrong_abi_major_is_refused_naming_file_and_versions() {
     let message = error.to_string();
     assert!(message.contains(&file.display().to_string()), "{message}");
     assert!(
-        message.contains("ABI 2.0") && message.contains("ABI 1.0"),
+        message.contains("ABI 2.1") && message.contains("ABI 1.1"),
         "{message}"
     );
 

@@ -40,7 +40,7 @@
 pub mod signature;
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use caremsg_plugin_sdk::{
     Gateway, Host, HttpRequest, Kind, Outbound, SendResult, export_plugin, redact,
@@ -182,10 +182,11 @@ pub fn map_answer(
     }
 }
 
-fn unix_seconds() -> u64 {
+/// Unix seconds of the host's clock (`Host::now`: the daemon's injected clock).
+fn unix_seconds(host: &Host) -> u64 {
     // A clock before 1970 is a broken clock; 0 then makes the portal refuse the
     // timestamp, which is the right outcome.
-    SystemTime::now()
+    host.now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
@@ -219,7 +220,7 @@ impl Gateway for Portal {
             );
         }
         let body = Value::Object(object).to_string();
-        let timestamp = unix_seconds().to_string();
+        let timestamp = unix_seconds(&self.host).to_string();
         let Some(signature) = signature::sign(
             self.config.secret.expose().as_bytes(),
             &timestamp,

@@ -7,9 +7,7 @@
 //! JSON parsing), comparing in constant time ([`verify`] does both), and refusing
 //! timestamps more than a few minutes away from its own clock, which stops replays.
 
-use caremsg_plugin_sdk::verify::constant_time_eq;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use caremsg_plugin_sdk::verify::{self, constant_time_eq};
 
 /// The header holding the signature.
 pub const SIGNATURE_HEADER: &str = "x-caremsg-signature";
@@ -18,16 +16,8 @@ pub const TIMESTAMP_HEADER: &str = "x-caremsg-timestamp";
 
 /// `sha256=<hex HMAC-SHA256 of "<timestamp>.<body>">`.
 pub fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> Option<String> {
-    // HMAC takes keys of any length, so this fails only if `hmac` changes its contract;
-    // `None` then makes the send fail instead of going out unsigned.
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).ok()?;
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    Some(format!(
-        "sha256={}",
-        hex::encode(mac.finalize().into_bytes())
-    ))
+    let mac = verify::hmac_sha256(secret, &[timestamp.as_bytes(), b".", body]);
+    Some(format!("sha256={}", verify::to_hex(&mac)))
 }
 
 /// Whether `signature` is the signature of `timestamp` and `body` (the check a portal

@@ -19,7 +19,10 @@
 //!   is declared by the plugin (the `*_size` fields of [`PluginDeclaration`]); the
 //!   host refuses a plugin whose minor version is newer than its own, and a plugin
 //!   whose declared size of any structure differs from the size the host knows for
-//!   that minor version (today, minor 0 only: every size must be equal).
+//!   that minor version: a plugin of the host's minor must match every size exactly,
+//!   one of an older minor may declare smaller (prefix) sizes. Functions a plugin
+//!   calls that a newer minor appended to [`HostServicesTable`] exist only for
+//!   plugins of that minor; the host always hands out its full table.
 //! - **Enums cross as `u32`** (the constants in the small modules below), never as
 //!   Rust enums, so an unknown value is an error, not undefined behaviour.
 //! - **Inputs are borrowed** [`Slice`]s, valid only for the duration of the call that
@@ -44,7 +47,11 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"CAREMSG\0");
 pub const ABI_MAJOR: u32 = 1;
 
 /// The ABI minor version this SDK speaks.
-pub const ABI_MINOR: u32 = 0;
+///
+/// - 1.0: the first release.
+/// - 1.1: [`HostServicesTable`] gains `hook_url` and `now_ms` (appended). A 1.0
+///   plugin still loads: it declares the shorter table and never calls them.
+pub const ABI_MINOR: u32 = 1;
 
 /// The entry point's type.
 pub type EntryFn =
@@ -288,6 +295,13 @@ pub struct HostServicesTable {
         request: *const HttpRequest,
         out: *mut HttpResponse,
     ) -> u32,
+    /// ABI 1.1: writes the instance's public webhook URL
+    /// (`server.public_url` + `/v1/hooks/{instance}`) into `out` and returns
+    /// [`call::OK`]; [`call::ERROR`] when the host has none. Non-blocking.
+    pub hook_url: unsafe extern "C" fn(ctx: *const c_void, out: *mut Buffer) -> u32,
+    /// ABI 1.1: the host's clock, in milliseconds since the Unix epoch (UTC). Tests of
+    /// the daemon move it; plugins use it for timestamp windows. Non-blocking.
+    pub now_ms: unsafe extern "C" fn(ctx: *const c_void) -> i64,
 }
 
 /// One message to send (host → plugin).

@@ -211,6 +211,36 @@ impl Host {
         self.log(Level::Debug, message);
     }
 
+    /// The instance's public webhook URL, `server.public_url` + `/v1/hooks/{instance}`
+    /// (what providers that take a per-message status-callback URL need), or `None`
+    /// when the host has none. Read it when you need it: `server.public_url` is
+    /// reloadable.
+    pub fn hook_url(&self) -> Option<String> {
+        let table = self.table();
+        let mut out = Buffer::EMPTY;
+        // SAFETY: `out` is a valid, empty out-parameter; the table's contract. The
+        // function exists: a plugin of this minor is only loaded by a host of ABI 1.1
+        // or newer, which hands out the full table.
+        let status = unsafe { (table.hook_url)(table.ctx, &mut out) };
+        let url = out.take_string();
+        if status == abi::call::OK { url } else { None }
+    }
+
+    /// The host's clock: the daemon's injected clock (tests move it), or the wall
+    /// clock in the testkit. Use it, not `SystemTime::now()`, for timestamp windows
+    /// (see [`crate::verify::check_timestamp`]).
+    pub fn now(&self) -> std::time::SystemTime {
+        let table = self.table();
+        // SAFETY: the table's contract (ABI 1.1, as for `hook_url`).
+        let ms = unsafe { (table.now_ms)(table.ctx) };
+        let magnitude = std::time::Duration::from_millis(ms.unsigned_abs());
+        if ms >= 0 {
+            std::time::UNIX_EPOCH + magnitude
+        } else {
+            std::time::UNIX_EPOCH - magnitude
+        }
+    }
+
     /// Performs an HTTP request with the daemon's client (its timeouts, its
     /// per-instance host allow-list). Blocks the calling thread.
     pub fn http(&self, request: &HttpRequest<'_>) -> Result<HttpResponse, String> {
@@ -267,6 +297,33 @@ impl WebhookEvents<'_> {
     /// take more now: answer the provider with a status that makes it retry.
     pub fn emit(&mut self, event: &Event<'_>) -> EmitStatus {
         self.host.emit_in(self.call, event)
+    }
+
+    /// Emits every event in order and says how to answer: `Ok(())` when the host took
+    /// them all (answer 2xx), or `Err(response)` as soon as one is refused: a 503 with
+    /// `Retry-After: 1` ([`WebhookResponse::busy`]) when the host is busy, a 500 when
+    /// it rejected the event; either way the provider sends the request again. A
+    /// retried request is recognised by its provider message ids, so events taken
+    /// before the refusal are not stored twice.
+    ///
+    /// ```text
+    /// if let Err(busy) = events.emit_all(&found) { return busy; }
+    /// WebhookResponse::empty(204)
+    /// ```
+    pub fn emit_all<'e, 'v: 'e>(
+        &mut self,
+        events: impl IntoIterator<Item = &'e Event<'v>>,
+    ) -> Result<(), WebhookResponse> {
+        for event in events {
+            match self.emit(event) {
+                EmitStatus::Accepted => {}
+                EmitStatus::Busy => return Err(WebhookResponse::busy()),
+                EmitStatus::Rejected => {
+                    return Err(WebhookResponse::text(500, "The daemon refused the event."));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The instance's host handle, for logging.

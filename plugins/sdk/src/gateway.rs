@@ -271,6 +271,12 @@ pub struct WebhookResponse {
 }
 
 impl WebhookResponse {
+    /// 503 with `Retry-After: 1`: the host could not take the request's events now,
+    /// so the provider must send it again.
+    pub fn busy() -> Self {
+        WebhookResponse::empty(503).with_header("retry-after", "1")
+    }
+
     /// A response with no headers and no body.
     pub fn empty(status: u16) -> Self {
         WebhookResponse {

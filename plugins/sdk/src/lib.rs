@@ -8,9 +8,11 @@
 //! how the plugin was built, and the daemon refuses `panic = "abort"` builds.
 //!
 //! The daemon calls your plugin on blocking threads, several at once. It gives you a
-//! [`Host`] with three services: [`Host::emit`] (events: inbound messages, delivery
-//! receipts, opt-outs), [`Host::log`] (never PHI), and [`Host::http`] (the daemon's
-//! own HTTP client, so a plugin carries no HTTP or TLS stack).
+//! [`Host`] with its services: [`Host::emit`] (events: inbound messages, delivery
+//! receipts, opt-outs), [`Host::log`] (never PHI), [`Host::http`] (the daemon's
+//! own HTTP client, so a plugin carries no HTTP or TLS stack), [`Host::hook_url`] (this
+//! instance's public webhook URL, for providers that take a status-callback URL per
+//! message) and [`Host::now`] (the daemon's clock, which its tests move).
 //!
 //! # Webhooks
 //! A provider's request to `/v1/hooks/{instance}` reaches
@@ -21,7 +23,7 @@
 //! *before* it sends the response. So a provider only sees a 2xx once its message is
 //! safe, and a retry after a crash is recognised by its provider message id. If an
 //! emit returns [`EmitStatus::Busy`], answer with a status that makes the provider
-//! retry (such as 503).
+//! retry (such as 503): [`WebhookEvents::emit_all`] does that for a request's events.
 //!
 //! # A complete minimal plugin
 //! `Cargo.toml`:
@@ -92,9 +94,15 @@
 //!
 //! # Helpers
 //! [`sms::segments`] tells GSM-7 from UCS-2 and counts parts (the daemon rate-limits
-//! in segments); [`verify::constant_time_eq`] compares signatures without timing leaks;
+//! in segments); [`verify`] checks webhooks: [`verify::check_timestamp`] (a window
+//! around [`Host::now`]), [`verify::hmac_sha256_matches`] and SHA-1,
+//! [`verify::ed25519`], base64 and hex decoding, [`verify::constant_time_eq`];
 //! [`redact::scrub`] takes phone numbers and e-mail addresses out of a provider's error
 //! text before it becomes a log line or a send result's reason.
+//!
+//! This crate's manifest inherits nothing from the caremsg workspace: a plugin outside
+//! the repository depends on it by path or git (`plugins/README.md`, "Writing a plugin
+//! outside this repository"; `plugins/template` is a starting point).
 
 pub mod abi;
 mod ffi;

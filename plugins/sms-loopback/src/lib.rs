@@ -1,8 +1,10 @@
 //! `sms-loopback`: the development SMS gateway, a simulated phone.
 //!
 //! - **Outbound.** Each `send` appends one JSON line
-//!   `{"id","at","from","to","body","segments"}` to the file named by the config's
-//!   `outbox` (parent folders are created) and returns the generated id (`lb-…`). The
+//!   `{"id","at","from","to","body","segments","delivery_id"}` to the file named by
+//!   the config's `outbox` (parent folders are created) and returns the generated id
+//!   (`lb-…`). `delivery_id` is caremsg's delivery id (the idempotency key), so an
+//!   operator or a test can tell whether an interrupted send left the building. The
 //!   daemon's log gets a line with the id and the segment count, never the number
 //!   or the text.
 //! - **Inbound.** A simulated reply is `POST /v1/hooks/{instance}` with
@@ -10,11 +12,17 @@
 //!   repeated request is recognised); otherwise one is generated. Only requests from
 //!   127.0.0.0/8 or ::1 are taken (403 otherwise, and when the address is unknown,
 //!   as on a Unix socket); other methods get 405, malformed JSON 400, and a busy
-//!   daemon 503.
+//!   daemon 503. Behind a reverse proxy on the same machine every request comes from
+//!   127.0.0.1, so the config's optional `secret` must then also arrive in the
+//!   `X-Caremsg-Loopback-Secret` header (compared in constant time; 403 otherwise).
+//!
+//! This plugin is for development: the production example configuration does not
+//! enable it, the package does not ship it, and `caremsgd check-config` warns when it
+//! is configured with a `server.public_url` that is not on loopback.
 //!
 //! Configuration (JSON): `{"outbox": "/var/lib/caremsg/loopback-outbox.jsonl",
-//! "from": "+15550100"}`; `from` (optional) is the sender written when the daemon
-//! gives none.
+//! "from": "+15550100", "secret": "…"}`; `from` (optional) is the sender written
+//! when the daemon gives none, `secret` (optional) the shared secret of replies.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -23,7 +31,7 @@ use std::sync::{Mutex, PoisonError};
 
 use caremsg_plugin_sdk::{
     EmitStatus, Event, Gateway, Host, Kind, Outbound, SendResult, WebhookEvents, WebhookRequest,
-    WebhookResponse, export_plugin, sms,
+    WebhookResponse, export_plugin, sms, verify,
 };
 use serde::{Deserialize, Serialize};
 
@@ -36,7 +44,13 @@ pub struct Config {
     /// The sender written when the daemon gives none.
     #[serde(default)]
     pub from: Option<String>,
+    /// When set, simulated replies must carry it in [`SECRET_HEADER`].
+    #[serde(default)]
+    pub secret: Option<String>,
 }
+
+/// The header that carries the shared secret of simulated replies.
+pub const SECRET_HEADER: &str = "x-caremsg-loopback-secret";
 
 /// One line of the outbox file.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -53,6 +67,10 @@ pub struct OutboxLine {
     pub body: String,
     /// SMS segments it would take.
     pub segments: usize,
+    /// caremsg's delivery id (the idempotency key of the send); empty in lines
+    /// written before it was recorded.
+    #[serde(default)]
+    pub delivery_id: String,
 }
 
 /// A simulated reply posted to the hook.
@@ -119,6 +137,8 @@ pub struct Loopback {
     outbox: Outbox,
     /// Default sender.
     from: String,
+    /// The shared secret replies must carry, if configured.
+    secret: Option<String>,
 }
 
 fn new_id(prefix: &str) -> String {
@@ -129,9 +149,13 @@ fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// Checks a simulated reply: where it came from, its method and its JSON. Returns
-/// the reply, or the response that refuses it.
-fn accept_reply(request: &WebhookRequest<'_>) -> Result<Reply, WebhookResponse> {
+/// Checks a simulated reply: where it came from, its shared secret (when `secret`
+/// is configured), its method and its JSON. Returns the reply, or the response that
+/// refuses it.
+fn accept_reply(
+    request: &WebhookRequest<'_>,
+    secret: Option<&str>,
+) -> Result<Reply, WebhookResponse> {
     let refuse = |status: u16, error: &str| {
         WebhookResponse::json(status, serde_json::json!({ "error": error }).to_string())
     };
@@ -140,6 +164,15 @@ fn accept_reply(request: &WebhookRequest<'_>) -> Result<Reply, WebhookResponse> 
             403,
             "Simulated replies are taken from this machine's loopback only.",
         ));
+    }
+    if let Some(secret) = secret {
+        let given = request.headers.get(SECRET_HEADER).unwrap_or_default();
+        if !verify::constant_time_eq(given, secret.as_bytes()) {
+            return Err(refuse(
+                403,
+                "Simulated replies must carry the configured X-Caremsg-Loopback-Secret.",
+            ));
+        }
     }
     if request.method != "POST" {
         return Err(refuse(405, "Use POST.").with_header("allow", "POST"));
@@ -164,10 +197,18 @@ impl Gateway for Loopback {
         let config: Config = serde_json::from_str(config)
             .map_err(|e| format!("The sms-loopback configuration is invalid: {e}."))?;
         let outbox = Outbox::open(config.outbox)?;
+        if config
+            .secret
+            .as_deref()
+            .is_some_and(|s| s.trim().is_empty())
+        {
+            return Err("The sms-loopback secret, when given, must not be empty.".to_owned());
+        }
         Ok(Loopback {
             host,
             outbox,
             from: config.from.unwrap_or_default(),
+            secret: config.secret,
         })
     }
 
@@ -186,6 +227,7 @@ impl Gateway for Loopback {
             to: message.to.to_owned(),
             body: message.body.to_owned(),
             segments: segments.count,
+            delivery_id: message.delivery_id.to_owned(),
         };
         if let Err(reason) = self.outbox.append(&line) {
             self.host.error(&reason);
@@ -203,7 +245,7 @@ impl Gateway for Loopback {
         request: &WebhookRequest<'_>,
         events: &mut WebhookEvents<'_>,
     ) -> WebhookResponse {
-        let reply = match accept_reply(request) {
+        let reply = match accept_reply(request, self.secret.as_deref()) {
             Ok(reply) => reply,
             Err(response) => return response,
         };
@@ -255,7 +297,7 @@ mod tests {
     }
 
     fn check(method: &str, remote: Option<&str>, body: &str, expected: Result<Option<&str>, u16>) {
-        let got = accept_reply(&request(method, remote, body.as_bytes()));
+        let got = accept_reply(&request(method, remote, body.as_bytes()), None);
         match (got, expected) {
             (Ok(reply), Ok(id)) => assert_eq!(reply.id.as_deref(), id, "{body}"),
             (Err(response), Err(status)) => {
@@ -304,9 +346,42 @@ mod tests {
     }
 
     #[test]
+    fn a_configured_secret_is_required_even_from_loopback() {
+        let block = |value: &[u8]| caremsg_plugin_sdk::headers::encode([(SECRET_HEADER, value)]);
+        let (right, wrong) = (block(b"s3cret"), block(b"s3creT"));
+        // (the header block, the configured secret, the expected outcome)
+        type Case<'a> = (&'a [u8], Option<&'a str>, Result<(), u16>);
+        let cases: [Case<'_>; 5] = [
+            (&right, Some("s3cret"), Ok(())),
+            (&wrong, Some("s3cret"), Err(403)),
+            (&[], Some("s3cret"), Err(403)),
+            (&[], None, Ok(())),
+            (&wrong, None, Ok(())),
+        ];
+        for (headers, secret, expected) in cases {
+            let request = WebhookRequest {
+                headers: Headers::new(headers),
+                ..request("POST", Some("127.0.0.1:5000"), GOOD.as_bytes())
+            };
+            let got = accept_reply(&request, secret)
+                .map(|_| ())
+                .map_err(|r| r.status);
+            assert_eq!(got, expected, "{secret:?}");
+        }
+        let reverse_proxied = WebhookRequest {
+            headers: Headers::new(&right),
+            ..request("POST", Some("192.0.2.1:5000"), GOOD.as_bytes())
+        };
+        assert!(
+            accept_reply(&reverse_proxied, Some("s3cret")).is_err(),
+            "the secret does not replace the loopback check"
+        );
+    }
+
+    #[test]
     fn refusal_does_not_echo_the_body() {
         let body = r#"{"from":"+15550100","to":5}"#;
-        let response = accept_reply(&request("POST", Some("127.0.0.1:1"), body.as_bytes()))
+        let response = accept_reply(&request("POST", Some("127.0.0.1:1"), body.as_bytes()), None)
             .expect_err("refused");
         assert!(!String::from_utf8_lossy(&response.body).contains("1555"));
     }
@@ -323,6 +398,7 @@ mod tests {
             to: "+15550199".into(),
             body: "x".repeat(i),
             segments: 1,
+            delivery_id: format!("d-{i}"),
         };
         std::thread::scope(|scope| {
             for i in 0..20 {
@@ -336,6 +412,10 @@ mod tests {
             .map(|l| serde_json::from_str(l).expect("a whole JSON line"))
             .collect();
         assert_eq!(lines.len(), 20);
+        let mut ids: Vec<&str> = lines.iter().map(|l| l.delivery_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 20, "each line carries its delivery id");
     }
 
     #[test]
@@ -343,5 +423,6 @@ mod tests {
         assert!(serde_json::from_str::<Config>(r#"{"outbox":"x.jsonl"}"#).is_ok());
         assert!(serde_json::from_str::<Config>(r#"{"outbox":"x.jsonl","oops":1}"#).is_err());
         assert!(serde_json::from_str::<Config>("{}").is_err());
+        assert!(serde_json::from_str::<Config>(r#"{"outbox":"x.jsonl","secret":"s"}"#).is_ok());
     }
 }

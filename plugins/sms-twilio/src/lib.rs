@@ -22,8 +22,7 @@
 //!   "from": "+15550100",
 //!   "messaging_service_sid": null,
 //!   "base_url": "https://api.twilio.com",
-//!   "status_callback": true,
-//!   "hook_url": "https://clinic.example/v1/hooks/twilio"
+//!   "status_callback": true
 //! }
 //! ```
 //! - `account_sid` (required): letters and digits.
@@ -34,10 +33,12 @@
 //!   names a sender. One of `from` and `messaging_service_sid` is required.
 //! - `base_url` (default `https://api.twilio.com`): where the REST API is; tests point
 //!   it at a loopback fake. Its host must be on the instance's allow-list.
-//! - `status_callback` (default `false`): ask Twilio for delivery receipts.
-//! - `hook_url` (required when `status_callback` is true): the public URL of this
-//!   instance's hook, exactly as the daemon's configured public URL spells it (Twilio
-//!   signs the callbacks over it).
+//! - `status_callback` (default `false`): ask Twilio for delivery receipts, at this
+//!   instance's hook (the daemon's `server.public_url` + `/v1/hooks/{instance}`,
+//!   from `Host::hook_url`).
+//! - `hook_url` (optional): another URL for the callbacks, when Twilio must reach the
+//!   hook under a different name; a start-up warning says when it differs from the
+//!   daemon's.
 
 pub mod api;
 pub mod signature;
@@ -46,11 +47,9 @@ pub mod webhook;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use caremsg_plugin_sdk::{
-    EmitStatus, Event, Gateway, Health, Host, HttpRequest, Kind, Outbound, SendResult,
-    WebhookEvents, WebhookRequest, WebhookResponse, export_plugin, redact, sms,
+    Event, Gateway, Health, Host, HttpRequest, Kind, Outbound, SendResult, WebhookEvents,
+    WebhookRequest, WebhookResponse, export_plugin, redact, sms, verify,
 };
 use serde::Deserialize;
 
@@ -107,7 +106,7 @@ pub struct Config {
     /// Whether to ask for status callbacks.
     #[serde(default)]
     pub status_callback: bool,
-    /// The hook's public URL, for `StatusCallback`.
+    /// The hook's public URL for `StatusCallback`; default: the daemon's.
     #[serde(default)]
     pub hook_url: Option<String>,
 }
@@ -153,17 +152,12 @@ impl Config {
         if config.from.is_none() && config.messaging_service_sid.is_none() {
             return Err("Set from (a sender number) or messaging_service_sid.".into());
         }
-        match config.hook_url.as_deref() {
-            Some(url) if !is_http_url(url) => {
-                return Err("hook_url must be an http:// or https:// URL.".into());
-            }
-            None if config.status_callback => {
-                return Err(
-                    "status_callback needs hook_url: the public URL of this instance's hook."
-                        .into(),
-                );
-            }
-            _ => {}
+        if config
+            .hook_url
+            .as_deref()
+            .is_some_and(|url| !is_http_url(url))
+        {
+            return Err("hook_url must be an http:// or https:// URL.".into());
         }
         Ok(config)
     }
@@ -210,14 +204,6 @@ impl Twilio {
     }
 }
 
-fn busy() -> WebhookResponse {
-    WebhookResponse::text(503, "The daemon is busy; try again.").with_header("retry-after", "1")
-}
-
-fn refused() -> WebhookResponse {
-    WebhookResponse::text(500, "The daemon refused the event.")
-}
-
 impl Gateway for Twilio {
     fn start(config: &str, host: Host) -> Result<Self, String> {
         let config = Config::parse(config)?;
@@ -228,12 +214,18 @@ impl Gateway for Twilio {
         );
         let authorization = Secret(format!(
             "Basic {}",
-            STANDARD.encode(format!(
-                "{}:{}",
-                config.account_sid,
-                config.auth_token.expose()
-            ))
+            verify::to_base64(
+                format!("{}:{}", config.account_sid, config.auth_token.expose()).as_bytes()
+            )
         ));
+        if let (Some(configured), Some(daemon)) = (config.hook_url.as_deref(), host.hook_url())
+            && configured != daemon
+        {
+            host.warn(&format!(
+                "hook_url differs from this instance's hook at the daemon's public URL \
+                 ({daemon}): Twilio will sign and post status callbacks to the configured one."
+            ));
+        }
         Ok(Twilio {
             host,
             config,
@@ -245,16 +237,17 @@ impl Gateway for Twilio {
 
     fn send(&self, message: &Outbound<'_>) -> SendResult {
         let (from, messaging_service_sid) = self.sender(message);
+        let hook_url = match &self.config.hook_url {
+            _ if !self.config.status_callback => None,
+            Some(configured) => Some(configured.clone()),
+            None => self.host.hook_url(),
+        };
         let form = api::Form {
             to: message.to,
             from,
             messaging_service_sid,
             body: message.body,
-            status_callback: if self.config.status_callback {
-                self.config.hook_url.as_deref()
-            } else {
-                None
-            },
+            status_callback: hook_url.as_deref(),
         }
         .encode();
         let headers = [
@@ -357,16 +350,13 @@ impl Gateway for Twilio {
                     body,
                     provider_message_id: sid,
                 };
-                match events.emit(&event) {
-                    EmitStatus::Accepted => {
-                        self.host.info(&format!("Inbound text {sid} received."));
-                        WebhookResponse::empty(200)
-                            .with_header("content-type", "text/xml")
-                            .with_body(EMPTY_TWIML)
-                    }
-                    EmitStatus::Busy => busy(),
-                    EmitStatus::Rejected => refused(),
+                if let Err(refused) = events.emit_all([&event]) {
+                    return refused;
                 }
+                self.host.info(&format!("Inbound text {sid} received."));
+                WebhookResponse::empty(200)
+                    .with_header("content-type", "text/xml")
+                    .with_body(EMPTY_TWIML)
             }
             Report::Status {
                 sid,
@@ -385,12 +375,8 @@ impl Gateway for Twilio {
                 if let Some(number) = opted_out {
                     emitted.push(Event::OptOut { number });
                 }
-                for event in &emitted {
-                    match events.emit(event) {
-                        EmitStatus::Accepted => {}
-                        EmitStatus::Busy => return busy(),
-                        EmitStatus::Rejected => return refused(),
-                    }
+                if let Err(refused) = events.emit_all(&emitted) {
+                    return refused;
                 }
                 self.host.debug(&format!(
                     "Status callback for {sid}: {receipt:?}, error code {}.",
@@ -462,9 +448,10 @@ mod tests {
             r#"{"account_sid":"AC1","auth_token":"t","from":"+1","base_url":"ftp://x"}"#,
             Err("base_url"),
         );
+        // Without hook_url, status callbacks go to the daemon's hook URL (Host::hook_url).
         check(
             r#"{"account_sid":"AC1","auth_token":"t","from":"+1","status_callback":true}"#,
-            Err("hook_url"),
+            Ok(()),
         );
         check(
             r#"{"account_sid":"AC1","auth_token":"t","from":"+1","hook_url":"/relative"}"#,

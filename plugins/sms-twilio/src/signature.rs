@@ -6,26 +6,22 @@
 //! the scheme's default port; [`url_variants`] gives both spellings and [`verify`]
 //! accepts either. Comparison is constant-time.
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
-use caremsg_plugin_sdk::verify::constant_time_eq;
-use hmac::{Hmac, Mac};
-use sha1::Sha1;
+use caremsg_plugin_sdk::verify::{self, constant_time_eq};
 
 /// The signature Twilio would send for `url` and the POST `params` (any order).
 /// Repeated names are ordered by value, as Twilio's own libraries do.
 pub fn sign(auth_token: &str, url: &str, params: &[(String, String)]) -> Option<String> {
     let mut sorted: Vec<&(String, String)> = params.iter().collect();
     sorted.sort();
-    // HMAC takes keys of any length, so this fails only if `hmac` changes its contract;
-    // `None` then makes every signature check fail closed.
-    let mut mac = <Hmac<Sha1> as Mac>::new_from_slice(auth_token.as_bytes()).ok()?;
-    mac.update(url.as_bytes());
+    let mut message: Vec<&[u8]> = vec![url.as_bytes()];
     for (name, value) in sorted {
-        mac.update(name.as_bytes());
-        mac.update(value.as_bytes());
+        message.push(name.as_bytes());
+        message.push(value.as_bytes());
     }
-    Some(STANDARD.encode(mac.finalize().into_bytes()))
+    Some(verify::to_base64(&verify::hmac_sha1(
+        auth_token.as_bytes(),
+        &message,
+    )))
 }
 
 /// Whether `signature` is Twilio's signature of `url` (in either of its

@@ -7,14 +7,17 @@
 //! - **wrong ABI major refused**: the entry point returns null for host major + 1;
 //! - **bad config**: `start("not json")` is a clean error, not a panic or a success;
 //! - **start** and **health** with the suite's configuration;
-//! - **send mapping**: each send case, with the host's real HTTP service
+//! - **send mapping**: each send case (and its `expect_request`, checked against
+//!   what the fake received), with the host's real HTTP service
 //!   ([`caremsg_plugin_host::HyperHttp`]) allowed to reach a loopback fake server
 //!   that answers with the case's scripted response;
 //! - **logs hold no PHI**: no log line contains the sample's numbers or body;
-//! - **webhooks**: each case's status and number of events;
+//! - **webhooks**: each case's status and number of events, with `${NOW}` and
+//!   signatures computed as the case runs (see [`suite`]);
 //! - **concurrent sends**: 200 sends from 200 threads at once;
-//! - **back-pressure**: with the host saying "busy", a webhook that emits returns
-//!   promptly with a non-2xx status (so the provider retries);
+//! - **back-pressure**: the first webhook case that emits succeeds without
+//!   back-pressure, then, with the host saying "busy", returns promptly with 429 or
+//!   503 (so the provider retries);
 //! - **adversarial inputs**: empty, huge, non-UTF-8 and odd inputs cause no panic,
 //!   no hang and no malformed answer, and the instance still answers afterwards;
 //! - **stop**, then **calls after stop refused** and **no service calls after stop**.
@@ -25,6 +28,7 @@
 pub mod fake;
 pub mod harness;
 mod recorder;
+mod signer;
 pub mod suite;
 
 use std::collections::HashSet;
@@ -41,9 +45,13 @@ use caremsg_plugin_host::{
 };
 
 use crate::fake::Fake;
+use crate::fake::Received;
 use crate::recorder::Recorder;
+pub use crate::signer::ed25519_public_key;
+pub use crate::signer::request_of as webhook_request;
+use crate::signer::request_of;
 pub use crate::suite::Suite;
-use crate::suite::{Expect, SendCase, WebhookCase};
+use crate::suite::{Expect, ExpectRequest, SendCase, WebhookCase};
 
 /// The instance name the battery starts plugins under.
 pub const INSTANCE: &str = "testkit";
@@ -364,21 +372,88 @@ fn send_case(
         fake.set(response.clone());
     }
     let before = fake.requests();
+    fake.clear_received();
     let (i, message) = (instance.clone(), outbound(suite, n));
     let result = match within(DEADLINE, move || i.send(&message)) {
         None => Err(late("send")),
         Some(Err(error)) => Err(error.to_string()),
-        Some(Ok(outcome)) => matches(case, &outcome).map(|()| {
-            let calls = fake.requests() - before;
-            let via = if case.fake.is_some() {
-                format!(" ({calls} request(s) to the fake)")
-            } else {
-                String::new()
-            };
-            format!("{}{via}", describe(&outcome))
-        }),
+        Some(Ok(outcome)) => matches(case, &outcome)
+            .and_then(|()| match &case.expect_request {
+                None => Ok(""),
+                Some(expected) => fake
+                    .received()
+                    .last()
+                    .ok_or_else(|| "the plugin sent no request to the fake".to_owned())
+                    .and_then(|got| request_matches(expected, got))
+                    .map(|()| ", request as expected"),
+            })
+            .map(|checked| {
+                let calls = fake.requests() - before;
+                let via = if case.fake.is_some() {
+                    format!(" ({calls} request(s) to the fake{checked})")
+                } else {
+                    String::new()
+                };
+                format!("{}{via}", describe(&outcome))
+            }),
     };
     battery.record(format!("send maps {}", case.name), result);
+}
+
+/// Whether the request the fake `got` is what `expected` describes; the first
+/// difference otherwise.
+fn request_matches(expected: &ExpectRequest, got: &Received) -> Result<(), String> {
+    let path = got
+        .path_and_query
+        .split_once('?')
+        .map_or(got.path_and_query.as_str(), |(path, _)| path);
+    if let Some(method) = &expected.method
+        && !method.eq_ignore_ascii_case(&got.method)
+    {
+        return Err(format!("expected a {method} request, got {}", got.method));
+    }
+    if let Some(want) = &expected.path
+        && want != path
+    {
+        return Err(format!("expected path {want:?}, got {path:?}"));
+    }
+    for (name, want) in &expected.headers {
+        match got.header(name) {
+            Some(value) if value == want => {}
+            Some(_) => return Err(format!("header {name:?} differs from the expected value")),
+            None => return Err(format!("header {name:?} is missing")),
+        }
+    }
+    if !expected.json.is_empty() {
+        let body: serde_json::Value = serde_json::from_slice(&got.body)
+            .map_err(|_| "the request body is not JSON".to_owned())?;
+        for (pointer, want) in &expected.json {
+            match body.pointer(pointer) {
+                Some(value) if value == want => {}
+                Some(value) => {
+                    return Err(format!("JSON {pointer} is {value}, expected {want}"));
+                }
+                None => return Err(format!("JSON {pointer} is missing")),
+            }
+        }
+    }
+    if !expected.form.is_empty() {
+        let fields: Vec<(String, String)> = form_urlencoded::parse(&got.body)
+            .map(|(n, v)| (n.into_owned(), v.into_owned()))
+            .collect();
+        for (name, want) in &expected.form {
+            match fields.iter().find(|(n, _)| n == name) {
+                Some((_, value)) if value == want => {}
+                Some((_, value)) => {
+                    return Err(format!(
+                        "form field {name:?} is {value:?}, expected {want:?}"
+                    ));
+                }
+                None => return Err(format!("form field {name:?} is missing")),
+            }
+        }
+    }
+    Ok(())
 }
 
 fn logs_hold_no_phi(battery: &mut Battery<'_>, suite: &Suite, recorder: &Recorder) {
@@ -407,22 +482,15 @@ fn logs_hold_no_phi(battery: &mut Battery<'_>, suite: &Suite, recorder: &Recorde
     );
 }
 
-fn request_of(case: &WebhookCase) -> WebhookRequest {
-    WebhookRequest {
-        method: case.method.clone(),
-        public_url: case.public_url.clone(),
-        remote_addr: case.remote_addr.as_deref().and_then(|a| a.parse().ok()),
-        headers: case
-            .headers
-            .iter()
-            .map(|(n, v)| (n.to_ascii_lowercase(), v.as_bytes().to_vec()))
-            .collect(),
-        body: case.body.as_bytes().to_vec(),
-    }
-}
-
 fn webhook_case(battery: &mut Battery<'_>, instance: &Arc<Instance>, case: &WebhookCase) {
-    let (i, request) = (instance.clone(), request_of(case));
+    let request = match request_of(case) {
+        Ok(request) => request,
+        Err(error) => {
+            battery.record(format!("webhook {}", case.name), Err(error));
+            return;
+        }
+    };
+    let i = instance.clone();
     let result = match within(DEADLINE, move || i.handle_webhook(&request)) {
         None => Err(late("handle_webhook")),
         Some(Err(error)) => Err(error.to_string()),
@@ -517,9 +585,34 @@ fn back_pressure(
     suite: &Suite,
     recorder: &Recorder,
 ) {
+    let case = suite.webhooks.iter().find(|c| c.expect_events > 0);
+    // First without back-pressure: the case must succeed, so that the refusal below
+    // is back-pressure and not (say) a stale signature.
+    let baseline = case.map(|case| {
+        let request = request_of(case)?;
+        let i = instance.clone();
+        match within(DEADLINE, move || i.handle_webhook(&request)) {
+            None => Err(late("handle_webhook")),
+            Some(Err(error)) => Err(error.to_string()),
+            Some(Ok(outcome))
+                if (200..300).contains(&outcome.response.status) && !outcome.events.is_empty() =>
+            {
+                Ok(outcome.response.status)
+            }
+            Some(Ok(outcome)) => Err(format!(
+                "webhook {:?} answered {} with {} event(s) without back-pressure; it must succeed before back-pressure can be checked",
+                case.name,
+                outcome.response.status,
+                outcome.events.len()
+            )),
+        }
+    });
+    if let Some(Err(error)) = &baseline {
+        battery.record("emit back-pressure", Err(error.clone()));
+        return;
+    }
     recorder.busy.store(true, Ordering::SeqCst);
     instance.set_webhook_event_limit(0);
-    let case = suite.webhooks.iter().find(|c| c.expect_events > 0);
     let (i, message) = (instance.clone(), outbound(suite, 5000));
     let send_returned = within(DEADLINE, move || i.send(&message)).is_some();
     let result = match (send_returned, case) {
@@ -527,21 +620,28 @@ fn back_pressure(
         (true, None) => {
             Ok("send returned while the host was busy (no webhook case emits events)".to_owned())
         }
-        (true, Some(case)) => {
-            let (i, request) = (instance.clone(), request_of(case));
-            match within(DEADLINE, move || i.handle_webhook(&request)) {
-                None => Err(late("handle_webhook while the host was busy")),
-                Some(Err(error)) => Err(error.to_string()),
-                Some(Ok(outcome)) if (200..300).contains(&outcome.response.status) => Err(format!(
-                    "webhook {:?} answered {} although its events were refused: the provider would not retry",
-                    case.name, outcome.response.status
-                )),
-                Some(Ok(outcome)) => Ok(format!(
-                    "webhook {:?} answered {} promptly while the host was busy",
-                    case.name, outcome.response.status
-                )),
+        (true, Some(case)) => match request_of(case) {
+            Err(error) => Err(error),
+            Ok(request) => {
+                let i = instance.clone();
+                match within(DEADLINE, move || i.handle_webhook(&request)) {
+                    None => Err(late("handle_webhook while the host was busy")),
+                    Some(Err(error)) => Err(error.to_string()),
+                    Some(Ok(outcome)) if matches!(outcome.response.status, 429 | 503) => {
+                        Ok(format!(
+                            "webhook {:?} answered {} without back-pressure, then {} promptly while the host was busy",
+                            case.name,
+                            baseline.and_then(Result::ok).unwrap_or_default(),
+                            outcome.response.status
+                        ))
+                    }
+                    Some(Ok(outcome)) => Err(format!(
+                        "webhook {:?} answered {} while its events were refused; expected 429 or 503 so the provider retries",
+                        case.name, outcome.response.status
+                    )),
+                }
             }
-        }
+        },
     };
     recorder.busy.store(false, Ordering::SeqCst);
     instance.set_webhook_event_limit(DEFAULT_WEBHOOK_EVENT_LIMIT);
@@ -585,7 +685,7 @@ fn adversarial(battery: &mut Battery<'_>, instance: &Arc<Instance>, suite: &Suit
     let template = suite
         .webhooks
         .first()
-        .map(request_of)
+        .and_then(|case| request_of(case).ok())
         .unwrap_or(WebhookRequest {
             method: "POST".to_owned(),
             public_url: "http://127.0.0.1:8080/v1/hooks/testkit".to_owned(),

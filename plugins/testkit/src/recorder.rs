@@ -8,6 +8,10 @@ use caremsg_plugin_host::{
     EmitOutcome, Event, HostServices, HttpRequest, HttpResponse, HyperHttp, Level,
 };
 
+/// Where the battery says its hooks are (`Host::hook_url` is this plus the
+/// instance name): the default `public_url` of webhook cases.
+pub const HOOK_BASE: &str = "http://127.0.0.1:8080/v1/hooks";
+
 /// Records service calls.
 pub(crate) struct Recorder {
     /// The real HTTP client, pointed at the fake by the allow-list.
@@ -79,5 +83,10 @@ impl HostServices for Recorder {
         self.http
             .request(instance, request)
             .map_err(|e| e.to_string())
+    }
+
+    fn hook_url(&self, instance: &str) -> Option<String> {
+        self.note_call();
+        Some(format!("{HOOK_BASE}/{instance}"))
     }
 }

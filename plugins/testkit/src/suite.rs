@@ -21,6 +21,14 @@
 //! of the battery's loopback fake HTTP server (which answers with each send case's
 //! `fake` response; `${N}` in a fake body becomes the request's sequence number, so
 //! provider ids can be unique: the concurrency check requires distinct ids).
+//!
+//! Webhook cases are built when they run, so a committed suite never goes stale:
+//! `${NOW}`, `${NOW-600}`, `${NOW+60}` in their headers and body become Unix seconds
+//! of the moment the case runs; `${TS}` becomes the case's `timestamp` (default
+//! `${NOW}`); a `sign` block computes a signature header (`hmac-sha256`, `hmac-sha1`,
+//! `ed25519`) over a message template such as `${TS}|${BODY}`. Send cases may carry
+//! `expect_request`, checked against what the fake received. The complete format,
+//! with an example, is in `plugins/testkit/README.md`.
 
 use std::collections::BTreeMap;
 
@@ -104,6 +112,30 @@ pub struct SendCase {
     /// The expected provider code (retryable and permanent outcomes).
     #[serde(default)]
     pub code: Option<String>,
+    /// What the plugin must have sent to the fake during this case (its last request).
+    #[serde(default)]
+    pub expect_request: Option<ExpectRequest>,
+}
+
+/// The request a send case must produce (every given part is checked; the rest is not).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectRequest {
+    /// The method, upper case.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// The path, without the query string.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Header values (names case-insensitive), compared exactly.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// JSON pointers (RFC 6901) into the JSON body and the value each must have.
+    #[serde(default)]
+    pub json: BTreeMap<String, serde_json::Value>,
+    /// Fields of a form-encoded body and the value each must have.
+    #[serde(default)]
+    pub form: BTreeMap<String, String>,
 }
 
 /// A scripted answer of the fake HTTP server.
@@ -141,11 +173,75 @@ pub struct WebhookCase {
     /// Request body.
     #[serde(default)]
     pub body: String,
+    /// What `${TS}` stands for (itself placeholders); default `${NOW}`.
+    #[serde(default = "default_timestamp")]
+    pub timestamp: String,
+    /// Computes a signature header when the case runs.
+    #[serde(default)]
+    pub sign: Option<Signer>,
     /// The expected status.
     pub expect_status: u16,
     /// How many events the plugin must emit.
     #[serde(default)]
     pub expect_events: usize,
+}
+
+fn default_timestamp() -> String {
+    "${NOW}".to_owned()
+}
+
+/// A signature the battery computes for a webhook case when it runs.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signer {
+    /// `hmac-sha256`, `hmac-sha1` or `ed25519`.
+    pub algorithm: Algorithm,
+    /// The key: the HMAC secret, or the Ed25519 private key's 32-byte seed.
+    pub key: String,
+    /// How `key` is written: `text` (default for HMAC), `base64` (default for
+    /// Ed25519) or `hex`.
+    #[serde(default)]
+    pub key_encoding: Option<Encoding>,
+    /// The signed message; `${TS}`, `${BODY}`, `${URL}` (the case's public URL) and
+    /// `${NOW...}` are substituted. Default `${BODY}`.
+    #[serde(default = "default_message")]
+    pub message: String,
+    /// The header that carries the signature.
+    pub header: String,
+    /// How the signature is written: `base64` (default) or `hex`.
+    #[serde(default)]
+    pub encoding: Option<Encoding>,
+    /// Text put before the encoded signature (such as `sha256=`).
+    #[serde(default)]
+    pub prefix: String,
+}
+
+fn default_message() -> String {
+    "${BODY}".to_owned()
+}
+
+/// A signature algorithm of [`Signer`].
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Algorithm {
+    /// HMAC-SHA256.
+    HmacSha256,
+    /// HMAC-SHA1.
+    HmacSha1,
+    /// Ed25519.
+    Ed25519,
+}
+
+/// How bytes are written in a suite.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// As UTF-8 text.
+    Text,
+    /// Standard base64.
+    Base64,
+    /// Hex.
+    Hex,
 }
 
 fn default_method() -> String {
@@ -191,6 +287,7 @@ impl Suite {
                 fake: None,
                 expect: Expect::Sent,
                 code: None,
+                expect_request: None,
             }]
         } else {
             self.send.clone()
@@ -221,10 +318,56 @@ fn substitute(value: &serde_json::Value, tmp: &str, fake_url: &str) -> serde_jso
     }
 }
 
+/// Replaces every `${NOW}`, `${NOW-<seconds>}` and `${NOW+<seconds>}` in `text` with
+/// Unix seconds relative to `now`. An unknown form is left as it is.
+pub fn substitute_now(text: &str, now: u64) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${NOW") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 5..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        let offset = &after[..end];
+        let value = match offset.as_bytes().first() {
+            None => Some(now),
+            Some(b'-') => offset[1..]
+                .parse::<u64>()
+                .ok()
+                .map(|s| now.saturating_sub(s)),
+            Some(b'+') => offset[1..]
+                .parse::<u64>()
+                .ok()
+                .map(|s| now.saturating_add(s)),
+            Some(_) => None,
+        };
+        match value {
+            Some(value) => out.push_str(&value.to_string()),
+            None => out.push_str(&rest[start..start + 5 + end + 1]),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::expect_used, clippy::unwrap_used, reason = "tests fail loudly")]
 mod tests {
     use super::*;
+
+    #[test]
+    fn now_placeholders() {
+        let check = |text: &str, expected: &str| assert_eq!(substitute_now(text, 1000), expected);
+        check("${NOW}", "1000");
+        check("t=${NOW-600},v1", "t=400,v1");
+        check("${NOW+60}|${NOW}", "1060|1000");
+        check("${NOW-2000}", "0");
+        check("${NOWX} ${NOW", "${NOWX} ${NOW");
+        check("plain", "plain");
+    }
 
     #[test]
     fn bare_config_gets_the_default_battery() {

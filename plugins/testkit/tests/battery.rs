@@ -105,7 +105,7 @@ fn panicking_plugin_fails_but_is_contained() {
 
 #[test]
 fn refused_plugins_fail_the_handshake() {
-    for (package, fragment) in [(WRONG_ABI, "ABI 2.0"), (PANIC_ABORT, "panic=abort")] {
+    for (package, fragment) in [(WRONG_ABI, "ABI 2.1"), (PANIC_ABORT, "panic=abort")] {
         let (report, out) = battery(package, &Suite::for_config(serde_json::json!({})));
         assert_eq!((report.passed(), report.failed()), (0, 1), "{out}");
         assert!(
@@ -148,4 +148,32 @@ fn the_binary_prints_the_summary_and_sets_the_exit_code() {
     let stdout = String::from_utf8_lossy(&bad.stdout);
     assert!(!bad.status.success(), "{stdout}");
     assert!(stdout.contains("FAIL send maps accepted"), "{stdout}");
+}
+
+#[test]
+fn the_plugin_template_passes_its_own_suite() {
+    let (report, out) = battery("caremsg-plugin-template", &suite("template/testkit.json"));
+    assert_eq!(report.failed(), 0, "{out}");
+    assert!(
+        report
+            .check("send maps 200 as sent")
+            .is_some_and(|c| c.detail.contains("request as expected")),
+        "{out}"
+    );
+}
+
+#[test]
+fn back_pressure_is_not_passed_by_a_refusal_for_another_reason() {
+    // The false pass of issue 16: a stale signature answers 403, which the old check
+    // took for back-pressure. The case must first succeed without back-pressure.
+    let mut suite = suite("template/testkit.json");
+    suite.webhooks[0].timestamp = "${NOW-600}".to_owned();
+    suite.concurrent_sends = 4;
+    let (report, out) = battery("caremsg-plugin-template", &suite);
+    let check = report.check("emit back-pressure").expect("ran");
+    assert!(!check.passed, "{out}");
+    assert!(
+        check.detail.contains("answered 403") && check.detail.contains("without back-pressure"),
+        "{out}"
+    );
 }

@@ -67,6 +67,43 @@ fn unsafe_code_is_allowed_only_in_the_two_ffi_modules() {
     // sdk/src/lib.rs: only the `#[unsafe(no_mangle)]` entry symbol in `export_plugin!`.
     assert_eq!(
         allowed,
-        ["host/src/ffi.rs", "sdk/src/ffi.rs", "sdk/src/lib.rs"]
+        [
+            "host/src/ffi.rs",
+            "sdk/src/ffi.rs",
+            "sdk/src/lib.rs",
+            // The SDK frozen at ABI 1.0 (a copy, for the compatibility test plugin).
+            "testplugins/sdk-v1_0/src/ffi.rs",
+            "testplugins/sdk-v1_0/src/lib.rs",
+        ]
+    );
+}
+
+/// Lines of code of a plugin's `src/`: not blank, not a comment, and not in a
+/// `#[cfg(test)]` module (they close each file here).
+fn code_lines(plugin: &str) -> usize {
+    let (root, files) = plugin_sources();
+    let src = root.join(plugin).join("src");
+    files
+        .iter()
+        .filter(|f| f.starts_with(&src))
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .expect("readable")
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("#[cfg(test)]"))
+                .filter(|l| !l.is_empty() && !l.starts_with("//"))
+                .count()
+        })
+        .sum()
+}
+
+#[test]
+fn the_telnyx_plugin_stays_small_on_the_sdk_helpers() {
+    // Issue 16: a provider written on the SDK's helpers takes at most 250 lines.
+    let lines = code_lines("sms-telnyx");
+    assert!(
+        (100..=250).contains(&lines),
+        "sms-telnyx has {lines} lines of code"
     );
 }

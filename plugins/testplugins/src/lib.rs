@@ -11,6 +11,8 @@
 //! - `caremsg-testplugin-http-status`: a working plugin that sends through the
 //!   host's `http` service and maps HTTP statuses to send results (for the
 //!   testkit's send-mapping checks against its loopback fake).
+//! - `caremsg-testplugin-abi-v1-0`: a working SMS plugin built against
+//!   `sdk-v1_0`, a frozen copy of the SDK at ABI 1.0: today's host must load it.
 //!
 //! A crate's cdylib is built next to the test executables (`target/<profile>/deps`)
 //! when a test crate depends on it, and uplifted to `target/<profile>` by a plain
@@ -26,6 +28,8 @@ pub const WRONG_ABI: &str = "caremsg-testplugin-wrong-abi";
 pub const PANIC_ABORT: &str = "caremsg-testplugin-panic-abort";
 /// The package name of the plugin that sends through the host's HTTP service.
 pub const HTTP_STATUS: &str = "caremsg-testplugin-http-status";
+/// The package name of the SMS plugin built against the SDK frozen at ABI 1.0.
+pub const ABI_V1_0: &str = "caremsg-testplugin-abi-v1-0";
 /// The package name of the development SMS gateway.
 pub const SMS_LOOPBACK: &str = "caremsg-sms-loopback";
 

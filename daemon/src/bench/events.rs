@@ -1,0 +1,260 @@
+//! `caremsgd bench events`: the CPU a portal message costs with no event stream open,
+//! and with `streams` staff streams open (one per user, each patient's care team of
+//! five among them), through the real HTTP API on SQLite. The process's CPU time is
+//! measured, the in-process senders and stream readers included, so the figure is
+//! an upper bound of the daemon's own cost.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+/// What to run.
+#[derive(Debug, Clone, Copy)]
+pub struct Plan {
+    /// Staff streams to hold open (one per user).
+    pub streams: usize,
+    /// Portal messages per round.
+    pub messages: usize,
+    /// Concurrent senders.
+    pub clients: usize,
+}
+
+/// One round's figures.
+#[derive(Debug, Clone, Copy)]
+struct Round {
+    cpu_per_message: Duration,
+    per_second: f64,
+    reader_statements_per_message: f64,
+}
+
+/// Figures of the events benchmark.
+#[derive(Debug, Clone)]
+pub struct Report {
+    plan: Plan,
+    without: Round,
+    with: Round,
+    events_received: usize,
+    audience_reads: f64,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let added = us(self.with.cpu_per_message) / us(self.without.cpu_per_message) - 1.0;
+        writeln!(
+            f,
+            "events benchmark: SQLite, {} portal messages per round from {} clients, care teams of 5",
+            self.plan.messages, self.plan.clients
+        )?;
+        for (name, round) in [
+            ("no stream open", self.without),
+            ("streams open", self.with),
+        ] {
+            writeln!(
+                f,
+                "  {name:<16} CPU/message {:>8.0} µs   {:>8.0} messages/s   {:>5.2} reader statements/message",
+                us(round.cpu_per_message),
+                round.per_second,
+                round.reader_statements_per_message
+            )?;
+        }
+        writeln!(
+            f,
+            "  {} streams add {:+.1}% CPU per message   (target < 10%: {})",
+            self.plan.streams,
+            added * 100.0,
+            super::verdict(added < 0.10)
+        )?;
+        write!(
+            f,
+            "  events received on the streams {}; audience reads {} (one per patient)",
+            self.events_received, self.audience_reads
+        )
+    }
+}
+
+/// User and system CPU time of this process so far.
+fn cpu_time() -> Duration {
+    std::fs::read_to_string("/proc/self/stat").map_or(Duration::ZERO, |s| super::clinic::ticks(&s))
+}
+
+/// Runs the benchmark in a temporary state directory.
+pub async fn run(plan: Plan) -> anyhow::Result<Report> {
+    super::in_scratch_dir(|dir| async move { measure(plan, &dir).await }).await
+}
+
+async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
+    let mut settings = super::scratch_settings(dir)?;
+    settings.events.max_streams = plan.streams + 16;
+    let running = crate::start(settings, crate::Options::default())
+        .await
+        .context("starting the daemon")?;
+    let base = format!("http://{}", running.local_addr());
+    let result = async {
+        let client = reqwest::Client::builder().build()?;
+        let patients = seed(&client, &base, plan.streams).await?;
+        let metric = |name: &'static str| {
+            let metrics = running.state().metrics.render();
+            metrics
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(name)?
+                        .strip_prefix(' ')?
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                })
+                .unwrap_or(0.0)
+        };
+        let round = |tag: &'static str| {
+            let (client, base) = (client.clone(), base.clone());
+            async move {
+                let statements = metric("caremsg_db_reader_statements_total");
+                let cpu = cpu_time();
+                let started = Instant::now();
+                send(&client, &base, plan, patients, tag).await?;
+                let took = started.elapsed();
+                let statements = metric("caremsg_db_reader_statements_total") - statements;
+                Ok::<_, anyhow::Error>(Round {
+                    cpu_per_message: (cpu_time() - cpu) / plan.messages as u32,
+                    per_second: plan.messages as f64 / took.as_secs_f64(),
+                    reader_statements_per_message: statements / plan.messages as f64,
+                })
+            }
+        };
+        // A warm-up round, so both measured rounds find the actors and caches warm.
+        round("warm").await?;
+        let without = round("without").await?;
+
+        let received = Arc::new(AtomicUsize::new(0));
+        let mut readers = Vec::with_capacity(plan.streams);
+        for user in 0..plan.streams {
+            let response = client
+                .get(format!("{base}/v1/staff/events"))
+                .bearer_auth("dev-staff-token")
+                .header("X-Caremsg-User", format!("bu{user}"))
+                .send()
+                .await?;
+            anyhow::ensure!(
+                response.status().is_success(),
+                "stream {user}: {}",
+                response.status()
+            );
+            let received = received.clone();
+            readers.push(tokio::spawn(async move {
+                let mut response = response;
+                while let Ok(Some(chunk)) = response.chunk().await {
+                    let events = chunk.windows(7).filter(|w| w == b"event: ").count();
+                    received.fetch_add(events, Ordering::Relaxed);
+                }
+            }));
+        }
+        let audience = metric("caremsg_event_audience_reads_total");
+        let with = round("with").await?;
+        let audience_reads = metric("caremsg_event_audience_reads_total") - audience;
+        // Let the last events reach the readers.
+        let expected = plan.messages * 10;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for reader in &readers {
+            reader.abort();
+        }
+        Ok::<_, anyhow::Error>(Report {
+            plan,
+            without,
+            with,
+            events_received: received.load(Ordering::Relaxed),
+            audience_reads,
+        })
+    }
+    .await;
+    running.shutdown().await?;
+    result
+}
+
+/// One practice, `users` users and `users / 5` portal-enrolled patients, each with a
+/// care team of five users of its own, through the admin API. Returns the patients.
+async fn seed(client: &reqwest::Client, base: &str, users: usize) -> anyhow::Result<usize> {
+    let put = |path: String, body: serde_json::Value| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .put(format!("{base}{path}"))
+                .bearer_auth("dev-admin-token")
+                .json(&body)
+                .send()
+                .await?;
+            anyhow::ensure!(
+                response.status().is_success(),
+                "{path}: {}",
+                response.status()
+            );
+            Ok(())
+        }
+    };
+    put(
+        "/v1/admin/practices/bench".into(),
+        serde_json::json!({"name": "Bench Clinic", "sms_enabled": false, "portal_enabled": true,
+            "country": "US", "timezone": "America/New_York"}),
+    )
+    .await?;
+    for user in 0..users {
+        put(
+            format!("/v1/admin/users/bu{user}"),
+            serde_json::json!({"practice_id": "bench", "name": "Bench User", "restricted_programs": []}),
+        )
+        .await?;
+    }
+    let patients = (users / 5).max(1);
+    for patient in 0..patients {
+        let team: Vec<String> = (0..5)
+            .map(|i| format!("bu{}", (patient * 5 + i) % users.max(1)))
+            .collect();
+        put(
+            format!("/v1/admin/patients/bp{patient}"),
+            serde_json::json!({"practice_id": "bench", "first_name": "Bench", "last_name": "Patient",
+                "date_of_birth": "1950-01-01", "portal_enrolled": true, "programs": [], "care_team": team}),
+        )
+        .await?;
+    }
+    Ok(patients)
+}
+
+/// `plan.messages` portal messages spread over the patients, from `plan.clients`
+/// concurrent senders.
+async fn send(
+    client: &reqwest::Client,
+    base: &str,
+    plan: Plan,
+    patients: usize,
+    tag: &'static str,
+) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..plan.clients {
+        let (client, base, next) = (client.clone(), base.to_owned(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= plan.messages {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let response = client
+                    .post(format!("{base}/v1/portal/patients/bp{}/messages", i % patients))
+                    .bearer_auth("dev-portal-token")
+                    .json(&serde_json::json!({"body": "A question about my medication.", "client_txn_id": format!("{tag}{i}")}))
+                    .send()
+                    .await?;
+                anyhow::ensure!(response.status() == reqwest::StatusCode::CREATED, "send: {}", response.status());
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
