@@ -37,6 +37,9 @@ fn full_settings() -> Settings {
             max_body_bytes: 1024,
             shutdown_timeout: Duration::from_secs(10),
             sse_keepalive: Duration::from_secs(15),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
         },
         database: Database {
             url: Some("postgres://caremsg@localhost/caremsg".to_owned()),

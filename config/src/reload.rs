@@ -104,6 +104,9 @@ fn diff_server(d: &mut Diff, old: &Server, new: &Server) -> Result<(), ReloadRef
         max_body_bytes,
         shutdown_timeout,
         sse_keepalive,
+        header_read_timeout,
+        idle_timeout,
+        max_connections,
     } = new;
     d.fixed("server.listen", &old.listen, listen)?;
     d.reloadable("server.public_url", &old.public_url, public_url);
@@ -119,6 +122,17 @@ fn diff_server(d: &mut Diff, old: &Server, new: &Server) -> Result<(), ReloadRef
         shutdown_timeout,
     );
     d.reloadable("server.sse_keepalive", &old.sse_keepalive, sse_keepalive);
+    d.reloadable(
+        "server.header_read_timeout",
+        &old.header_read_timeout,
+        header_read_timeout,
+    );
+    d.reloadable("server.idle_timeout", &old.idle_timeout, idle_timeout);
+    d.reloadable(
+        "server.max_connections",
+        &old.max_connections,
+        max_connections,
+    );
     Ok(())
 }
 

@@ -143,6 +143,25 @@ pub struct Server {
     /// Default: "15s". Reloadable: yes.
     #[serde(with = "humantime_serde")]
     pub sse_keepalive: Duration,
+    /// How long a client may take to send a request's head (request line and
+    /// headers), counted from its first byte; a connection that trickles its head
+    /// slower is closed.
+    /// Default: "10s". Reloadable: yes.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// How long a connection may stay open with no request in progress (a new
+    /// connection that sends nothing, or a kept-alive one between requests) before it
+    /// is closed.
+    /// Default: "60s". Reloadable: yes.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Most client connections open at once (event streams included). A connection
+    /// past the cap closes the longest-idle connection without a request in progress;
+    /// when every connection is busy it waits, in the listen backlog, until one ends.
+    /// The systemd unit's `LimitNOFILE=` (4096) leaves room for 1,024 connections
+    /// and the database, plugins and log.
+    /// Default: 1024. Reloadable: yes.
+    pub max_connections: usize,
 }
 
 impl Default for Server {
@@ -154,6 +173,9 @@ impl Default for Server {
             max_body_bytes: 1024 * 1024,
             shutdown_timeout: Duration::from_secs(10),
             sse_keepalive: Duration::from_secs(15),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
         }
     }
 }

@@ -237,6 +237,9 @@ impl Settings {
         p.at_least_one("server.max_body_bytes", u64_of(server.max_body_bytes));
         p.positive_duration("server.shutdown_timeout", server.shutdown_timeout);
         p.positive_duration("server.sse_keepalive", server.sse_keepalive);
+        p.positive_duration("server.header_read_timeout", server.header_read_timeout);
+        p.positive_duration("server.idle_timeout", server.idle_timeout);
+        p.at_least_one("server.max_connections", u64_of(server.max_connections));
 
         // database
         let database = &self.database;
@@ -588,6 +591,9 @@ mod tests {
         check(|s| s.server.request_timeout = zero, "server.request_timeout", "zero");
         check(|s| s.server.shutdown_timeout = zero, "server.shutdown_timeout", "zero");
         check(|s| s.server.sse_keepalive = zero, "server.sse_keepalive", "zero");
+        check(|s| s.server.header_read_timeout = zero, "server.header_read_timeout", "zero");
+        check(|s| s.server.idle_timeout = zero, "server.idle_timeout", "zero");
+        check(|s| s.server.max_connections = 0, "server.max_connections", "at least 1");
         check(|s| s.database.busy_timeout = zero, "database.busy_timeout", "zero");
         check(|s| s.database.connect_timeout = zero, "database.connect_timeout", "zero");
         check(|s| s.conversations.idle_timeout = zero, "conversations.idle_timeout", "zero");

@@ -14,6 +14,7 @@ pub mod db;
 pub mod events;
 pub mod gateways;
 pub mod ha;
+pub mod http;
 pub mod metrics;
 pub mod notifications;
 pub mod notify;
@@ -252,22 +253,20 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
     })
 }
 
-/// Serves the API on `listener` until `stop`.
+/// Serves the API on `listener` until `stop`, under the connection limits of
+/// `[server]` (`http::serve`).
 fn serve(
     state: &Shared,
     listener: tokio::net::TcpListener,
     stop: &CancellationToken,
 ) -> JoinHandle<std::io::Result<()>> {
     let app = api::router(state.clone());
-    let stop = stop.clone();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    })
+    tokio::spawn(http::serve(
+        listener,
+        app,
+        state.settings.clone(),
+        stop.clone(),
+    ))
 }
 
 /// What the watchdog reports beside the writer: counts for `STATUS=`, and a probe

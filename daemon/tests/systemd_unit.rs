@@ -133,6 +133,31 @@ fn the_unit_keeps_the_promises_the_daemon_relies_on() {
     assert!(directive(&unit, "IPAddressDeny").is_empty());
 }
 
+/// Files the daemon keeps open beside client connections: the database pool and the
+/// writer's connection, SQLite's files, plugins' libraries and provider connections,
+/// the journal, the runtime's own descriptors.
+const OTHER_FILES: u64 = 512;
+
+#[test]
+fn the_open_file_limit_leaves_room_for_the_connection_cap() {
+    let unit = unit_text();
+    let limit: u64 = directive(&unit, "LimitNOFILE")
+        .last()
+        .expect("the unit sets LimitNOFILE=")
+        .parse()
+        .expect("LimitNOFILE= is one number (soft and hard alike)");
+    let settings = caremsg_config::Settings::default();
+    // The cap, plus the one connection the accept loop holds while it makes room.
+    let connections = settings.server.max_connections as u64 + 1;
+    let database = u64::from(settings.database.max_connections) + 1;
+    assert!(
+        connections + database + OTHER_FILES <= limit,
+        "LimitNOFILE={limit} is too small for server.max_connections={} \
+         (+ {database} database connections + {OTHER_FILES} other files)",
+        settings.server.max_connections
+    );
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::{Json, Router, routing::put};
@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{Admin, ApiJson, Caller};
+use super::extract::{Admin, ApiJson, ApiPath, Caller};
 use crate::audit::AuditEntry;
 use crate::events::AccessChange;
 use crate::phone::{self, PhoneError};
@@ -60,8 +60,10 @@ pub fn routes() -> Router<Shared> {
 #[serde(deny_unknown_fields)]
 pub struct SmsNumber {
     /// The number, national or international format; stored as E.164.
+    #[schema(min_length = 1, max_length = 32)]
     pub number: String,
     /// Name of a configured `[[gateways]]` instance of kind `sms`.
+    #[schema(min_length = 1, max_length = 128)]
     pub gateway: String,
 }
 
@@ -69,18 +71,27 @@ pub struct SmsNumber {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PracticeIn {
-    /// Display name, used verbatim in texts.
+    /// Display name, used verbatim in texts. 1 to 200 characters once trimmed; no
+    /// control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub name: String,
     /// Whether the 'Text Messages' button exists for this practice.
     pub sms_enabled: bool,
     /// Whether 'Chat With My Care Team' exists for this practice.
     pub portal_enabled: bool,
     /// ISO 3166-1 alpha-2 country: the default region for phone numbers.
+    #[schema(schema_with = country_schema)]
     pub country: String,
     /// IANA time zone, e.g. `America/New_York`.
+    #[schema(schema_with = timezone_schema)]
     pub timezone: String,
     /// The practice's SMS sending numbers.
     #[serde(default)]
+    #[schema(max_items = 100)]
     pub sms_numbers: Vec<SmsNumber>,
     /// Append the sender's display name to outbound SMS (default false).
     #[serde(default)]
@@ -112,7 +123,13 @@ pub struct PracticeOut {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProgramIn {
-    /// Program name, e.g. "CCM".
+    /// Program name, e.g. "CCM". 1 to 200 characters once trimmed; no control
+    /// characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub name: String,
 }
 
@@ -132,11 +149,23 @@ pub struct ProgramOut {
 #[serde(deny_unknown_fields)]
 pub struct UserIn {
     /// The user's practice; a user never moves between practices.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$"
+    )]
     pub practice_id: String,
-    /// Display name (signs outbound SMS when the practice asks for it).
+    /// Display name (signs outbound SMS when the practice asks for it). 1 to 200
+    /// characters once trimmed; no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub name: String,
-    /// Where email notifications go.
+    /// Where email notifications go (empty or absent: none).
     #[serde(default)]
+    #[schema(format = Email, max_length = 254)]
     pub email: Option<String>,
     /// Programs of the practice this user may not see.
     #[serde(default)]
@@ -163,15 +192,34 @@ pub struct UserOut {
 #[serde(deny_unknown_fields)]
 pub struct PatientIn {
     /// The patient's practice; a patient never moves between practices.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$"
+    )]
     pub practice_id: String,
-    /// First name.
+    /// First name. 1 to 200 characters once trimmed; no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub first_name: String,
-    /// Last name.
+    /// Last name. 1 to 200 characters once trimmed; no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub last_name: String,
-    /// `YYYY-MM-DD`, a real date, not in the future.
+    /// `YYYY-MM-DD`, a real calendar date, not in the future (in the practice's time
+    /// zone), not before 1900.
+    #[schema(format = Date)]
     pub date_of_birth: String,
-    /// Mobile number in national or international format; stored as E.164.
+    /// Mobile number in national or international format; stored as E.164. Empty or
+    /// absent: none.
     #[serde(default)]
+    #[schema(max_length = 32)]
     pub mobile_phone: Option<String>,
     /// Enrolled in the patient portal.
     pub portal_enrolled: bool,
@@ -208,11 +256,43 @@ pub struct PatientOut {
     pub sms_status: String,
 }
 
-/// A non-empty, trimmed name of at most [`MAX_NAME_CHARS`] characters.
+/// The schema of a practice's `country`: the ISO 3166-1 alpha-2 codes the phone
+/// number library knows (upper case; lower case is accepted too).
+fn country_schema() -> utoipa::openapi::Object {
+    let codes: Vec<String> = (b'A'..=b'Z')
+        .flat_map(|a| (b'A'..=b'Z').map(move |b| format!("{}{}", a as char, b as char)))
+        .filter(|code| phone::country(code).is_some())
+        .collect();
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .enum_values(Some(codes))
+        .description(Some(
+            "ISO 3166-1 alpha-2 country: the default region for phone numbers.",
+        ))
+        .build()
+}
+
+/// The schema of a practice's `timezone`: the IANA time zone names.
+fn timezone_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .enum_values(Some(chrono_tz::TZ_VARIANTS.iter().map(|tz| tz.name())))
+        .description(Some("IANA time zone, e.g. `America/New_York`."))
+        .build()
+}
+
+/// A non-empty, trimmed name of at most [`MAX_NAME_CHARS`] characters, without
+/// control characters (not even a newline or a tab).
 fn name(field: &str, value: &str) -> ApiResult<String> {
     let value = value.trim();
     if value.is_empty() {
         return Err(ApiError::invalid(field, "Must not be empty."));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            field,
+            "Must not contain control characters.",
+        ));
     }
     if value.chars().count() > MAX_NAME_CHARS {
         return Err(ApiError::invalid(
@@ -302,13 +382,15 @@ fn today_in(practice: &practice::Model, now: DateTime<Utc>) -> NaiveDate {
 #[utoipa::path(put, path = "/v1/admin/practices/{practice_id}", tag = "admin",
     params(("practice_id" = String, Path, description = "The platform's practice id")),
     request_body = PracticeIn,
-    responses((status = 200, body = PracticeOut), (status = 422, body = super::error::ErrorBody)),
+    responses((status = 200, body = PracticeOut), (status = 409, body = super::error::ErrorBody,
+        description = "`sms_number_in_use`: a number belongs to another practice"),
+        (status = 422, body = super::error::ErrorBody)),
     security(("bearer" = [])))]
 /// Creates or updates a practice (and reactivates a deleted one).
 pub async fn put_practice(
     State(state): State<Shared>,
     Admin(caller): Admin,
-    Path(practice_id): Path<String>,
+    ApiPath(practice_id): ApiPath<String>,
     ApiJson(input): ApiJson<PracticeIn>,
 ) -> ApiResult<Json<PracticeOut>> {
     let practice_id = id("practice_id", &practice_id)?;
@@ -442,7 +524,7 @@ pub async fn put_practice(
 pub async fn put_program(
     State(state): State<Shared>,
     Admin(caller): Admin,
-    Path((practice_id, program_id)): Path<(String, String)>,
+    ApiPath((practice_id, program_id)): ApiPath<(String, String)>,
     ApiJson(input): ApiJson<ProgramIn>,
 ) -> ApiResult<Json<ProgramOut>> {
     caller.require_practice(&practice_id, "practice")?;
@@ -524,7 +606,7 @@ async fn check_programs(
 pub async fn put_user(
     State(state): State<Shared>,
     Admin(caller): Admin,
-    Path(user_id): Path<String>,
+    ApiPath(user_id): ApiPath<String>,
     ApiJson(input): ApiJson<UserIn>,
 ) -> ApiResult<Json<UserOut>> {
     let user_id = id("user_id", &user_id)?;
@@ -637,7 +719,7 @@ fn default_notification_settings(
 pub async fn put_patient(
     State(state): State<Shared>,
     Admin(caller): Admin,
-    Path(patient_id): Path<String>,
+    ApiPath(patient_id): ApiPath<String>,
     ApiJson(input): ApiJson<PatientIn>,
 ) -> ApiResult<Json<PatientOut>> {
     let patient_id = id("patient_id", &patient_id)?;
@@ -827,7 +909,7 @@ pub async fn put_patient(
 pub async fn delete_practice(
     State(state): State<Shared>,
     Admin(caller): Admin,
-    Path(practice_id): Path<String>,
+    ApiPath(practice_id): ApiPath<String>,
 ) -> ApiResult<impl IntoResponse> {
     deactivate(&state, &caller, Kind::Practice, &practice_id).await
 }
@@ -839,7 +921,7 @@ pub async fn delete_practice(
 pub async fn delete_user(
     State(state): State<Shared>,
     Admin(caller): Admin,
-    Path(user_id): Path<String>,
+    ApiPath(user_id): ApiPath<String>,
 ) -> ApiResult<impl IntoResponse> {
     deactivate(&state, &caller, Kind::User, &user_id).await
 }
@@ -852,7 +934,7 @@ pub async fn delete_user(
 pub async fn delete_patient(
     State(state): State<Shared>,
     Admin(caller): Admin,
-    Path(patient_id): Path<String>,
+    ApiPath(patient_id): ApiPath<String>,
 ) -> ApiResult<impl IntoResponse> {
     deactivate(&state, &caller, Kind::Patient, &patient_id).await
 }

@@ -98,10 +98,13 @@ impl MessageOut {
 /// `?before=&limit=` of a conversation page.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// Only messages with a lower sequence number (the `next_cursor` of the newer page).
+    #[param(minimum = 1)]
     pub before: Option<i64>,
     /// At most this many messages (default 50, at most 200).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u64>,
 }
 
@@ -177,12 +180,24 @@ pub async fn page(state: &Shared, patient_id: &str, query: &PageQuery) -> ApiRes
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SendIn {
-    /// The text. Not empty; at most 1,600 characters when it goes out by SMS, else
-    /// the configured portal limit (default 10,000).
+    /// The text. Not empty or only white space; no control characters but newline
+    /// and tab; at most `conversations.sms_body_max_chars` (1,600) characters when it
+    /// goes out by SMS, else `conversations.portal_body_max_chars` (10,000) (422
+    /// `body_too_long`).
+    #[schema(
+        min_length = 1,
+        max_length = 10000,
+        pattern = "^[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub body: String,
     /// Optional idempotency key, scoped to the conversation and author: a retry with
     /// the same id returns the first result; with another body it is 409 `txn_id_reused`.
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$"
+    )]
     pub client_txn_id: Option<String>,
 }
 
@@ -242,6 +257,76 @@ struct MessageEventOut<'a> {
     direction: &'a str,
     channel: &'a str,
     body: &'a str,
+}
+
+/// The `data` of a `message` event: a message stored in a conversation.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessageEventData {
+    /// The patient whose conversation it is.
+    pub patient_id: String,
+    /// Its position in the conversation (resume from here: `GET …/conversation`).
+    pub seq: i64,
+    /// `from_patient`, `to_patient` or `system`.
+    pub direction: String,
+    /// `sms`, `portal` or `system`.
+    pub channel: String,
+    /// The text.
+    pub body: String,
+}
+
+/// The `data` of an `sms_status` event: a patient's SMS authentication changed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SmsStatusEventData {
+    /// The patient.
+    pub patient_id: String,
+    /// `none`, `pending`, `enabled`, `failed` or `opted_out`.
+    pub status: String,
+    /// Why, when there is a reason.
+    pub reason: Option<String>,
+}
+
+/// The `data` of a `lagged` event: this subscriber fell behind and missed events;
+/// re-read what it shows (the conversation, the notifications) and go on.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LaggedEventData {
+    /// How many events were missed.
+    pub missed: u64,
+}
+
+/// The `data` of an `end` event, a stream's last: why the daemon ended it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EndEventData {
+    /// `access_revoked`, `credentials_changed`, `slow_consumer` or `idle`.
+    pub reason: String,
+}
+
+/// The `data:` line of a portal stream event (`event: message` or `event: lagged`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum PortalEventData {
+    /// `event: message`.
+    Message(MessageEventData),
+    /// `event: lagged`.
+    Lagged(LaggedEventData),
+    /// `event: end`.
+    End(EndEventData),
+}
+
+/// The `data:` line of a staff stream event (`event: message`, `notification`,
+/// `sms_status` or `lagged`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum StaffEventData {
+    /// `event: message`.
+    Message(MessageEventData),
+    /// `event: notification`.
+    Notification(super::notifications::NotificationOut),
+    /// `event: sms_status`.
+    SmsStatus(SmsStatusEventData),
+    /// `event: lagged`.
+    Lagged(LaggedEventData),
+    /// `event: end`.
+    End(EndEventData),
 }
 
 /// The SSE event for a stored message.

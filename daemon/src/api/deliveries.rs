@@ -9,7 +9,7 @@
 //! `resend` queues it again, `mark_sent` and `mark_failed` close it. Each resolution
 //! is audited; only a `reconcile` delivery can be resolved.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use caremsg_entities::{DeliveryStatus, delivery};
@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{Admin, ApiJson};
+use super::extract::{Admin, ApiJson, ApiPath, ApiQuery};
 use super::staff::{decode_cursor, encode_cursor, page_limit};
 use crate::audit::AuditEntry;
 use crate::state::Shared;
@@ -37,11 +37,13 @@ pub fn routes() -> Router<Shared> {
 /// `?status=&limit=&cursor=`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DeliveriesQuery {
     /// The status to list (default `reconcile`): `queued`, `sending`, `sent`,
     /// `delivered`, `failed`, `undelivered`, `reconcile`, `refused`.
     pub status: Option<String>,
     /// Page size (default 50, at most 200).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u64>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -133,7 +135,7 @@ struct Cursor {
 pub async fn list(
     State(state): State<Shared>,
     Admin(_caller): Admin,
-    Query(query): Query<DeliveriesQuery>,
+    ApiQuery(query): ApiQuery<DeliveriesQuery>,
 ) -> ApiResult<Json<DeliveryList>> {
     let status = match query.status.as_deref() {
         None => DeliveryStatus::Reconcile,
@@ -264,7 +266,7 @@ const IN_RECONCILE: &str = "delivery in reconcile";
 pub async fn resolve(
     State(state): State<Shared>,
     Admin(caller): Admin,
-    Path(delivery_id): Path<String>,
+    ApiPath(delivery_id): ApiPath<String>,
     ApiJson(input): ApiJson<ResolveIn>,
 ) -> ApiResult<Json<DeliveryOut>> {
     let resolution = Resolution::parse(&input.action)?;

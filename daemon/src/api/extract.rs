@@ -1,7 +1,10 @@
 //! Request extractors: credentials (bearer token, scopes, acting user) and JSON bodies
 //! that fail with the JSON error contract instead of axum's plain-text rejections.
 
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::body::Bytes;
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::{PathRejection, RawPathParamsRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, RawPathParams, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use caremsg_config::Scope;
@@ -184,9 +187,12 @@ impl FromRequestParts<Shared> for Staff {
     }
 }
 
-/// A JSON body, parsed strictly: a syntax error is a 400 `invalid_json`, a missing,
-/// unknown or mistyped field a 422 naming the field, a body over the configured size
-/// a 413.
+/// A JSON body, parsed strictly: only `Content-Type: application/json` (parameters
+/// such as `charset` allowed; anything else is a 415), a body over the configured size
+/// a 413 (told by `Content-Length` before anything is read), a syntax error a 400
+/// `invalid_json`, anything but a JSON object a 422, a missing, unknown or mistyped
+/// field a 422 naming the field, and a string holding NUL or another control
+/// character (other than newline and tab) a 422 naming the field.
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
@@ -194,45 +200,111 @@ impl<T: DeserializeOwned> FromRequest<Shared> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &Shared) -> Result<Self, ApiError> {
-        let is_json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim_start().starts_with("application/json"));
-        if !is_json {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "Send the body as JSON with Content-Type: application/json.",
-            ));
-        }
-        let limit = state.settings.load().server.max_body_bytes;
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("The request body is larger than {limit} bytes."),
-                )
-            })?;
+        let bytes = read_body(req, state, false).await?;
         parse_json(&bytes).map(ApiJson)
     }
 }
 
+/// Like [`ApiJson`], for a body that may be left out: an empty body (or white space
+/// only), whatever its content type, is `None`; anything else is checked as
+/// [`ApiJson`] checks it.
+#[derive(Debug)]
+pub struct OptionalApiJson<T>(pub Option<T>);
+
+impl<T: DeserializeOwned> FromRequest<Shared> for OptionalApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &Shared) -> Result<Self, ApiError> {
+        let bytes = read_body(req, state, true).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(None));
+        }
+        parse_json(&bytes).map(|value| Self(Some(value)))
+    }
+}
+
+/// Whether a `Content-Type` value is `application/json`, with or without parameters.
+pub fn is_json_content_type(value: &str) -> bool {
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    essence.eq_ignore_ascii_case("application/json")
+}
+
+/// Reads a request body of at most `server.max_body_bytes`; unless `may_be_empty` and
+/// the body is empty, its content type must be JSON.
+async fn read_body(req: Request, state: &Shared, may_be_empty: bool) -> Result<Bytes, ApiError> {
+    let headers = req.headers();
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(is_json_content_type);
+    let limit = state.settings.load().server.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("The request body is larger than {limit} bytes."),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let unsupported = || {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Send the body as JSON with Content-Type: application/json.",
+        )
+    };
+    let may_be_empty_here = may_be_empty && declared.is_none_or(|n| n == 0);
+    if !is_json && !may_be_empty_here {
+        return Err(unsupported());
+    }
+    let bytes = axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| too_large())?;
+    if !is_json && !bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(unsupported());
+    }
+    Ok(bytes)
+}
+
 /// Parses `bytes` as `T`, mapping failures to the error contract.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "The body is not valid JSON.",
+        )
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            "The body must be a JSON object.",
+        ));
+    }
+    if let Some(field) = control_character_at(&value, "") {
+        let mut error = ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "control_character",
+            "Must not contain NUL or control characters other than newline and tab.",
+        );
+        if !field.is_empty() {
+            error = error.field(field);
+        }
+        return Err(error);
+    }
+    // Typed, from the bytes again rather than from `value`: a field given twice is
+    // refused (a map keeps only the last).
     let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            return ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                "The body is not valid JSON.",
-            );
-        }
         // serde's own messages may quote the value sent ("invalid type: string \"...\""),
         // which can be PHI: say what was expected instead, never what was received.
         let (message, named) = describe(&inner.to_string());
@@ -247,6 +319,193 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         }
         error
     })
+}
+
+/// Whether `text` holds a character no API text may hold: NUL, or a control
+/// character other than newline and tab.
+pub fn has_forbidden_control(text: &str) -> bool {
+    text.chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+}
+
+/// The path (`a.b[2].c`) of the first string or key in `value` holding a forbidden
+/// control character; `""` for the top level.
+fn control_character_at(value: &serde_json::Value, path: &str) -> Option<String> {
+    match value {
+        serde_json::Value::String(text) => has_forbidden_control(text).then(|| path.to_owned()),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| control_character_at(item, &format!("{path}[{i}]"))),
+        serde_json::Value::Object(map) => map.iter().find_map(|(key, item)| {
+            if has_forbidden_control(key) {
+                return Some(path.to_owned());
+            }
+            let inner = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            control_character_at(item, &inner)
+        }),
+        _ => None,
+    }
+}
+
+/// A query string, parsed strictly into `T` (a struct with `deny_unknown_fields`).
+/// Every failure is a 400 JSON error that never repeats what was sent: an unknown
+/// parameter (the message lists the parameters the path takes), a repeated one, a
+/// value of the wrong type, a value that is not UTF-8 once percent-decoded or that
+/// holds a control character; the known parameter at fault is named in `field`.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        parse_query(parts.uri.query().unwrap_or_default()).map(ApiQuery)
+    }
+}
+
+/// Parses a raw query string as [`ApiQuery`] does.
+pub fn parse_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    let invalid =
+        |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message);
+    let pairs = form_urlencoded::parse(query.as_bytes());
+    let deserializer = serde_urlencoded::Deserializer::new(pairs);
+    let value: T = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let message = err.into_inner().to_string();
+        if let Some(rest) = message.strip_prefix("unknown field `") {
+            let expected = rest
+                .split_once(", expected ")
+                .map_or("no parameters", |(_, expected)| expected);
+            return invalid(format!(
+                "Unknown query parameter; this path takes {expected}."
+            ))
+            .with_code("unknown_parameter");
+        }
+        if let Some(rest) = message.strip_prefix("duplicate field `") {
+            let name = rest.split('`').next().unwrap_or_default().to_owned();
+            return invalid("A query parameter may be given once.".to_owned())
+                .with_code("repeated_parameter")
+                .field(name);
+        }
+        let (sentence, named) = describe(&message);
+        let field = match (path.as_str(), named) {
+            (".", Some(named)) => Some(named),
+            (".", None) => None,
+            _ => Some(path),
+        };
+        let error = invalid(if sentence.starts_with("Expected") {
+            sentence
+        } else {
+            "The value of this query parameter is not acceptable.".to_owned()
+        });
+        match field {
+            Some(field) => error.field(field),
+            None => error,
+        }
+    })?;
+    // Every name is one `T` knows (unknown ones were refused above): name it when its
+    // value is not text.
+    for (raw_name, raw_value) in raw_pairs(query) {
+        let name = String::from_utf8_lossy(&raw_name).into_owned();
+        match String::from_utf8(raw_value) {
+            Ok(text) if !text.chars().any(char::is_control) => {}
+            Ok(_) => {
+                return Err(invalid(
+                    "A query parameter must not contain control characters.".to_owned(),
+                )
+                .field(name));
+            }
+            Err(_) => {
+                return Err(invalid(
+                    "A query parameter must be UTF-8 once percent-decoded.".to_owned(),
+                )
+                .field(name));
+            }
+        }
+    }
+    Ok(value)
+}
+
+/// The query's name/value pairs, percent-decoded (`+` is a space) but not yet text.
+fn raw_pairs(query: &str) -> impl Iterator<Item = (Vec<u8>, Vec<u8>)> + '_ {
+    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(name), percent_decode(value))
+    })
+}
+
+fn percent_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Path parameters, parsed into `T` (a `String`, or a tuple of them): a segment that
+/// is not UTF-8 once percent-decoded, or holds a control character, is a 400
+/// `invalid_path` naming the parameter, without repeating it.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let invalid = |name: &str, message: &str| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", message).field(name)
+        };
+        let raw = match RawPathParams::from_request_parts(parts, state).await {
+            Ok(raw) => raw,
+            Err(RawPathParamsRejection::InvalidUtf8InPathParam(err)) => {
+                let text = err.body_text();
+                let name = text.rsplit('`').nth(1).unwrap_or_default().to_owned();
+                return Err(invalid(&name, "Must be UTF-8 once percent-decoded."));
+            }
+            Err(_) => return Err(ApiError::internal(&"path parameters missing")),
+        };
+        for (name, value) in raw.iter() {
+            if value.is_empty() || value.chars().any(char::is_control) {
+                return Err(invalid(
+                    name,
+                    "Must be a non-empty id without control characters.",
+                ));
+            }
+        }
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(Self(value)),
+            Err(PathRejection::FailedToDeserializePathParams(err)) => match err.into_kind() {
+                ErrorKind::ParseErrorAtKey { key, .. }
+                | ErrorKind::InvalidUtf8InPathParam { key }
+                | ErrorKind::DeserializeError { key, .. } => {
+                    Err(invalid(&key, "A path parameter is not acceptable."))
+                }
+                _ => Err(ApiError::internal(
+                    &"path parameters of an unexpected shape",
+                )),
+            },
+            Err(_) => Err(ApiError::internal(&"path parameters missing")),
+        }
+    }
 }
 
 /// A client-safe sentence for a serde error, and the field it names, if any.

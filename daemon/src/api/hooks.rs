@@ -12,13 +12,14 @@ use std::net::SocketAddr;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use caremsg_plugin_host::{CallError, WebhookRequest, WebhookResponse};
 
 use super::error::ApiError;
+use super::extract::ApiPath;
 use crate::gateways::inbound;
 use crate::state::Shared;
 
@@ -29,19 +30,27 @@ pub fn routes() -> Router<Shared> {
 
 #[utoipa::path(post, path = "/v1/hooks/{gateway_instance}", tag = "gateways",
     params(("gateway_instance" = String, Path, description = "The `name` of a `[[gateways]]` instance")),
-    request_body(content = Vec<u8>, description = "The provider's request, as the plugin expects it", content_type = "application/octet-stream"),
+    request_body(description = "The provider's request, as the instance's plugin expects it: \
+        JSON (`sms-loopback`: `{from, to, body, id}`; `portal-webhook`) or a form (Twilio's \
+        `application/x-www-form-urlencoded` callbacks, signed with X-Twilio-Signature)",
+        content(("application/json"), ("application/x-www-form-urlencoded"))),
     responses(
-        (status = 200, description = "Whatever the plugin answers, once the events it reported are committed"),
-        (status = 404, body = super::error::ErrorBody, description = "No such gateway instance"),
-        (status = 413, body = super::error::ErrorBody, description = "The body is larger than server.max_body_bytes"),
-        (status = 500, body = super::error::ErrorBody, description = "The plugin failed"),
-        (status = 503, body = super::error::ErrorBody, description = "The events could not be stored; retry"),
+        (status = 200, description = "The plugin's answer (its own body and content type, e.g. TwiML), once the events it reported are committed"),
+        (status = 400, description = "The plugin refused the request as malformed (its own body)"),
+        (status = 401, description = "The plugin refused the request's signature or peer (its own body)"),
+        (status = 403, description = "The plugin refused the request's signature or peer (its own body)"),
+        (status = 404, body = super::error::ErrorBody, description = "`not_found`: no such gateway instance"),
+        (status = 405, description = "The plugin does not take this method (its own body)"),
+        (status = 413, body = super::error::ErrorBody, description = "`body_too_large`: larger than server.max_body_bytes"),
+        (status = 415, description = "The plugin does not take this content type (its own body)"),
+        (status = 500, body = super::error::ErrorBody, description = "`gateway_failed`: the plugin failed"),
+        (status = 503, body = super::error::ErrorBody, description = "`unavailable`, `gateway_failed`, `timeout`: the events could not be stored, or the plugin is stopping; retry (Retry-After)"),
     ))]
 /// A provider's webhook (inbound texts, delivery receipts, opt-outs), passed to the
 /// plugin of the named instance. Any method is passed on; providers use POST.
 pub async fn hook(
     State(state): State<Shared>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     request: Request,
 ) -> Response {
     let Some(gateway) = state.gateways.instance(&name).cloned() else {

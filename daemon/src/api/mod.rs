@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod conversation;
 pub mod deliveries;
+pub mod doc;
 pub mod error;
 pub mod extract;
 pub mod hooks;
@@ -25,8 +26,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::OpenApi;
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
+use self::doc::Contract;
 use self::error::ApiError;
 use crate::metrics::HttpLabels;
 use crate::state::Shared;
@@ -45,9 +46,10 @@ use crate::state::Shared;
         sms::status, sms::start, sms::resend, sms::opt_out,
         portal::conversation, portal::send, portal::mark_read, portal::events,
         hooks::hook,
-        ops::healthz, ops::readyz, ops::metrics,
+        ops::healthz, ops::readyz, ops::metrics, ops::openapi,
     ),
-    modifiers(&BearerAuth),
+    components(schemas(error::ErrorBody, error::ErrorDetail)),
+    modifiers(&Contract),
     tags((name = "admin", description = "Platform sync (scope admin)"),
          (name = "staff", description = "The staff application (scope staff, X-Caremsg-User)"),
          (name = "sms", description = "SMS authentication and consent (scope staff)"),
@@ -56,18 +58,6 @@ use crate::state::Shared;
          (name = "ops", description = "Health, readiness, metrics (no token)"))
 )]
 pub struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
-}
 
 /// Every route of the daemon.
 pub fn router(state: Shared) -> Router {

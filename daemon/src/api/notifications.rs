@@ -7,7 +7,7 @@
 //! falls back to in-app — are `crate::notifications::settings`'; this module maps them
 //! to JSON.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::response::sse::Event as SseEvent;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{ApiJson, Staff};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Staff};
 use crate::access::{ACCESSIBLE, Denied, patient_for};
 use crate::audit::AuditEntry;
 use crate::notifications::settings::{
@@ -276,8 +276,10 @@ pub fn sse_event(notification: &notification::Model) -> SseEvent {
 /// `?limit=&cursor=`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct NotificationsQuery {
     /// Page size (default 50, at most 200).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u64>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -331,7 +333,7 @@ fn visible(user_id: &str) -> (String, Vec<Value>) {
 pub async fn list(
     State(state): State<Shared>,
     staff: Staff,
-    Query(query): Query<NotificationsQuery>,
+    ApiQuery(query): ApiQuery<NotificationsQuery>,
 ) -> ApiResult<Json<NotificationList>> {
     let limit = page_limit(query.limit)?;
     let cursor: Option<Cursor> = query
@@ -406,7 +408,7 @@ pub async fn list(
 pub async fn mark_read(
     State(state): State<Shared>,
     staff: Staff,
-    Path(notification_id): Path<String>,
+    ApiPath(notification_id): ApiPath<String>,
 ) -> ApiResult<Json<NotificationOut>> {
     let mine = || {
         notification::Entity::find_by_id(notification_id.clone())

@@ -176,6 +176,8 @@ async fn scrape_gauges(state: &Shared) -> Result<(), sea_orm::DbErr> {
     Ok(())
 }
 
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "ops",
+    responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json")))]
 /// The OpenAPI document of this API.
 pub async fn openapi() -> impl IntoResponse {
     Json(ApiDoc::openapi())

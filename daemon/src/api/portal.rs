@@ -4,7 +4,7 @@
 //! Only for portal-enrolled patients of practices with portal chat: otherwise 409
 //! `portal_disabled` (the practice's switch, which wins) or `portal_not_enrolled`.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,7 +13,7 @@ use caremsg_entities::{patient, practice};
 
 use super::conversation::{self as conv, MessageOut, Page, PageQuery, SendIn};
 use super::error::{ApiError, ApiResult};
-use super::extract::{ApiJson, Caller, Portal};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, Portal};
 use super::staff::ReadOut;
 use crate::access::patient_for_portal;
 use crate::actors::conversation::{Author, MarkRead, Reader, SendMessage};
@@ -69,8 +69,8 @@ async fn portal_patient(
 pub async fn conversation(
     State(state): State<Shared>,
     Portal(caller): Portal,
-    Path(patient_id): Path<String>,
-    Query(query): Query<PageQuery>,
+    ApiPath(patient_id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Page>> {
     let (patient, _) = portal_patient(&state, &caller, &patient_id).await?;
     let page = conv::page(&state, &patient.id, &query).await?;
@@ -94,7 +94,7 @@ pub async fn conversation(
 pub async fn send(
     State(state): State<Shared>,
     Portal(caller): Portal,
-    Path(patient_id): Path<String>,
+    ApiPath(patient_id): ApiPath<String>,
     ApiJson(input): ApiJson<SendIn>,
 ) -> ApiResult<impl IntoResponse> {
     let (patient, practice) = portal_patient(&state, &caller, &patient_id).await?;
@@ -116,13 +116,14 @@ pub async fn send(
 
 #[utoipa::path(post, path = "/v1/portal/patients/{patient_id}/read", tag = "portal",
     params(("patient_id" = String, Path)),
-    responses((status = 200, body = ReadOut)), security(("bearer" = [])))]
+    responses((status = 200, body = ReadOut), (status = 409, body = super::error::ErrorBody,
+        description = "`portal_disabled`, `portal_not_enrolled`")), security(("bearer" = [])))]
 /// The patient has read the conversation up to its newest message; staff then see
 /// `read_by_patient_at` on the staff messages it covers.
 pub async fn mark_read(
     State(state): State<Shared>,
     Portal(caller): Portal,
-    Path(patient_id): Path<String>,
+    ApiPath(patient_id): ApiPath<String>,
 ) -> ApiResult<Json<ReadOut>> {
     let (patient, _) = portal_patient(&state, &caller, &patient_id).await?;
     let last_read_seq = state
@@ -140,8 +141,13 @@ pub async fn mark_read(
 
 #[utoipa::path(get, path = "/v1/portal/patients/{patient_id}/events", tag = "portal",
     params(("patient_id" = String, Path)),
-    responses((status = 200, description = "text/event-stream: `message` events of this conversation, and a last `end` event (`{\"reason\"}`) when the daemon ends the stream"),
-        (status = 404, body = super::error::ErrorBody), (status = 409, body = super::error::ErrorBody),
+    responses((status = 200, content_type = "text/event-stream", body = super::conversation::PortalEventData,
+        description = "Server-sent events, each `event: <name>` and one `data:` line of JSON: \
+        `message` (a message of this conversation), `lagged` (events were missed: re-read \
+        the conversation), and a last `end` (`{\"reason\"}`) when the daemon ends the stream. \
+        Comments (`:`) every `server.sse_keepalive` keep it open. No `id:` and no replay: \
+        after a reconnect, re-read the conversation."),
+        (status = 409, body = super::error::ErrorBody, description = "`portal_disabled`, `portal_not_enrolled`"),
         (status = 429, body = super::error::ErrorBody, description = "`too_many_streams`: this patient has `events.max_streams_per_subscriber` open"),
         (status = 503, body = super::error::ErrorBody, description = "`stream_capacity`: `events.max_streams` are open")),
     security(("bearer" = [])))]
@@ -150,7 +156,7 @@ pub async fn mark_read(
 pub async fn events(
     State(state): State<Shared>,
     Portal(caller): Portal,
-    Path(patient_id): Path<String>,
+    ApiPath(patient_id): ApiPath<String>,
 ) -> Response {
     let (patient, practice) = match portal_patient(&state, &caller, &patient_id).await {
         Ok(found) => found,

@@ -1,15 +1,14 @@
 //! The 'Text Messages' button and what follows: `GET .../sms`, `sms/start`,
 //! `sms/resend`, `sms/opt-out`, for staff who may act on the patient.
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult};
-use super::extract::{Staff, parse_json};
+use super::extract::{ApiPath, OptionalApiJson, Staff};
 use super::staff::staff_patient;
 use crate::actors::conversation::Sms;
 use crate::sms::auth::{SmsError, SmsOp, SmsView, view};
@@ -97,7 +96,7 @@ async fn run(
 pub async fn status(
     State(state): State<Shared>,
     staff: Staff,
-    Path(patient_id): Path<String>,
+    ApiPath(patient_id): ApiPath<String>,
 ) -> ApiResult<Json<SmsView>> {
     let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
     Ok(Json(view(&state, &patient).await?))
@@ -111,14 +110,10 @@ pub async fn status(
 pub async fn start(
     State(state): State<Shared>,
     staff: Staff,
-    Path(patient_id): Path<String>,
-    body: Bytes,
+    ApiPath(patient_id): ApiPath<String>,
+    OptionalApiJson(input): OptionalApiJson<StartIn>,
 ) -> ApiResult<Json<SmsView>> {
-    let input: StartIn = if body.iter().all(u8::is_ascii_whitespace) {
-        StartIn::default()
-    } else {
-        parse_json(&body)?
-    };
+    let input = input.unwrap_or_default();
     let op = SmsOp::Start {
         staff: staff.user.clone(),
         mobile_phone: input.mobile_phone,
@@ -134,7 +129,7 @@ pub async fn start(
 pub async fn resend(
     State(state): State<Shared>,
     staff: Staff,
-    Path(patient_id): Path<String>,
+    ApiPath(patient_id): ApiPath<String>,
 ) -> ApiResult<Json<SmsView>> {
     let op = SmsOp::Resend {
         staff: staff.user.clone(),
@@ -149,7 +144,7 @@ pub async fn resend(
 pub async fn opt_out(
     State(state): State<Shared>,
     staff: Staff,
-    Path(patient_id): Path<String>,
+    ApiPath(patient_id): ApiPath<String>,
 ) -> ApiResult<Json<SmsView>> {
     let op = SmsOp::StaffOptOut {
         staff: staff.user.clone(),

@@ -5,7 +5,7 @@
 //! SQL form of the same rule, [`ACCESSIBLE`]): a patient of another practice is a
 //! 404, a restricted one a 403, and neither appears in a list or a search.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -21,7 +21,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::conversation::{self as conv, MessageOut, Page, PageQuery, SendIn};
 use super::error::{ApiError, ApiResult};
-use super::extract::{ApiJson, Staff};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Staff};
 use crate::access::{ACCESSIBLE, Denied, may_access, patient_for};
 use crate::actors::conversation::{Author, MarkRead, Reader, SendMessage};
 use crate::audit::AuditEntry;
@@ -71,8 +71,10 @@ pub async fn staff_patient(
 /// `?limit=&cursor=`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Page size (default 50, at most 200).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u64>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -142,7 +144,7 @@ pub(crate) fn page_limit(limit: Option<u64>) -> ApiResult<u64> {
 pub async fn my_patients(
     State(state): State<Shared>,
     staff: Staff,
-    Query(query): Query<ListQuery>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<PatientList>> {
     let limit = page_limit(query.limit)?;
     let cursor: Option<ListCursor> = query.cursor.as_deref().map(decode_cursor).transpose()?;
@@ -237,12 +239,19 @@ pub async fn my_patients(
 /// `?q=&limit=&cursor=`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct SearchQuery {
     /// Name words (any word prefix, case-insensitive), a phone number (national or
     /// international), a date of birth (`YYYY-MM-DD` or `MM/DD/YYYY`), or the
-    /// platform's patient id.
+    /// platform's patient id. 1 to 100 characters, not only white space.
+    #[param(
+        min_length = 1,
+        max_length = 100,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     pub q: String,
     /// Page size (default 50, at most 200).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u64>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -294,7 +303,7 @@ fn search_date(q: &str) -> Option<NaiveDate> {
 pub async fn search(
     State(state): State<Shared>,
     staff: Staff,
-    Query(query): Query<SearchQuery>,
+    ApiQuery(query): ApiQuery<SearchQuery>,
 ) -> ApiResult<Json<SearchResults>> {
     let limit = page_limit(query.limit)?;
     let q = query.q.trim();
@@ -426,8 +435,8 @@ pub struct StaffConversation {
 pub async fn open_conversation(
     State(state): State<Shared>,
     staff: Staff,
-    Path(patient_id): Path<String>,
-    Query(query): Query<PageQuery>,
+    ApiPath(patient_id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<StaffConversation>> {
     let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
     let page = conv::page(&state, &patient.id, &query).await?;
@@ -470,7 +479,7 @@ pub async fn open_conversation(
 pub async fn send(
     State(state): State<Shared>,
     staff: Staff,
-    Path(patient_id): Path<String>,
+    ApiPath(patient_id): ApiPath<String>,
     ApiJson(input): ApiJson<SendIn>,
 ) -> ApiResult<impl IntoResponse> {
     let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
@@ -504,7 +513,7 @@ pub struct ReadOut {
 pub async fn mark_read(
     State(state): State<Shared>,
     staff: Staff,
-    Path(patient_id): Path<String>,
+    ApiPath(patient_id): ApiPath<String>,
 ) -> ApiResult<Json<ReadOut>> {
     let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
     let last_read_seq = state
@@ -542,7 +551,7 @@ pub struct PanelEntry {
 pub async fn care_team(
     State(state): State<Shared>,
     staff: Staff,
-    Path(patient_id): Path<String>,
+    ApiPath(patient_id): ApiPath<String>,
 ) -> ApiResult<Json<Vec<PanelEntry>>> {
     let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
     Ok(Json(panel(&state.db, &patient).await?))
@@ -599,7 +608,7 @@ pub struct NotifyOut {
 pub async fn notify_me(
     State(state): State<Shared>,
     staff: Staff,
-    Path(patient_id): Path<String>,
+    ApiPath(patient_id): ApiPath<String>,
 ) -> ApiResult<Json<NotifyOut>> {
     let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
     let unit = WriteUnit::new().insert_or_ignore(
@@ -638,7 +647,7 @@ pub async fn notify_me(
 pub async fn stop_notifying_me(
     State(state): State<Shared>,
     staff: Staff,
-    Path(patient_id): Path<String>,
+    ApiPath(patient_id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
     let current = care_team_member::Entity::find_by_id((patient.id.clone(), staff.user.id.clone()))
@@ -672,7 +681,13 @@ pub async fn stop_notifying_me(
 // ----- Events ------------------------------------------------------------------------
 
 #[utoipa::path(get, path = "/v1/staff/events", tag = "staff",
-    responses((status = 200, description = "text/event-stream: `message` and `sms_status` events for patients on my list I may access, `notification` events addressed to me, and a last `end` event (`{\"reason\"}`) when the daemon ends the stream"),
+    responses((status = 200, content_type = "text/event-stream", body = super::conversation::StaffEventData,
+        description = "Server-sent events, each `event: <name>` and one `data:` line of JSON: \
+        `message` (a message of a patient on my list I may access), `notification` (addressed \
+        to me), `sms_status` (a patient on my list), `lagged` (events were missed: re-read), \
+        and a last `end` (`{\"reason\"}`) when the daemon ends the stream. Comments (`:`) \
+        every `server.sse_keepalive` keep it open. No `id:` and no replay: after a reconnect, \
+        re-read what is shown."),
         (status = 429, body = super::error::ErrorBody, description = "`too_many_streams`: this user has `events.max_streams_per_subscriber` open"),
         (status = 503, body = super::error::ErrorBody, description = "`stream_capacity`: `events.max_streams` are open")),
     security(("bearer" = [])))]

@@ -139,7 +139,7 @@ pub async fn commit(
         let outcome = if with_receipt && matches!(event, Event::OptOut { .. }) {
             Ok(EventOutcome::OptOutScoped)
         } else {
-            commit_one(state, gateway, event).await
+            commit_one(state, gateway, without_nul(event)).await
         };
         let label = match &outcome {
             Ok(outcome) => outcome.as_str(),
@@ -149,6 +149,44 @@ pub async fn commit(
         outcomes.push(outcome?);
     }
     Ok(outcomes)
+}
+
+/// `event` with every NUL character removed from its texts. A provider's text is the
+/// patient's and is kept, but PostgreSQL cannot store NUL in text, and a text that
+/// cannot be stored would be refused with 503 and retried by the provider forever.
+fn without_nul(event: Event) -> Event {
+    fn strip(text: String) -> String {
+        if text.contains('\0') {
+            text.replace('\0', "")
+        } else {
+            text
+        }
+    }
+    match event {
+        Event::InboundMessage {
+            from,
+            to,
+            body,
+            provider_message_id,
+        } => Event::InboundMessage {
+            from: strip(from),
+            to: strip(to),
+            body: strip(body),
+            provider_message_id: strip(provider_message_id),
+        },
+        Event::DeliveryReceipt {
+            provider_message_id,
+            status,
+            error_code,
+        } => Event::DeliveryReceipt {
+            provider_message_id: strip(provider_message_id),
+            status,
+            error_code: error_code.map(strip),
+        },
+        Event::OptOut { number } => Event::OptOut {
+            number: strip(number),
+        },
+    }
 }
 
 async fn commit_one(

@@ -1,0 +1,388 @@
+//! The HTTP server's connection loop: HTTP/1.1 over TCP, with the bounds axum's own
+//! `serve` does not set.
+//!
+//! - **Header-read timeout** (`server.header_read_timeout`): once the first byte of a
+//!   request arrives, its head (request line and headers) must be complete within it.
+//! - **Idle timeout** (`server.idle_timeout`): a connection with no request in
+//!   progress — new and silent, or kept alive between requests — is closed after it.
+//! - **Connection cap** (`server.max_connections`): a connection accepted past the cap
+//!   closes the longest-idle connection that has no request in progress; when every
+//!   connection is busy, the next `accept` waits until one ends (new connections wait
+//!   in the kernel's listen backlog). So an idle crowd never locks out `/healthz`.
+//!
+//! A request is "in progress" from the moment its head is parsed until its response
+//! body has been sent (an event stream is in progress as long as it is open), so
+//! neither timeout ever cuts a request or a stream; `server.request_timeout` bounds
+//! handlers. All three settings are read at each use: a reload applies to open
+//! connections too.
+//!
+//! **Architecture Invariant:** the number of open client connections never exceeds
+//! `server.max_connections` + 1 (the one just accepted, while the loop makes room).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use caremsg_config::Settings;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+/// What a connection is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No request in progress and no byte of the next one yet.
+    Idle = 0,
+    /// Bytes of a request's head arrived; the head is not complete.
+    Head = 1,
+    /// A request is in progress (its response not fully sent).
+    Busy = 2,
+}
+
+/// The shared state of one connection: what it is doing and since when.
+struct Conn {
+    phase: AtomicU8,
+    requests: AtomicUsize,
+    since: Mutex<Instant>,
+    changed: Notify,
+    evict: CancellationToken,
+}
+
+impl Conn {
+    fn new() -> Self {
+        Self {
+            phase: AtomicU8::new(Phase::Idle as u8),
+            requests: AtomicUsize::new(0),
+            since: Mutex::new(Instant::now()),
+            changed: Notify::new(),
+            evict: CancellationToken::new(),
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            0 => Phase::Idle,
+            1 => Phase::Head,
+            _ => Phase::Busy,
+        }
+    }
+
+    fn since(&self) -> Instant {
+        *self.since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn enter(&self, phase: Phase) {
+        *self.since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.phase.store(phase as u8, Ordering::Release);
+        self.changed.notify_one();
+    }
+
+    /// Bytes arrived: on an idle connection, the head of a request has begun.
+    fn bytes_read(&self) {
+        if self
+            .phase
+            .compare_exchange(
+                Phase::Idle as u8,
+                Phase::Head as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        {
+            *self.since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            self.changed.notify_one();
+        }
+    }
+
+    fn request_started(&self) {
+        self.requests.fetch_add(1, Ordering::AcqRel);
+        self.enter(Phase::Busy);
+    }
+
+    fn request_ended(&self) {
+        if self.requests.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.enter(Phase::Idle);
+        }
+    }
+
+    /// When this connection is to be closed, if nothing happens before.
+    fn deadline(&self, settings: &Settings) -> Option<Instant> {
+        match self.phase() {
+            Phase::Idle => Some(self.since() + settings.server.idle_timeout),
+            Phase::Head => Some(self.since() + settings.server.header_read_timeout),
+            Phase::Busy => None,
+        }
+    }
+}
+
+/// Marks the end of a request when its response body is dropped (sent or abandoned).
+struct RequestGuard(Arc<Conn>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
+/// The TCP stream, telling its connection when bytes arrive.
+struct Watched {
+    stream: TcpStream,
+    conn: Arc<Conn>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.conn.bytes_read();
+        }
+        result
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// The open connections, by number.
+#[derive(Default)]
+struct Registry {
+    open: Mutex<HashMap<u64, Arc<Conn>>>,
+    ended: Notify,
+}
+
+impl Registry {
+    fn len(&self) -> usize {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn insert(&self, id: u64, conn: Arc<Conn>) {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, conn);
+    }
+
+    fn remove(&self, id: u64) {
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.ended.notify_one();
+    }
+
+    /// Closes the connection idle the longest (no request in progress); false when
+    /// every connection is busy.
+    fn evict_one(&self) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let victim = open
+            .iter()
+            .filter(|(_, c)| c.phase() != Phase::Busy)
+            .min_by_key(|(_, c)| c.since())
+            .map(|(id, _)| *id);
+        match victim.and_then(|id| open.remove(&id)) {
+            Some(conn) => {
+                conn.evict.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `stop` is cancelled, then lets in-flight requests
+/// finish (the caller bounds how long) and returns.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    settings: Arc<ArcSwap<Settings>>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let registry = Arc::new(Registry::default());
+    let mut tasks = JoinSet::new();
+    let mut next_id: u64 = 0;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = tasks.join_next() => continue,
+            () = stop.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors, or a connection reset before it was
+                // accepted: back off briefly rather than spin.
+                tracing::warn!(%error, "Accepting a connection failed.");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    () = stop.cancelled() => break,
+                }
+                continue;
+            }
+        };
+        // Make room for it: close the longest-idle connection, or wait until one ends
+        // (the next `accept` waits meanwhile, so new connections queue in the backlog).
+        let mut stopped = false;
+        while registry.len() >= settings.load().server.max_connections.max(1) {
+            if registry.evict_one() {
+                tracing::debug!(
+                    "The connection cap is reached; an idle connection was closed to make room."
+                );
+                continue;
+            }
+            tokio::select! {
+                () = registry.ended.notified() => {}
+                Some(_) = tasks.join_next() => {}
+                () = stop.cancelled() => {
+                    stopped = true;
+                    break;
+                }
+            }
+        }
+        if stopped {
+            break;
+        }
+        let _ = stream.set_nodelay(true);
+        next_id += 1;
+        let id = next_id;
+        let conn = Arc::new(Conn::new());
+        registry.insert(id, conn.clone());
+        let task = serve_connection(
+            stream,
+            peer,
+            app.clone(),
+            conn,
+            settings.clone(),
+            stop.clone(),
+        );
+        let registry = registry.clone();
+        tasks.spawn(async move {
+            task.await;
+            registry.remove(id);
+        });
+    }
+    drop(listener);
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Serves one connection until the client closes it, a timeout or eviction closes it,
+/// or the daemon stops (then the request in progress finishes first).
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    conn: Arc<Conn>,
+    settings: Arc<ArcSwap<Settings>>,
+    stop: CancellationToken,
+) {
+    let service = {
+        let conn = conn.clone();
+        hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            conn.request_started();
+            let guard = RequestGuard(conn.clone());
+            request.extensions_mut().insert(ConnectInfo(peer));
+            let app = app.clone();
+            async move {
+                let response = app.oneshot(request.map(Body::new)).await?;
+                Ok::<_, Infallible>(response.map(move |body| {
+                    Body::new(body.map_frame(move |frame| {
+                        let _in_progress = &guard;
+                        frame
+                    }))
+                }))
+            }
+        })
+    };
+    let io = TokioIo::new(Watched {
+        stream,
+        conn: conn.clone(),
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.header_read_timeout(None).keep_alive(true);
+    let connection = builder.serve_connection(io, service);
+    tokio::pin!(connection);
+    let mut stopping = false;
+    loop {
+        let deadline = if stopping {
+            None
+        } else {
+            conn.deadline(&settings.load())
+        };
+        let expired = async {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "A connection ended with an error.");
+                }
+                return;
+            }
+            () = conn.changed.notified() => {}
+            () = expired => {
+                // Still the same phase since the deadline was computed (else
+                // `changed` would have fired first, or the new deadline is later).
+                if conn.deadline(&settings.load()).is_some_and(|d| d <= Instant::now()) {
+                    tracing::debug!(phase = ?conn.phase(), "A connection timed out and was closed.");
+                    return;
+                }
+            }
+            () = conn.evict.cancelled() => return,
+            () = stop.cancelled(), if !stopping => {
+                stopping = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
