@@ -848,7 +848,8 @@ async fn idle_actors_passivate_and_come_back_intact() {
     d.patient("p1", "pat1", &[], &["u1"]).await;
     staff_send(&d, "u1", "pat1", "before", Some("t")).await;
     let conversations = &d.daemon().state().conversations;
-    assert_eq!(conversations.live(), 1);
+    // On a busy machine the 30 ms may already have passed: at most this one is live.
+    assert!(conversations.live() <= 1);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while conversations.live() > 0 {
         assert!(
