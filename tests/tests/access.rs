@@ -818,8 +818,11 @@ async fn two_thousand_streams_cost_no_database_read_per_event() {
     // Every stream holds a connection: the connection cap (1,024 by default) is
     // raised above the streams, or the oldest idle connections would be closed.
     let d = TestDaemon::start_with(|t| {
-        with_events(t, "max_streams = 2100\nmax_streams_per_subscriber = 20")
-            .replacen("[server]\n", "[server]\nmax_connections = 4096\n", 1)
+        with_events(t, "max_streams = 2100\nmax_streams_per_subscriber = 20").replacen(
+            "[server]\n",
+            "[server]\nmax_connections = 4096\n",
+            1,
+        )
     })
     .await
     .unwrap();
