@@ -62,15 +62,11 @@ pub async fn hook(
         .into_response();
     };
     let limit = state.settings.load().server.max_body_bytes;
+    // The same URL the plugin is told (`Host::hook_url`), plus the query: what
+    // providers sign.
     let public_url = format!(
-        "{}/v1/hooks/{}{}",
-        state
-            .settings
-            .load()
-            .server
-            .public_url
-            .trim_end_matches('/'),
-        gateway.name(),
+        "{}{}",
+        crate::gateways::hook_url(&state.settings.load().server.public_url, gateway.name()),
         request
             .uri()
             .query()

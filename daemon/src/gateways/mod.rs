@@ -35,6 +35,8 @@ pub(crate) mod limits;
 pub mod outbox;
 pub mod retry;
 
+pub(crate) use host::hook_url;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
