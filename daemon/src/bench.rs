@@ -129,6 +129,11 @@ pub enum Which {
         /// Staff event streams held open during the mix.
         #[arg(long, default_value_t = 50)]
         streams: usize,
+        /// Portal-only patients, each with one message, whose care teams all hold one
+        /// more user, for the phase "staff list only, one user on N care teams" (0
+        /// skips it).
+        #[arg(long, default_value_t = 10_000)]
+        big_team: usize,
         /// Concurrent HTTP clients.
         #[arg(long, default_value_t = 64)]
         clients: usize,
@@ -221,6 +226,7 @@ pub async fn run(which: Which) -> anyhow::Result<()> {
             users,
             team,
             streams,
+            big_team,
             clients,
             seconds,
             load_threads,
@@ -231,6 +237,7 @@ pub async fn run(which: Which) -> anyhow::Result<()> {
                 users,
                 team,
                 streams,
+                big_team,
                 clients,
                 seconds,
                 load_threads,

@@ -249,3 +249,63 @@ fn check_config_warns_about_a_loopback_gateway_behind_a_public_url() {
     );
     assert!(text.trim_end().ends_with("OK"), "{text}");
 }
+
+/// `caremsgd bench clinic` at toy sizes: it seeds through the API, runs every phase
+/// (the big-team list too), fails no request and finds every acknowledged write stored.
+/// (Its figures mean nothing at this size; they are the benchmark's, not a test's.)
+#[test]
+fn the_clinic_benchmark_runs_every_phase_and_loses_nothing() {
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "clinic",
+            "--patients",
+            "6",
+            "--users",
+            "3",
+            "--team",
+            "2",
+            "--streams",
+            "2",
+            "--big-team",
+            "5",
+            "--clients",
+            "2",
+            "--seconds",
+            "1",
+        ])
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for phase in [
+        "clinic mix, no event streams",
+        "clinic mix with event streams",
+        "portal sends only",
+        "staff list only:",
+        "staff list only, one user on the big team's care teams",
+        "staff opens a conversation only",
+        "staff sends only",
+    ] {
+        assert!(report.contains(phase), "no phase {phase:?} in\n{report}");
+    }
+    let phases = report.matches("failed requests").count();
+    assert_eq!(phases, 7, "{report}");
+    assert_eq!(
+        report.matches("(target 0: met)").count(),
+        phases,
+        "{report}"
+    );
+    assert_eq!(
+        report
+            .matches("every acknowledged write stored: met")
+            .count(),
+        phases,
+        "{report}"
+    );
+}

@@ -63,7 +63,8 @@ pub struct SendMessage {
     pub client_txn_id: Option<String>,
     /// For a portal message: the patient's and practice's rows, as the caller read
     /// them just before (nothing in them picks a channel), so the actor need not
-    /// read them again. Ignored for other authors.
+    /// read them again. Ignored for other authors: a staff message's channel is
+    /// chosen from the SMS status as the actor sees it (after any STOP it applied).
     pub rows: Option<Box<(patient::Model, practice::Model)>>,
 }
 
@@ -112,6 +113,9 @@ pub struct MarkRead {
     pub reader: Reader,
     /// The newest sequence number read; `None`: the conversation's newest message.
     pub up_to: Option<i64>,
+    /// Committed in the marker's unit (e.g. the audit row of the read), or alone when
+    /// the marker does not move: one write where there would be two.
+    pub also: WriteUnit,
 }
 
 /// An SMS authentication action or a text from the patient's number: see
@@ -297,8 +301,9 @@ impl Handler<MarkRead> for ConversationActor {
         self.last_used = Instant::now();
         let state = self.state.clone();
         let patient_id = self.patient_id.clone();
+        let last_seq = self.last_seq;
         let work = on_main(&state.runtime.clone(), async move {
-            mark_read(&state, &patient_id, msg).await
+            mark_read(&state, &patient_id, last_seq, msg).await
         });
         AtomicResponse::new(Box::pin(work.into_actor(self).map(|outcome, _, _| {
             outcome.unwrap_or(Err(SendError::Storage("the mark-read task failed".into())))
@@ -738,22 +743,30 @@ impl MarkerUnit for WriteUnit {
     }
 }
 
-async fn mark_read(state: &Shared, patient_id: &str, msg: MarkRead) -> Result<i64, SendError> {
+/// `last_seq`: the actor's cached newest sequence number, if it has one.
+async fn mark_read(
+    state: &Shared,
+    patient_id: &str,
+    last_seq: Option<i64>,
+    msg: MarkRead,
+) -> Result<i64, SendError> {
     let db = &state.db;
-    let newest = conversation::Entity::find_by_id(patient_id.to_owned())
-        .one(db)
-        .await?
-        .ok_or(SendError::NotFound)?
-        .last_seq;
+    let newest = match last_seq {
+        Some(seq) => seq,
+        None => current_last_seq(state, patient_id).await?,
+    };
     let up_to = msg.up_to.unwrap_or(newest).clamp(0, newest);
     let current = read_marker::Entity::find_by_id((patient_id.to_owned(), msg.reader.key()))
         .one(db)
         .await?
         .map_or(0, |m| m.last_read_seq);
     if up_to <= current {
+        if !msg.also.is_empty() {
+            state.writer.write(msg.also).await?;
+        }
         return Ok(current);
     }
-    let mut unit = read_unit(patient_id, &msg.reader, up_to, state.clock.now());
+    let mut unit = read_unit(patient_id, &msg.reader, up_to, state.clock.now()).merge(msg.also);
     // Viewing cancels the user's unread reminder.
     if let Reader::User(user_id) = &msg.reader {
         unit = unit.merge(

@@ -21,6 +21,7 @@ use crate::audit::AuditEntry;
 use crate::events::{Event, Subscriber};
 use crate::phi::Phi;
 use crate::state::Shared;
+use crate::writer::WriteUnit;
 
 /// The portal routes.
 pub fn routes() -> Router<Shared> {
@@ -133,6 +134,7 @@ pub async fn mark_read(
             MarkRead {
                 reader: Reader::Patient,
                 up_to: None,
+                also: WriteUnit::new(),
             },
         )
         .await??;

@@ -137,6 +137,112 @@ pub(crate) fn page_limit(limit: Option<u64>) -> ApiResult<u64> {
     }
 }
 
+/// The statement of one page of my patient list, with its values.
+///
+/// Every part reads the index `care_team_members (user_id, activity, patient_id)`,
+/// where `activity` is the patient's newest message time (kept by the database, see
+/// the `staff_list` migration), so a page costs the same for a user on 10 care teams
+/// or 10,000:
+/// - `a`: patients whose newest activity is at or before the snapshot, from the
+///   cursor on, newest first, one page of them;
+/// - `b`: patients active since the snapshot (few: the messages of the last moments),
+///   with their activity as of the snapshot (NULL if they had none), so that nothing
+///   moves between pages while a client pages;
+/// - `c`: patients with no message yet, after all the others, by id.
+///
+/// The access rule ([`ACCESSIBLE`]) is applied in each part before its limit; the red
+/// '!' (`has_unread`) is computed only for the page's rows.
+fn list_page_sql(
+    user: &user::Model,
+    reader: &str,
+    snapshot: DateTime<Utc>,
+    cursor: Option<&ListCursor>,
+    limit: u64,
+) -> (String, Vec<Value>) {
+    let page = (limit + 1) as i64;
+    // Mine and accessible, for the care-team row `ct` and its patient `p`.
+    let mine = format!("ct.user_id = ? AND p.active = ? AND p.practice_id = ? AND {ACCESSIBLE}");
+    let mine_values = || -> [Value; 4] {
+        [
+            user.id.clone().into(),
+            true.into(),
+            user.practice_id.clone().into(),
+            user.id.clone().into(),
+        ]
+    };
+    let from = "FROM care_team_members ct JOIN patients p ON p.id = ct.patient_id";
+    let mut values: Vec<Value> = vec![user.id.clone().into(), reader.to_owned().into()];
+    let mut parts = Vec::with_capacity(3);
+    // a: not active since the snapshot; none left once the cursor is past them.
+    let after_dated = cursor.and_then(|c| c.activity.map(|a| (a, c.id.clone())));
+    if cursor.is_none() || after_dated.is_some() {
+        let mut part = format!(
+            "SELECT * FROM (SELECT ct.patient_id AS id, ct.activity AS activity {from} WHERE {mine} AND ct.activity <= ?"
+        );
+        values.extend(mine_values());
+        values.push(snapshot.into());
+        if let Some((activity, id)) = &after_dated {
+            part.push_str(" AND (ct.activity < ? OR (ct.activity = ? AND ct.patient_id < ?))");
+            values.extend([(*activity).into(), (*activity).into(), id.clone().into()]);
+        }
+        part.push_str(" ORDER BY ct.activity DESC, ct.patient_id DESC LIMIT ?) a");
+        values.push(page.into());
+        parts.push(part);
+    }
+    // b: active since the snapshot, placed by their activity as of the snapshot.
+    let mut part = format!(
+        "SELECT * FROM (SELECT ct.patient_id AS id, \
+           (SELECT m.created_at FROM messages m WHERE m.patient_id = ct.patient_id \
+              AND m.created_at <= ? ORDER BY m.seq DESC LIMIT 1) AS activity \
+         {from} WHERE {mine} AND ct.activity > ?) b"
+    );
+    values.push(snapshot.into());
+    values.extend(mine_values());
+    values.push(snapshot.into());
+    match (cursor, &after_dated) {
+        (None, _) => {}
+        (Some(_), Some((activity, id))) => {
+            part.push_str(
+                " WHERE b.activity IS NULL OR b.activity < ? OR (b.activity = ? AND b.id < ?)",
+            );
+            values.extend([(*activity).into(), (*activity).into(), id.clone().into()]);
+        }
+        (Some(c), None) => {
+            part.push_str(" WHERE b.activity IS NULL AND b.id < ?");
+            values.push(c.id.clone().into());
+        }
+    }
+    parts.push(part);
+    // c: no message yet.
+    let mut part = format!(
+        "SELECT * FROM (SELECT ct.patient_id AS id, ct.activity AS activity {from} \
+         WHERE {mine} AND ct.activity IS NULL"
+    );
+    values.extend(mine_values());
+    if let Some(c) = cursor.filter(|c| c.activity.is_none()) {
+        part.push_str(" AND ct.patient_id < ?");
+        values.push(c.id.clone().into());
+    }
+    part.push_str(" ORDER BY ct.patient_id DESC LIMIT ?) c");
+    values.push(page.into());
+    parts.push(part);
+    values.push(page.into());
+    let order = "CASE WHEN t.activity IS NULL THEN 1 ELSE 0 END, t.activity DESC, t.id DESC";
+    let sql = format!(
+        "SELECT t.id, t.activity, p.first_name, p.last_name, p.portal_enrolled, p.sms_status, \
+           c.last_message_at, \
+           CASE WHEN EXISTS (SELECT 1 FROM messages m WHERE m.patient_id = t.id \
+              AND m.direction <> 'system' AND (m.author_user_id IS NULL OR m.author_user_id <> ?) \
+              AND m.seq > COALESCE((SELECT rm.last_read_seq FROM read_markers rm \
+                 WHERE rm.patient_id = t.id AND rm.reader = ?), 0)) THEN 1 ELSE 0 END AS has_unread \
+         FROM (SELECT * FROM ({}) t ORDER BY {order} LIMIT ?) t \
+         JOIN patients p ON p.id = t.id JOIN conversations c ON c.patient_id = t.id \
+         ORDER BY {order}",
+        parts.join(" UNION ALL ")
+    );
+    (sql, values)
+}
+
 #[utoipa::path(get, path = "/v1/staff/patients", tag = "staff", params(ListQuery),
     responses((status = 200, body = PatientList)), security(("bearer" = [])))]
 /// My patient list: patients whose care team I am on (as member or notification
@@ -153,46 +259,7 @@ pub async fn my_patients(
         .map_or_else(|| state.clock.now(), |c| c.snapshot);
     let user = &staff.user;
     let reader = caremsg_entities::read_marker::Model::user_reader(&user.id);
-    let mut values: Vec<Value> = vec![
-        snapshot.into(),
-        user.id.clone().into(),
-        reader.into(),
-        true.into(),
-        user.practice_id.clone().into(),
-        user.id.clone().into(),
-        user.id.clone().into(),
-    ];
-    let mut sql = format!(
-        "SELECT * FROM (SELECT p.id, p.first_name, p.last_name, p.portal_enrolled, p.sms_status, \
-           c.last_message_at, \
-           (SELECT m.created_at FROM messages m WHERE m.patient_id = p.id AND m.created_at <= ? \
-              ORDER BY m.seq DESC LIMIT 1) AS activity, \
-           CASE WHEN EXISTS (SELECT 1 FROM messages m WHERE m.patient_id = p.id \
-              AND m.direction <> 'system' AND (m.author_user_id IS NULL OR m.author_user_id <> ?) \
-              AND m.seq > COALESCE((SELECT rm.last_read_seq FROM read_markers rm \
-                 WHERE rm.patient_id = p.id AND rm.reader = ?), 0)) THEN 1 ELSE 0 END AS has_unread \
-         FROM patients p JOIN conversations c ON c.patient_id = p.id \
-         WHERE p.active = ? AND p.practice_id = ? \
-           AND EXISTS (SELECT 1 FROM care_team_members ct WHERE ct.patient_id = p.id AND ct.user_id = ?) \
-           AND {ACCESSIBLE}) t"
-    );
-    if let Some(c) = &cursor {
-        match c.activity {
-            Some(activity) => {
-                sql.push_str(
-                    " WHERE (t.activity IS NOT NULL AND (t.activity < ? OR (t.activity = ? AND t.id < ?))) \
-                     OR t.activity IS NULL",
-                );
-                values.extend([activity.into(), activity.into(), c.id.clone().into()]);
-            }
-            None => {
-                sql.push_str(" WHERE t.activity IS NULL AND t.id < ?");
-                values.push(c.id.clone().into());
-            }
-        }
-    }
-    sql.push_str(" ORDER BY CASE WHEN t.activity IS NULL THEN 1 ELSE 0 END, t.activity DESC, t.id DESC LIMIT ?");
-    values.push(((limit + 1) as i64).into());
+    let (sql, values) = list_page_sql(user, &reader, snapshot, cursor.as_ref(), limit);
     let backend = state.db.get_database_backend();
     let rows = state
         .db
@@ -440,6 +507,15 @@ pub async fn open_conversation(
 ) -> ApiResult<Json<StaffConversation>> {
     let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
     let page = conv::page(&state, &patient.id, &query).await?;
+    // The read's audit row commits with the marker it moves.
+    let audit = AuditEntry {
+        client: &staff.caller.client,
+        actor_user_id: Some(&staff.user.id),
+        patient_id: Some(&patient.id),
+        action: "conversation.read",
+        detail: Some(format!("messages={}", page.messages.len())),
+    }
+    .add_to(WriteUnit::new(), state.clock.now());
     state
         .conversations
         .send(
@@ -447,6 +523,7 @@ pub async fn open_conversation(
             MarkRead {
                 reader: Reader::User(staff.user.id.clone()),
                 up_to: Some(page.last_seq),
+                also: audit,
             },
         )
         .await??;
@@ -455,15 +532,6 @@ pub async fn open_conversation(
             .one(&state.db)
             .await?
             .is_some();
-    AuditEntry {
-        client: &staff.caller.client,
-        actor_user_id: Some(&staff.user.id),
-        patient_id: Some(&patient.id),
-        action: "conversation.read",
-        detail: Some(format!("messages={}", page.messages.len())),
-    }
-    .record(&state.writer, state.clock.now())
-    .await?;
     Ok(Json(StaffConversation {
         page,
         ask_to_notify: !on_panel,
@@ -492,6 +560,9 @@ pub async fn send(
                 client: staff.caller.client.clone(),
                 body: Phi::new(input.body),
                 client_txn_id: input.client_txn_id,
+                // Not the rows read for the access check: the channel (SMS or not)
+                // is chosen from the patient's SMS status as the actor sees it, after
+                // any opt-out it has applied.
                 rows: None,
             },
         )
@@ -523,6 +594,7 @@ pub async fn mark_read(
             MarkRead {
                 reader: Reader::User(staff.user.id.clone()),
                 up_to: None,
+                also: WriteUnit::new(),
             },
         )
         .await??;
@@ -722,4 +794,309 @@ fn staff_event(event: &Event) -> Option<axum::response::sse::Event> {
         Event::SmsStatus(change) => conv::sms_status_event(change),
         Event::Notification { notification, .. } => super::notifications::sse_event(notification),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use caremsg_entities::{
+        CareTeamRole, Channel, Direction, conversation, message, practice, user,
+    };
+    use caremsg_migration::{Migrator, MigratorTrait};
+    use chrono::{Duration, NaiveDate, TimeZone};
+    use sea_orm::{ActiveModelTrait, DatabaseConnection, IntoActiveModel, sea_query::Expr};
+
+    use super::*;
+
+    /// A practice, user `u` on the care teams of `n` patients `pt000…`; every patient
+    /// with a number divisible by 3 has no message; the others one message at minute
+    /// `i` (so the newest activity is the highest such `i`). Half of the care-team
+    /// rows are inserted after the messages (the insert trigger must copy the
+    /// activity), half before (the update trigger must).
+    async fn clinic(db: &DatabaseConnection, n: usize) -> user::Model {
+        let t0 = Utc.with_ymd_and_hms(2026, 12, 1, 8, 0, 0).unwrap();
+        practice::Model {
+            id: "pr".into(),
+            name: "pr".into(),
+            sms_enabled: false,
+            portal_enabled: true,
+            country: "US".into(),
+            timezone: "UTC".into(),
+            sign_outbound_sms: false,
+            active: true,
+            created_at: t0,
+            updated_at: t0,
+        }
+        .into_active_model()
+        .insert(db)
+        .await
+        .unwrap();
+        let u = user::Model {
+            id: "u".into(),
+            practice_id: "pr".into(),
+            name: "u".into(),
+            email: None,
+            active: true,
+            created_at: t0,
+            updated_at: t0,
+        };
+        u.clone().into_active_model().insert(db).await.unwrap();
+        for i in 0..n {
+            let id = format!("pt{i:03}");
+            patient::Model {
+                id: id.clone(),
+                practice_id: "pr".into(),
+                first_name: "f".into(),
+                last_name: "l".into(),
+                search_name: "f l".into(),
+                date_of_birth: NaiveDate::from_ymd_opt(1950, 1, 1).unwrap(),
+                mobile_phone: None,
+                portal_enrolled: true,
+                sms_status: SmsStatus::None,
+                sms_status_reason: None,
+                last_activity_at: None,
+                active: true,
+                created_at: t0,
+                updated_at: t0,
+            }
+            .into_active_model()
+            .insert(db)
+            .await
+            .unwrap();
+            conversation::Model {
+                patient_id: id.clone(),
+                practice_id: "pr".into(),
+                last_seq: 0,
+                last_message_at: None,
+                created_at: t0,
+            }
+            .into_active_model()
+            .insert(db)
+            .await
+            .unwrap();
+            let member = care_team_member::Model {
+                patient_id: id.clone(),
+                user_id: "u".into(),
+                role: CareTeamRole::Member,
+                created_at: t0,
+            };
+            if i % 2 == 0 {
+                member.clone().into_active_model().insert(db).await.unwrap();
+            }
+            if i % 3 != 0 {
+                message_at(db, &id, 1, t0 + Duration::minutes(i as i64)).await;
+            }
+            if i % 2 == 1 {
+                member.into_active_model().insert(db).await.unwrap();
+            }
+        }
+        u
+    }
+
+    /// Stores message `seq` from the patient at `at` and moves the conversation, as
+    /// the writer's compare-and-set does.
+    async fn message_at(db: &DatabaseConnection, patient: &str, seq: i64, at: DateTime<Utc>) {
+        message::Model {
+            id: uuid::Uuid::now_v7().to_string(),
+            patient_id: patient.into(),
+            seq,
+            direction: Direction::FromPatient,
+            channel: Channel::Portal,
+            author_user_id: None,
+            body: "b".into(),
+            client_txn_key: None,
+            gateway: None,
+            provider_message_id: None,
+            possible_opt_out: false,
+            read_by_patient_at: None,
+            created_at: at,
+        }
+        .into_active_model()
+        .insert(db)
+        .await
+        .unwrap();
+        conversation::Entity::update_many()
+            .col_expr(conversation::Column::LastSeq, Expr::value(seq))
+            .col_expr(conversation::Column::LastMessageAt, Expr::value(Some(at)))
+            .filter(conversation::Column::PatientId.eq(patient))
+            .exec(db)
+            .await
+            .unwrap();
+    }
+
+    /// Every page of `user`'s list at `snapshot`, walked to the end.
+    async fn walk(
+        db: &DatabaseConnection,
+        user: &user::Model,
+        snapshot: DateTime<Utc>,
+        limit: u64,
+        between_pages: impl AsyncFn(usize),
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cursor: Option<ListCursor> = None;
+        for page in 0.. {
+            let (sql, values) = list_page_sql(user, "user:u", snapshot, cursor.as_ref(), limit);
+            let rows = db
+                .query_all_raw(statement(db.get_database_backend(), &sql, values))
+                .await
+                .unwrap();
+            for row in rows.iter().take(limit as usize) {
+                out.push(row.try_get::<String>("", "id").unwrap());
+            }
+            if rows.len() as u64 <= limit {
+                break;
+            }
+            let last = &rows[limit as usize - 1];
+            cursor = Some(ListCursor {
+                snapshot,
+                activity: last.try_get("", "activity").unwrap(),
+                id: last.try_get("", "id").unwrap(),
+            });
+            between_pages(page).await;
+        }
+        out
+    }
+
+    async fn connections() -> Vec<(DatabaseConnection, Option<String>)> {
+        let mut urls = vec!["sqlite::memory:".to_owned()];
+        urls.extend(
+            std::env::var("DATABASE_URL")
+                .ok()
+                .filter(|u| u.starts_with("postgres")),
+        );
+        let mut out = Vec::new();
+        for url in urls {
+            let mut options = sea_orm::ConnectOptions::new(url.clone());
+            options.max_connections(1).min_connections(1);
+            let db = sea_orm::Database::connect(options).await.unwrap();
+            let schema = url.starts_with("postgres").then(|| {
+                format!(
+                    "list_{}_{}",
+                    std::process::id(),
+                    uuid::Uuid::new_v4().simple()
+                )
+            });
+            if let Some(schema) = &schema {
+                db.execute_unprepared(&format!(
+                    "CREATE SCHEMA {schema}; SET search_path TO {schema}"
+                ))
+                .await
+                .unwrap();
+            }
+            Migrator::up(&db, None).await.unwrap();
+            out.push((db, schema));
+        }
+        out
+    }
+
+    /// The list pages in activity order (newest first, then the patients without a
+    /// message by id), each patient once, while messages arrive between pages — also
+    /// a first message to a patient who had none — and the triggers keep the index's
+    /// copy of the activity right for care-team rows added before and after messages.
+    #[tokio::test]
+    async fn pages_follow_activity_as_of_the_snapshot() {
+        for (db, schema) in connections().await {
+            let user = clinic(&db, 40).await;
+            let t0 = Utc.with_ymd_and_hms(2026, 12, 1, 8, 0, 0).unwrap();
+            let snapshot = t0 + Duration::hours(1);
+            let mut expected: Vec<(Option<i64>, String)> = (0..40)
+                .map(|i| ((i % 3 != 0).then_some(i as i64), format!("pt{i:03}")))
+                .collect();
+            expected.sort_by(|a, b| match (a.0, b.0) {
+                (Some(x), Some(y)) => y.cmp(&x).then(b.1.cmp(&a.1)),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => b.1.cmp(&a.1),
+            });
+            let expected: Vec<String> = expected.into_iter().map(|(_, id)| id).collect();
+            let quiet = walk(&db, &user, snapshot, 7, async |_| {}).await;
+            assert_eq!(quiet, expected);
+            // Messages after the snapshot, while paging: to a patient already listed,
+            // to one not reached yet, and a first message to one without any.
+            let busy = walk(&db, &user, snapshot, 7, async |page| {
+                if page == 0 {
+                    let later = snapshot + Duration::minutes(5);
+                    message_at(&db, &expected[0], 2, later).await;
+                    message_at(&db, &expected[20], 2, later).await;
+                    message_at(&db, "pt003", 1, later).await;
+                }
+            })
+            .await;
+            assert_eq!(busy, expected);
+            // A fresh list sees the new activity.
+            let fresh = walk(&db, &user, snapshot + Duration::hours(1), 50, async |_| {}).await;
+            assert_eq!(fresh[3..], {
+                let mut rest: Vec<String> = expected
+                    .iter()
+                    .filter(|id| {
+                        ![expected[0].as_str(), expected[20].as_str(), "pt003"]
+                            .contains(&id.as_str())
+                    })
+                    .cloned()
+                    .collect();
+                rest.truncate(37);
+                rest
+            });
+            if let Some(schema) = schema {
+                db.execute_unprepared(&format!("DROP SCHEMA {schema} CASCADE"))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// Every part of the page reads the `(user_id, activity, patient_id)` index of the
+    /// care-team rows, never the whole of them (SQLite's plan).
+    #[tokio::test]
+    async fn a_page_reads_the_activity_index() {
+        let db = sea_orm::Database::connect("sqlite::memory:").await.unwrap();
+        Migrator::up(&db, None).await.unwrap();
+        let user = clinic(&db, 30).await;
+        let snapshot = Utc::now();
+        let dated = ListCursor {
+            snapshot,
+            activity: Some(snapshot - Duration::days(3)),
+            id: "pt010".into(),
+        };
+        let undated = ListCursor {
+            snapshot,
+            activity: None,
+            id: "pt010".into(),
+        };
+        for cursor in [None, Some(&dated), Some(&undated)] {
+            let (sql, values) = list_page_sql(&user, "user:u", snapshot, cursor, 50);
+            let plan = db
+                .query_all_raw(statement(
+                    db.get_database_backend(),
+                    &format!("EXPLAIN QUERY PLAN {sql}"),
+                    values,
+                ))
+                .await
+                .unwrap();
+            let lines: Vec<String> = plan
+                .iter()
+                .map(|row| row.try_get::<String>("", "detail").unwrap())
+                .collect();
+            let text = lines.join("\n");
+            assert!(
+                !lines.iter().any(|l| l.starts_with("SCAN ct")),
+                "a full scan of the care-team rows:\n{text}"
+            );
+            let parts = if cursor.is_some_and(|c| c.activity.is_none()) {
+                2
+            } else {
+                3
+            };
+            assert_eq!(
+                lines
+                    .iter()
+                    .filter(|l| l.starts_with("SEARCH ct USING")
+                        && l.contains("idx_care_team_members_user_id_activity_patient_id"))
+                    .count(),
+                parts,
+                "{text}"
+            );
+        }
+    }
 }

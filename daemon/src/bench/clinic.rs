@@ -30,6 +30,9 @@ pub struct Plan {
     pub team: usize,
     /// Staff event streams held open during the mix.
     pub streams: usize,
+    /// Extra portal-only patients whose care teams all hold the user `cbig` (one
+    /// message each), for the list phase of a user on that many care teams.
+    pub big_team: usize,
     /// Concurrent HTTP clients of the load generator.
     pub clients: usize,
     /// Seconds each phase runs.
@@ -48,6 +51,7 @@ enum Kind {
     InboundText,
     StaffOpen,
     StaffList,
+    StaffListBigTeam,
 }
 
 impl Kind {
@@ -58,6 +62,7 @@ impl Kind {
             Kind::InboundText => "inbound text",
             Kind::StaffOpen => "staff opens conversation",
             Kind::StaffList => "staff patient list",
+            Kind::StaffListBigTeam => "staff list, user on big team",
         }
     }
 
@@ -135,11 +140,12 @@ impl std::fmt::Display for Report {
         let p = &self.plan;
         writeln!(
             f,
-            "clinic benchmark: {}, {} patients (half SMS-enabled), {} staff users, care teams of {} with New Patient Message and Unread Reminder on; {} HTTP clients on {} load thread(s); {} s per phase; seeded through the API in {:.1} s",
+            "clinic benchmark: {}, {} patients (half SMS-enabled), {} staff users, care teams of {} with New Patient Message and Unread Reminder on, plus {} portal-only patients with one message each on the care teams of one more user ({BIG_TEAM_USER}); {} HTTP clients on {} load thread(s); {} s per phase; seeded through the API in {:.1} s",
             self.backend,
             p.patients,
             p.users,
             p.team,
+            p.big_team,
             p.clients,
             p.load_threads,
             p.seconds,
@@ -160,7 +166,8 @@ impl std::fmt::Display for Report {
             let all = phase.all();
             writeln!(f, "  {}:", phase.name)?;
             let is_mix = phase.name.starts_with("clinic mix");
-            let rate_verdict = if is_mix && phase.events > 0 || phase.name == "staff list only" {
+            let is_list = phase.name.starts_with("staff list only");
+            let rate_verdict = if is_mix && phase.events > 0 || is_list {
                 format!(
                     "   (target >= {rate_target:.0}: {})",
                     super::verdict(phase.per_second() >= rate_target)
@@ -223,7 +230,7 @@ impl std::fmt::Display for Report {
                 writeln!(f, "    event stream events delivered  {:>10}", phase.events)?;
             }
             let ratio = match portal_cpu {
-                Some(portal) if phase.name == "staff list only" && !portal.is_zero() => format!(
+                Some(portal) if is_list && !portal.is_zero() => format!(
                     "   ({:.1}x a portal send's; target <= 2x: {})",
                     phase.cpu_per_request().as_secs_f64() / portal.as_secs_f64(),
                     super::verdict(
@@ -318,10 +325,13 @@ async fn measure(
             ("clinic mix with event streams", plan.streams, Kind::of_mix),
             ("portal sends only", 0, |_| Kind::PortalSend),
             ("staff list only", 0, |_| Kind::StaffList),
+            (BIG_TEAM_PHASE, 0, |_| Kind::StaffListBigTeam),
             ("staff opens a conversation only", 0, |_| Kind::StaffOpen),
             ("staff sends only", 0, |_| Kind::StaffSend),
         ] {
-            if name == "clinic mix with event streams" && streams == 0 {
+            if name == "clinic mix with event streams" && streams == 0
+                || name == BIG_TEAM_PHASE && plan.big_team == 0
+            {
                 continue;
             }
             let phase = run_phase(&load, &db, &clinic, &base, name, streams, pick, &plan).await?;
@@ -342,11 +352,18 @@ async fn measure(
 
 const LOAD_THREAD: &str = "bench-load";
 
+/// The phase of the user on every big-team patient's care team.
+const BIG_TEAM_PHASE: &str = "staff list only, one user on the big team's care teams";
+
+/// The user on the care team of every big-team patient.
+const BIG_TEAM_USER: &str = "cbig";
+
 /// The seeded clinic: who is on which care team, which patients text.
 struct Clinic {
     patients: usize,
     users: usize,
     team: usize,
+    big_team: usize,
     client: reqwest::Client,
     next_id: AtomicU64,
 }
@@ -357,6 +374,7 @@ impl Clinic {
             patients: plan.patients,
             users: plan.users,
             team: plan.team,
+            big_team: plan.big_team,
             client: reqwest::Client::builder()
                 .pool_max_idle_per_host(plan.clients + plan.streams)
                 .build()
@@ -407,11 +425,13 @@ impl Clinic {
                 "sms_numbers": [{"number": "+12015550100", "gateway": "loopback"}]}),
         )
         .await?;
-        for u in 0..self.users {
+        let users = (0..self.users).map(|u| format!("cu{u}"));
+        let big = (self.big_team > 0).then(|| BIG_TEAM_USER.to_owned());
+        for user in users.chain(big) {
             self.put(
                 base,
-                &format!("/v1/admin/users/cu{u}"),
-                serde_json::json!({"practice_id": "clinic", "name": format!("Nurse {u}"),
+                &format!("/v1/admin/users/{user}"),
+                serde_json::json!({"practice_id": "clinic", "name": format!("Nurse {user}"),
                     "restricted_programs": []}),
             )
             .await?;
@@ -419,7 +439,7 @@ impl Clinic {
                 .client
                 .put(format!("{base}/v1/staff/settings/notifications"))
                 .bearer_auth("dev-staff-token")
-                .header("X-Caremsg-User", format!("cu{u}"))
+                .header("X-Caremsg-User", user)
                 .json(&serde_json::json!({"new_patient_message": true, "unread_reminder": true}))
                 .send()
                 .await?;
@@ -464,7 +484,40 @@ impl Clinic {
                 Ok(()),
                 |acc: anyhow::Result<()>, r| async move { acc.and(r) },
             )
-            .await
+            .await?;
+        // The big team: portal-only patients with one message each, `cbig` on every
+        // care team (with one clinic user, so the team is not only `cbig`).
+        let big = futures::stream::iter(0..self.big_team)
+            .map(|b| async move {
+                self.put(
+                    base,
+                    &format!("/v1/admin/patients/cb{b}"),
+                    serde_json::json!({"practice_id": "clinic", "first_name": "Big",
+                        "last_name": format!("Team{b}"), "date_of_birth": "1960-05-01",
+                        "portal_enrolled": true, "programs": [],
+                        "care_team": [BIG_TEAM_USER, self.member(b, 0)]}),
+                )
+                .await?;
+                let response = self
+                    .client
+                    .post(format!("{base}/v1/portal/patients/cb{b}/messages"))
+                    .bearer_auth("dev-portal-token")
+                    .json(&serde_json::json!({"body": "Is my referral in?"}))
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    response.status().is_success(),
+                    "big-team message: {}",
+                    response.status()
+                );
+                Ok(())
+            })
+            .buffer_unordered(16);
+        big.fold(
+            Ok(()),
+            |acc: anyhow::Result<()>, r| async move { acc.and(r) },
+        )
+        .await
     }
 
     async fn inbound(&self, base: &str, p: usize, body: &str) -> anyhow::Result<()> {
@@ -543,6 +596,14 @@ impl Clinic {
                 )
                 .send()
                 .await
+            }
+            Kind::StaffListBigTeam => {
+                self.client
+                    .get(format!("{base}/v1/staff/patients?limit=50"))
+                    .bearer_auth("dev-staff-token")
+                    .header("X-Caremsg-User", BIG_TEAM_USER)
+                    .send()
+                    .await
             }
         };
         match sent {

@@ -10,6 +10,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261126_000001_initial;
 mod m20261205_000002_inbound_edges;
 mod m20261205_000020_ha;
+mod m20261205_000030_staff_list;
 
 /// All of caremsg's migrations, oldest first.
 pub struct Migrator;
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000001_initial::Migration),
             Box::new(m20261205_000020_ha::Migration),
             Box::new(m20261205_000002_inbound_edges::Migration),
+            Box::new(m20261205_000030_staff_list::Migration),
         ]
     }
 }
