@@ -10,6 +10,12 @@ behind the ids instead of stopping at 404.
   cannot list the platform's ids or every valid number.
 - `date_of_birth` is kept between 1900 and today: "not in the future" moves with the
   clock, so no static schema can state it.
+- Just before each call (`before_call`), what depends on the seeded records' state:
+  a record keeps its own practice (and the programs and care team of that practice),
+  SMS authentication starts for a patient with a mobile number, a deletion never
+  removes a seeded record (later requests name them), and the Unread Message
+  Reminder is turned on together with New Patient Message (a settings page sends
+  both).
 """
 
 import datetime
@@ -84,3 +90,43 @@ def map_query(context, query):
     if query and "cursor" in query:
         del query["cursor"]
     return query
+
+
+# The practice of each seeded record, and what of that practice a body may name.
+PRACTICE_OF = {
+    "pat1": "p1", "pat2": "p1", "pat3": "p1", "pat4": "p2",
+    "u1": "p1", "u2": "p1", "u3": "p2",
+}
+OF_PRACTICE = {
+    "p1": {"programs": ["prog1"], "care_team": ["u1"]},
+    "p2": {"programs": [], "care_team": ["u3"]},
+}
+WITH_MOBILE = ["pat1", "pat3"]
+
+
+@schemathesis.hook
+def before_call(context, case):
+    method = case.operation.method.upper()
+    path = case.operation.path
+    params = case.path_parameters if case.path_parameters is not None else {}
+    body = case.body if isinstance(case.body, dict) else None
+    if method == "DELETE" and path.startswith("/v1/admin/"):
+        for name, value in list(params.items()):
+            if value in SEEDED.get(name, []):
+                params[name] = f"gone-{value}"
+    if params.get("program_id") in SEEDED["program_id"] and "practice_id" in params:
+        params["practice_id"] = "p1"
+    record = params.get("patient_id") or params.get("user_id")
+    if body is not None and "practice_id" in body:
+        practice = PRACTICE_OF.get(record, "p1")
+        body["practice_id"] = practice
+        for key in ("programs", "restricted_programs"):
+            if body.get(key):
+                body[key] = OF_PRACTICE[practice]["programs"]
+        if body.get("care_team"):
+            body["care_team"] = OF_PRACTICE[practice]["care_team"]
+    if path.endswith("/sms/start") and not (body or {}).get("mobile_phone"):
+        if params.get("patient_id") in SEEDED["patient_id"]:
+            params["patient_id"] = _pick(WITH_MOBILE, params["patient_id"])
+    if body is not None and body.get("unread_reminder") is True:
+        body["new_patient_message"] = True

@@ -41,6 +41,7 @@ pub fn routes() -> Router<Shared> {
 pub struct DeliveriesQuery {
     /// The status to list (default `reconcile`): `queued`, `sending`, `sent`,
     /// `delivered`, `failed`, `undelivered`, `reconcile`, `refused`.
+    #[param(schema_with = status_schema)]
     pub status: Option<String>,
     /// Page size (default 50, at most 200).
     #[param(minimum = 1, maximum = 200)]
@@ -186,7 +187,27 @@ pub async fn list(
 pub struct ResolveIn {
     /// `resend` (queue it again: the provider did not take it), `mark_sent` (the
     /// provider took it) or `mark_failed` (close it unsent).
+    #[schema(schema_with = action_schema)]
     pub action: String,
+}
+
+/// A string schema allowing only `values`.
+fn one_of(values: impl IntoIterator<Item = &'static str>) -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .enum_values(Some(values))
+        .build()
+}
+
+/// The schema of `?status=`: every delivery status.
+fn status_schema() -> utoipa::openapi::Object {
+    use sea_orm::Iterable;
+    one_of(DeliveryStatus::iter().map(DeliveryStatus::as_str))
+}
+
+/// The schema of a resolution's `action`.
+fn action_schema() -> utoipa::openapi::Object {
+    one_of(Resolution::ALL.map(Resolution::as_str))
 }
 
 /// What an operator decided about a delivery in `reconcile`.
@@ -198,16 +219,13 @@ enum Resolution {
 }
 
 impl Resolution {
+    const ALL: [Self; 3] = [Self::Resend, Self::MarkSent, Self::MarkFailed];
+
     fn parse(text: &str) -> ApiResult<Self> {
-        match text {
-            "resend" => Ok(Self::Resend),
-            "mark_sent" => Ok(Self::MarkSent),
-            "mark_failed" => Ok(Self::MarkFailed),
-            _ => Err(ApiError::invalid(
-                "action",
-                "Must be resend, mark_sent or mark_failed.",
-            )),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == text)
+            .ok_or_else(|| ApiError::invalid("action", "Must be resend, mark_sent or mark_failed."))
     }
 
     fn as_str(self) -> &'static str {
