@@ -116,8 +116,9 @@ pub struct ChildDaemon {
 impl ChildDaemon {
     /// Starts `exe` (a `caremsgd`) on `database_url` with its state directory `dir`
     /// (created; its configuration and its log, at `log_level`, go there), the loopback
-    /// gateway's `library` and the shared `outbox`, and the `lease` of
-    /// [`child_config`].
+    /// gateway's `library` and the shared `outbox`, the `lease` of [`child_config`],
+    /// and further `CAREMSG__…` overrides in `env`.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         exe: &Path,
         dir: &Path,
@@ -126,6 +127,7 @@ impl ChildDaemon {
         outbox: &Path,
         lease: Option<(Duration, Duration)>,
         log_level: &str,
+        env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).context("creating a daemon's state directory")?;
         let port = free_port().context("finding a free port")?;
@@ -140,6 +142,7 @@ impl ChildDaemon {
             .arg("run")
             .env("CAREMSG__DATABASE__URL", database_url)
             .env("CAREMSG__LOG__LEVEL", log_level)
+            .envs(env.iter().copied())
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -357,6 +360,7 @@ impl Pair {
             &self.outbox,
             None,
             "warn",
+            &[],
         )
     }
 
@@ -481,6 +485,7 @@ async fn measure(
             &dir.join("outbox.jsonl"),
             None,
             "warn",
+            &[],
         )
     };
     let slots = [first("a")?, first("b")?];
