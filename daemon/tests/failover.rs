@@ -884,3 +884,41 @@ async fn sigkill_rounds_under_load_lose_and_duplicate_nothing() {
     drop(daemons);
     db.drop().await;
 }
+
+/// `caremsgd bench failover` with tiny sizes: it runs, kills, and finds every
+/// acknowledged message stored exactly once (its times and rates are the benchmark's
+/// business, not asserted here).
+#[test]
+fn bench_failover_runs_with_tiny_sizes() {
+    let Some(server) = server_url() else { return };
+    let output = Command::new(BIN)
+        .args(["bench", "failover", "--postgres", &server])
+        .args(["--kills", "2", "--seconds", "1", "--clients", "4", "--patients", "10"])
+        .arg("--library")
+        .arg(loopback_library())
+        .env("CAREMSG__LOG__LEVEL", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("rounds ") && l.trim_end().ends_with(" 2")),
+        "{stdout}"
+    );
+    for line in [
+        "takeover p50 / max",
+        "msgs/s before",
+        "msgs/s after takeover",
+        "after / before",
+        "every acknowledged message stored exactly once: met",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing:\n{stdout}");
+    }
+}
