@@ -476,12 +476,7 @@ fn patient_phone(i: usize) -> String {
 }
 
 /// Polls `count` until it reaches `at_least`; panics after `within`.
-async fn until_count(
-    what: &str,
-    within: Duration,
-    at_least: usize,
-    count: impl Fn() -> usize,
-) {
+async fn until_count(what: &str, within: Duration, at_least: usize, count: impl Fn() -> usize) {
     let started = Instant::now();
     while count() < at_least {
         assert!(
@@ -613,7 +608,7 @@ async fn sigkill_rounds_under_load_lose_and_duplicate_nothing() {
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Acked::default()));
     let stop = tokio_util::sync::CancellationToken::new();
     let mut load = Vec::new();
-    for kind in 0..KINDS.len() {
+    for (kind, name) in KINDS.into_iter().enumerate() {
         let (http, bases, acked, stop) = (http.clone(), bases.clone(), acked.clone(), stop.clone());
         let practice_number = practice_number.clone();
         load.push(tokio::spawn(async move {
@@ -639,7 +634,7 @@ async fn sigkill_rounds_under_load_lose_and_duplicate_nothing() {
                         let mut acked = acked.lock().unwrap();
                         match ok {
                             Ok(()) => acked.starts.push(patient),
-                            Err(why) => *acked.refused.entry((KINDS[kind], why)).or_default() += 1,
+                            Err(why) => *acked.refused.entry((name, why)).or_default() += 1,
                         }
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -685,7 +680,7 @@ async fn sigkill_rounds_under_load_lose_and_duplicate_nothing() {
                                 acked.markers[kind].push(marker.clone());
                                 break;
                             }
-                            Err(why) => *acked.refused.entry((KINDS[kind], why)).or_default() += 1,
+                            Err(why) => *acked.refused.entry((name, why)).or_default() += 1,
                         }
                     }
                     // No daemon serves now (a takeover): retry shortly, as a client
@@ -701,10 +696,10 @@ async fn sigkill_rounds_under_load_lose_and_duplicate_nothing() {
     for round in 0..ROUNDS {
         let (active, _) = one_active(&http, &daemons[0], &daemons[1]).await;
         // This term carries load: acknowledged requests of every kind.
-        for kind in 0..3 {
+        for (kind, name) in KINDS.into_iter().enumerate().take(3) {
             let so_far = acked_of(kind);
             until_count(
-                &format!("round {round}: {} acknowledged", KINDS[kind]),
+                &format!("round {round}: {name} acknowledged"),
                 Duration::from_secs(60),
                 so_far + PER_TERM,
                 || acked_of(kind),
@@ -860,12 +855,11 @@ async fn sigkill_rounds_under_load_lose_and_duplicate_nothing() {
     for ((kind, why), n) in &acked.refused {
         println!("  refused: {kind}: {why}: {n}");
     }
-    for kind in 0..3 {
+    for (markers, name) in acked.markers.iter().zip(KINDS) {
         assert!(
-            acked.markers[kind].len() >= ROUNDS * PER_TERM,
-            "{}: {}",
-            KINDS[kind],
-            acked.markers[kind].len()
+            markers.len() >= ROUNDS * PER_TERM,
+            "{name}: {}",
+            markers.len()
         );
     }
     assert_eq!((lost, duplicates, gaps, double_sends), (0, 0, 0, 0));
@@ -875,7 +869,12 @@ async fn sigkill_rounds_under_load_lose_and_duplicate_nothing() {
     );
     assert!(!fired.is_empty(), "no unread reminder came due");
     assert_eq!(
-        (unfired_reminders, reminders_twice, reminders_without_timer, dead),
+        (
+            unfired_reminders,
+            reminders_twice,
+            reminders_without_timer,
+            dead
+        ),
         (0, 0, 0, 0),
         "a due timer did not fire exactly once"
     );
@@ -893,7 +892,16 @@ fn bench_failover_runs_with_tiny_sizes() {
     let Some(server) = server_url() else { return };
     let output = Command::new(BIN)
         .args(["bench", "failover", "--postgres", &server])
-        .args(["--kills", "2", "--seconds", "1", "--clients", "4", "--patients", "10"])
+        .args([
+            "--kills",
+            "2",
+            "--seconds",
+            "1",
+            "--clients",
+            "4",
+            "--patients",
+            "10",
+        ])
         .arg("--library")
         .arg(loopback_library())
         .env("CAREMSG__LOG__LEVEL", "warn")

@@ -264,7 +264,11 @@ impl std::fmt::Display for Report {
             .copied()
             .unwrap_or_default();
         let max = takeovers.last().copied().unwrap_or_default();
-        writeln!(f, "  rounds                        {:>8}", self.rounds.len())?;
+        writeln!(
+            f,
+            "  rounds                        {:>8}",
+            self.rounds.len()
+        )?;
         writeln!(
             f,
             "  takeover p50 / max            {:>8.2} / {:.2} s   (target < {} s: {})",
@@ -416,7 +420,8 @@ impl Load {
     async fn send_one(&self) -> Option<u64> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let p = (n as usize).wrapping_mul(7919) % self.patients;
-        let body = serde_json::json!({"body": format!("{BODY} {n}"), "client_txn_id": format!("fb{n}")});
+        let body =
+            serde_json::json!({"body": format!("{BODY} {n}"), "client_txn_id": format!("fb{n}")});
         while !self.stop.load(Ordering::Relaxed) {
             let bases = self.bases();
             let first = self.preferred.load(Ordering::Relaxed) % 2;
@@ -692,7 +697,10 @@ mod tests {
             Some((Duration::from_secs(1), Duration::from_secs(3))),
         );
         // Active-passive needs PostgreSQL: the children get the URL from the environment.
-        let text = text.replace("[database]", "[database]\nurl = \"postgres://u@127.0.0.1/db\"");
+        let text = text.replace(
+            "[database]",
+            "[database]\nurl = \"postgres://u@127.0.0.1/db\"",
+        );
         let settings = caremsg_config::from_toml_str(&text).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(settings.ha.mode, caremsg_config::HaMode::ActivePassive);
         assert_eq!(settings.ha.lease_expiry, Duration::from_secs(3));
