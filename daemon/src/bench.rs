@@ -18,6 +18,7 @@ use crate::writer::{WriteUnit, Writer, WriterOptions};
 mod clinic;
 mod conversations;
 mod events;
+pub mod failover;
 mod notifications;
 mod sms_auth;
 
@@ -148,6 +149,31 @@ pub enum Which {
         #[arg(long)]
         postgres: Option<String>,
     },
+    /// Active–passive failover with two real `caremsgd` processes on one fresh
+    /// PostgreSQL database: portal and staff sends over HTTP, the active daemon
+    /// SIGKILLed `kills` times; takeover time, messages/s before and after, and a check
+    /// that every acknowledged message is stored exactly once.
+    Failover {
+        /// The PostgreSQL server the fresh database is created on (and dropped from).
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+        postgres: String,
+        /// SIGKILLs of the active daemon (alternating: the killed one comes back as
+        /// the standby).
+        #[arg(long, default_value_t = 5)]
+        kills: usize,
+        /// Concurrent HTTP clients.
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        /// Patients the messages are spread over.
+        #[arg(long, default_value_t = 1_000)]
+        patients: usize,
+        /// Seconds of each measured window (before, and after each takeover).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// The sms-loopback library; default: the one built next to caremsgd.
+        #[arg(long)]
+        library: Option<std::path::PathBuf>,
+    },
 }
 
 /// Runs one benchmark and prints its report.
@@ -244,6 +270,25 @@ pub async fn run(which: Which) -> anyhow::Result<()> {
                 postgres,
             };
             println!("{}", clinic::run(plan).await?);
+            Ok(())
+        }
+        Which::Failover {
+            postgres,
+            kills,
+            clients,
+            patients,
+            seconds,
+            library,
+        } => {
+            let plan = failover::Plan {
+                server: postgres,
+                kills,
+                clients,
+                patients,
+                seconds,
+                library,
+            };
+            println!("{}", failover::run(plan).await?);
             Ok(())
         }
     }
