@@ -15,7 +15,7 @@ use actix::prelude::*;
 use caremsg_config::GatewayKind;
 use caremsg_entities::{
     Channel, DeliveryChannel, DeliveryPurpose, DeliveryStatus, Direction, SmsStatus, conversation,
-    delivery, message, patient, practice, practice_sms_number, read_marker, user,
+    delivery, inbound_receipt, message, patient, practice, practice_sms_number, read_marker, user,
 };
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
@@ -582,9 +582,24 @@ pub(crate) async fn try_send(
     // Inserts first, then the statements that update: the writer merges every unit's
     // leading inserts across a batch into multi-row INSERTs, so this order is what
     // makes a busy conversation cheap to store.
-    let mut unit = WriteUnit::new()
-        .insert(message::ActiveModel::from(stored.clone()))
-        .merge(sequence_unit(&patient.id, current_seq, seq, now));
+    let mut unit = WriteUnit::new().insert(message::ActiveModel::from(stored.clone()));
+    // A text from a gateway records its receipt in its own unit: one commit, and the
+    // provider's retry is known as a duplicate from then on.
+    if let Author::PatientSms {
+        gateway,
+        provider_message_id,
+    } = &msg.author
+    {
+        unit = unit.insert(inbound_receipt::ActiveModel {
+            gateway: Set(gateway.clone()),
+            provider_message_id: Set(provider_message_id.clone()),
+            received_at: Set(now),
+            outcome: Set(crate::gateways::inbound::EventOutcome::Conversation
+                .as_str()
+                .to_owned()),
+        });
+    }
+    let mut unit = unit.merge(sequence_unit(&patient.id, current_seq, seq, now));
     for d in &deliveries {
         unit = unit.insert(delivery::ActiveModel::from(d.clone()));
     }

@@ -345,21 +345,11 @@ pub async fn route(state: &Shared, sms: InboundSms) -> Result<EventOutcome, Inbo
             .await
             .map_err(|error| InboundError::Conversation(error.to_string()))?
             .map_err(|error| InboundError::Conversation(error.to_string()))?;
+        // The actor committed the text's receipt with what the text did.
         match outcome {
             crate::sms::auth::ReplyOutcome::Duplicate => return Ok(EventOutcome::Duplicate),
             crate::sms::auth::ReplyOutcome::Handled
             | crate::sms::auth::ReplyOutcome::Message(_) => {
-                let now = state.clock.now();
-                state
-                    .writer
-                    .write(receipt_unit(
-                        &sms.gateway,
-                        &sms.provider_message_id,
-                        EventOutcome::Conversation,
-                        now,
-                        false,
-                    ))
-                    .await?;
                 return Ok(EventOutcome::Conversation);
             }
             crate::sms::auth::ReplyOutcome::NotForPatient => {}
