@@ -63,8 +63,9 @@ pub struct SendMessage {
     pub client_txn_id: Option<String>,
     /// For a portal message: the patient's and practice's rows, as the caller read
     /// them just before (nothing in them picks a channel), so the actor need not
-    /// read them again. Ignored for other authors: a staff message's channel is
-    /// chosen from the SMS status as the actor sees it (after any STOP it applied).
+    /// read them again; for a text from a gateway, the rows the actor itself read
+    /// for it. Ignored for staff: a staff message's channel is chosen from the SMS
+    /// status as the actor sees it (after any STOP it applied).
     pub rows: Option<Box<(patient::Model, practice::Model)>>,
 }
 
@@ -373,7 +374,9 @@ pub(crate) async fn try_send(
 ) -> Result<(i64, Stored), SendError> {
     let db = &state.db;
     let known = match (&msg.author, msg.rows) {
-        (Author::Patient, Some(rows)) if rows.0.id == patient_id => Some(*rows),
+        (Author::Patient | Author::PatientSms { .. }, Some(rows)) if rows.0.id == patient_id => {
+            Some(*rows)
+        }
         _ => None,
     };
     let (patient, practice) = match known {

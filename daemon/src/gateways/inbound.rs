@@ -201,9 +201,8 @@ async fn commit_one(
             body,
             provider_message_id,
         } => {
-            if seen(state, gateway.name(), &provider_message_id).await? {
-                return Ok(EventOutcome::Duplicate);
-            }
+            // A provider's retry is recognised by its receipt: in the patient's actor
+            // for a text from a patient's number, in `route` for any other.
             route(
                 state,
                 InboundSms {
@@ -288,16 +287,12 @@ pub fn is_duplicate(error: &WriteError) -> bool {
 /// answers SPEC.md gives such numbers (`sms::auth::unmatched`).
 pub async fn route(state: &Shared, sms: InboundSms) -> Result<EventOutcome, InboundError> {
     let db = &state.db;
-    let number = practice_sms_number::Entity::find_by_id(sms.to.expose().clone())
+    let practice = practice_sms_number::Entity::find_by_id(sms.to.expose().clone())
+        .find_also_related(practice::Entity)
         .one(db)
-        .await?;
-    let practice = match number {
-        Some(number) => practice::Entity::find_by_id(number.practice_id)
-            .one(db)
-            .await?
-            .filter(|p| p.active),
-        None => None,
-    };
+        .await?
+        .and_then(|(_, practice)| practice)
+        .filter(|p| p.active);
     let from = match &practice {
         Some(practice) => normalise(&sms.from, &practice.country),
         None => sms.from.clone(),
@@ -354,6 +349,9 @@ pub async fn route(state: &Shared, sms: InboundSms) -> Result<EventOutcome, Inbo
             }
             crate::sms::auth::ReplyOutcome::NotForPatient => {}
         }
+    }
+    if seen(state, &sms.gateway, &sms.provider_message_id).await? {
+        return Ok(EventOutcome::Duplicate);
     }
     // A STOP's consent change is guarded (`NOT_YET_OPTED_OUT`): when a concurrent
     // STOP from the same number won, the text is stored again with what it now

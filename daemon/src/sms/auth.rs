@@ -1197,15 +1197,18 @@ async fn reply(
                 dob_reply(change, session, gateway, &phone, body, receipt).await
             }
             (_, SmsStatus::Enabled) => {
-                let patient_id = change.patient.id.clone();
-                drop(change);
-                let (seq, stored) = crate::actors::conversation::try_send(
-                    state,
-                    &patient_id,
-                    Some(seq),
-                    SendMessage::inbound_sms(gateway, provider_message_id, body),
-                )
-                .await?;
+                let Change {
+                    patient, practice, ..
+                } = change;
+                let patient_id = patient.id.clone();
+                // The rows this actor just read: the message needs no second read.
+                let message = SendMessage {
+                    rows: Some(Box::new((patient, practice))),
+                    ..SendMessage::inbound_sms(gateway, provider_message_id, body)
+                };
+                let (seq, stored) =
+                    crate::actors::conversation::try_send(state, &patient_id, Some(seq), message)
+                        .await?;
                 Ok((
                     seq,
                     if stored.replayed {
