@@ -314,6 +314,14 @@ async fn measure(
         }
         let seeding = started.elapsed();
         let db = running.state().db.clone();
+        // A clinic's database has planner statistics (autovacuum keeps them); a
+        // database seeded a moment ago has none yet, and PostgreSQL would plan every
+        // query as if its tables were empty.
+        if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+            sea_orm::ConnectionTrait::execute_unprepared(&db, "ANALYZE")
+                .await
+                .context("ANALYZE after seeding")?;
+        }
         let mut phases = Vec::new();
         // The clinic mix without and with event streams, then the kinds alone.
         for (name, streams, pick) in [

@@ -88,6 +88,11 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
 async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
     let mut settings = super::scratch_settings(dir)?;
     settings.events.max_streams = plan.streams + 16;
+    // Each stream holds a connection; past the cap the oldest idle ones are closed.
+    settings.server.max_connections = settings
+        .server
+        .max_connections
+        .max(plan.streams + plan.clients + 64);
     let running = crate::start(settings, crate::Options::default())
         .await
         .context("starting the daemon")?;
