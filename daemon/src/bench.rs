@@ -347,6 +347,29 @@ impl std::fmt::Display for WriteReport {
     }
 }
 
+/// `PUT base+path` with the development admin token and a JSON body: how the
+/// benchmarks seed their clinics through the admin API. Anything but 2xx is an error
+/// naming the path.
+pub(crate) async fn admin_put(
+    client: &reqwest::Client,
+    base: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<()> {
+    let response = client
+        .put(format!("{base}{path}"))
+        .bearer_auth("dev-admin-token")
+        .json(&body)
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "seeding {path}: {}",
+        response.status()
+    );
+    Ok(())
+}
+
 /// Runs `work` in a fresh scratch directory under the system's temporary folder and
 /// removes it afterwards, whatever `work` returned.
 pub(crate) async fn in_scratch_dir<T, Fut>(

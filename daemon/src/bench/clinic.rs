@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use caremsg_entities::{delivery, message, notification};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 
 /// What to run.
@@ -411,19 +411,7 @@ impl Clinic {
     }
 
     async fn put(&self, base: &str, path: &str, body: serde_json::Value) -> anyhow::Result<()> {
-        let response = self
-            .client
-            .put(format!("{base}{path}"))
-            .bearer_auth("dev-admin-token")
-            .json(&body)
-            .send()
-            .await?;
-        anyhow::ensure!(
-            response.status().is_success(),
-            "seeding {path}: {}",
-            response.status()
-        );
-        Ok(())
+        super::admin_put(&self.client, base, path, body).await
     }
 
     /// The practice, its staff with notifications and reminders on, the patients
@@ -493,12 +481,7 @@ impl Clinic {
                 self.inbound(base, p, "03/07/1950").await
             })
             .buffer_unordered(16);
-        patients
-            .fold(
-                Ok(()),
-                |acc: anyhow::Result<()>, r| async move { acc.and(r) },
-            )
-            .await?;
+        patients.try_collect::<Vec<()>>().await?;
         // The big team: portal-only patients with one message each, `cbig` on every
         // care team (with one clinic user, so the team is not only `cbig`).
         let big = futures::stream::iter(0..self.big_team)
@@ -527,11 +510,8 @@ impl Clinic {
                 Ok(())
             })
             .buffer_unordered(16);
-        big.fold(
-            Ok(()),
-            |acc: anyhow::Result<()>, r| async move { acc.and(r) },
-        )
-        .await
+        big.try_collect::<Vec<()>>().await?;
+        Ok(())
     }
 
     async fn inbound(&self, base: &str, p: usize, body: &str) -> anyhow::Result<()> {

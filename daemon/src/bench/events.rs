@@ -184,22 +184,8 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
 /// One practice, `users` users and `users / 5` portal-enrolled patients, each with a
 /// care team of five users of its own, through the admin API. Returns the patients.
 async fn seed(client: &reqwest::Client, base: &str, users: usize) -> anyhow::Result<usize> {
-    let put = |path: String, body: serde_json::Value| {
-        let client = client.clone();
-        async move {
-            let response = client
-                .put(format!("{base}{path}"))
-                .bearer_auth("dev-admin-token")
-                .json(&body)
-                .send()
-                .await?;
-            anyhow::ensure!(
-                response.status().is_success(),
-                "{path}: {}",
-                response.status()
-            );
-            Ok(())
-        }
+    let put = |path: String, body: serde_json::Value| async move {
+        super::admin_put(client, base, &path, body).await
     };
     put(
         "/v1/admin/practices/bench".into(),

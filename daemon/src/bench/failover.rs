@@ -637,18 +637,7 @@ async fn first_2xx(
 /// through the admin API.
 async fn seed(http: &reqwest::Client, base: &str, patients: usize) -> anyhow::Result<()> {
     let put = |path: String, body: serde_json::Value| async move {
-        let response = http
-            .put(format!("{base}{path}"))
-            .bearer_auth("dev-admin-token")
-            .json(&body)
-            .send()
-            .await?;
-        anyhow::ensure!(
-            response.status().is_success(),
-            "seeding {path}: {}",
-            response.status()
-        );
-        Ok(())
+        super::admin_put(http, base, &path, body).await
     };
     put(
         "/v1/admin/practices/fo".into(),
