@@ -165,7 +165,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use caremsg_entities::{SmsStatus, program};
-    use caremsg_migration::{Migrator, MigratorTrait};
     use chrono::{NaiveDate, Utc};
     use sea_orm::{ActiveModelTrait, IntoActiveModel, Value};
 
@@ -177,31 +176,9 @@ mod tests {
     /// `DATABASE_URL` names one (in a schema of its own, dropped after).
     #[tokio::test]
     async fn the_rust_and_sql_forms_agree() {
-        let mut urls = vec!["sqlite::memory:".to_owned()];
-        urls.extend(
-            std::env::var("DATABASE_URL")
-                .ok()
-                .filter(|u| u.starts_with("postgres")),
-        );
-        for url in urls {
-            let mut options = sea_orm::ConnectOptions::new(url.clone());
-            options.max_connections(1).min_connections(1);
-            let db = sea_orm::Database::connect(options).await.unwrap();
-            let schema = format!("acc_{}", std::process::id());
-            if url.starts_with("postgres") {
-                db.execute_unprepared(&format!(
-                    "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}; SET search_path TO {schema}"
-                ))
-                .await
-                .unwrap();
-            }
-            Migrator::up(&db, None).await.unwrap();
+        for (db, schema) in crate::db::test_databases("acc").await {
             agree(&db).await;
-            if url.starts_with("postgres") {
-                db.execute_unprepared(&format!("DROP SCHEMA {schema} CASCADE"))
-                    .await
-                    .unwrap();
-            }
+            crate::db::drop_test_database(&db, schema).await;
         }
     }
 

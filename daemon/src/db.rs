@@ -303,6 +303,53 @@ pub fn backend_name(db: &DatabaseConnection) -> &'static str {
     }
 }
 
+/// Databases for unit tests of hand-written SQL: an in-memory SQLite one, and, when
+/// `DATABASE_URL` names a PostgreSQL server, a schema of its own there (name starting
+/// with `prefix`), each on one connection and migrated. Drop each with
+/// [`drop_test_database`].
+#[cfg(test)]
+pub(crate) async fn test_databases(prefix: &str) -> Vec<(DatabaseConnection, Option<String>)> {
+    #![allow(clippy::unwrap_used)] // Tests: a panic is a failed test.
+    use sea_orm::ConnectionTrait;
+    let mut urls = vec!["sqlite::memory:".to_owned()];
+    urls.extend(
+        std::env::var("DATABASE_URL")
+            .ok()
+            .filter(|u| u.starts_with("postgres")),
+    );
+    let mut out = Vec::new();
+    for url in urls {
+        let mut options = sea_orm::ConnectOptions::new(url.clone());
+        options.max_connections(1).min_connections(1);
+        let db = sea_orm::Database::connect(options).await.unwrap();
+        let schema = url
+            .starts_with("postgres")
+            .then(|| format!("{prefix}_{}", uuid::Uuid::new_v4().simple()));
+        if let Some(schema) = &schema {
+            db.execute_unprepared(&format!(
+                "CREATE SCHEMA {schema}; SET search_path TO {schema}"
+            ))
+            .await
+            .unwrap();
+        }
+        Migrator::up(&db, None).await.unwrap();
+        out.push((db, schema));
+    }
+    out
+}
+
+/// Drops the PostgreSQL schema [`test_databases`] made, if any.
+#[cfg(test)]
+pub(crate) async fn drop_test_database(db: &DatabaseConnection, schema: Option<String>) {
+    #![allow(clippy::unwrap_used)]
+    use sea_orm::ConnectionTrait;
+    if let Some(schema) = schema {
+        db.execute_unprepared(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

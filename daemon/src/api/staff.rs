@@ -958,45 +958,13 @@ mod tests {
         out
     }
 
-    async fn connections() -> Vec<(DatabaseConnection, Option<String>)> {
-        let mut urls = vec!["sqlite::memory:".to_owned()];
-        urls.extend(
-            std::env::var("DATABASE_URL")
-                .ok()
-                .filter(|u| u.starts_with("postgres")),
-        );
-        let mut out = Vec::new();
-        for url in urls {
-            let mut options = sea_orm::ConnectOptions::new(url.clone());
-            options.max_connections(1).min_connections(1);
-            let db = sea_orm::Database::connect(options).await.unwrap();
-            let schema = url.starts_with("postgres").then(|| {
-                format!(
-                    "list_{}_{}",
-                    std::process::id(),
-                    uuid::Uuid::new_v4().simple()
-                )
-            });
-            if let Some(schema) = &schema {
-                db.execute_unprepared(&format!(
-                    "CREATE SCHEMA {schema}; SET search_path TO {schema}"
-                ))
-                .await
-                .unwrap();
-            }
-            Migrator::up(&db, None).await.unwrap();
-            out.push((db, schema));
-        }
-        out
-    }
-
     /// The list pages in activity order (newest first, then the patients without a
     /// message by id), each patient once, while messages arrive between pages — also
     /// a first message to a patient who had none — and the triggers keep the index's
     /// copy of the activity right for care-team rows added before and after messages.
     #[tokio::test]
     async fn pages_follow_activity_as_of_the_snapshot() {
-        for (db, schema) in connections().await {
+        for (db, schema) in crate::db::test_databases("list").await {
             let user = clinic(&db, 40).await;
             let t0 = Utc.with_ymd_and_hms(2026, 12, 1, 8, 0, 0).unwrap();
             let snapshot = t0 + Duration::hours(1);
@@ -1038,11 +1006,7 @@ mod tests {
                 rest.truncate(37);
                 rest
             });
-            if let Some(schema) = schema {
-                db.execute_unprepared(&format!("DROP SCHEMA {schema} CASCADE"))
-                    .await
-                    .unwrap();
-            }
+            crate::db::drop_test_database(&db, schema).await;
         }
     }
 
