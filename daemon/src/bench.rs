@@ -462,6 +462,69 @@ where
     result
 }
 
+/// The name of the load generator's threads: their CPU is not the daemon's.
+const LOAD_THREAD: &str = "bench-load";
+
+/// The load generator's own runtime, on `threads` threads named [`LOAD_THREAD`], so
+/// that [`Cpu`] tells its CPU from the daemon's. Shut it down with
+/// `shutdown_background` (a runtime cannot be dropped inside another).
+fn load_runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name(LOAD_THREAD)
+        .enable_all()
+        .build()
+        .context("starting the load generator's runtime")
+}
+
+/// CPU time of this process and of the load generator's threads.
+pub(crate) struct Cpu {
+    process: Duration,
+    load: Duration,
+}
+
+impl Cpu {
+    pub(crate) fn read() -> Self {
+        let process = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .map_or(Duration::ZERO, |s| ticks(&s));
+        let mut load = Duration::ZERO;
+        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+            for task in tasks.flatten() {
+                let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+                if comm.trim() == LOAD_THREAD
+                    && let Ok(stat) = std::fs::read_to_string(task.path().join("stat"))
+                {
+                    load += ticks(&stat);
+                }
+            }
+        }
+        Self { process, load }
+    }
+
+    pub(crate) fn daemon(&self) -> Duration {
+        self.process.saturating_sub(self.load)
+    }
+}
+
+/// utime + stime of a `/proc/…/stat` line, at Linux's 100 ticks per second.
+fn ticks(stat: &str) -> Duration {
+    // The command name may hold spaces: the fields start after its closing ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // After ')': state is field 0; utime and stime are fields 11 and 12.
+    Duration::from_millis((field(11) + field(12)) * 10)
+}
+
 fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
@@ -638,5 +701,16 @@ fn message(seq: i64) -> message::ActiveModel {
         possible_opt_out: Set(false),
         read_by_patient_at: Set(None),
         created_at: Set(Utc::now()),
+    }
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_after_the_command_name() {
+        let stat = "42 (bench load) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0";
+        assert_eq!(ticks(stat), Duration::from_millis(3000));
     }
 }

@@ -83,6 +83,31 @@ pub enum Event {
     },
 }
 
+/// An event as the streams receive it: one allocation shared by every stream it is
+/// offered to, with its wire form (the SSE bytes) rendered once, by the first stream
+/// that writes it, and copied by none.
+#[derive(Debug)]
+pub struct Published {
+    /// The event.
+    pub event: Event,
+    wire: OnceLock<bytes::Bytes>,
+}
+
+impl Published {
+    fn new(event: Event) -> Arc<Self> {
+        Arc::new(Self {
+            event,
+            wire: OnceLock::new(),
+        })
+    }
+
+    /// The event's wire form: `render`ed by the first caller, shared after. Every
+    /// stream must render an event the same way (they do: one SSE form per event).
+    pub fn wire(&self, render: impl FnOnce(&Event) -> bytes::Bytes) -> bytes::Bytes {
+        self.wire.get_or_init(|| render(&self.event)).clone()
+    }
+}
+
 /// Whom a stream is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Subscriber {
@@ -269,7 +294,7 @@ struct Sub {
     client: String,
     token_sha256: String,
     // Where its events go; bounded by `events.buffer`.
-    tx: mpsc::Sender<Event>,
+    tx: mpsc::Sender<Arc<Published>>,
     // Cancelled to end the stream at once (buffered events are not delivered).
     cancel: CancellationToken,
     // Why it was ended, first reason wins.
@@ -459,7 +484,8 @@ impl Events {
     /// per patient, then cached) only when its practice has staff streams open.
     pub async fn publish(&self, event: Event) {
         let _ = self.inner.wake.send(event.clone());
-        match &event {
+        let event = Published::new(event);
+        match &event.event {
             Event::Notification { user_id, .. } => {
                 self.deliver(|s| s.staff.get(user_id).map(Vec::as_slice), &event);
             }
@@ -483,12 +509,18 @@ impl Events {
             notification,
         };
         let _ = self.inner.wake.send(event.clone());
-        if let Event::Notification { user_id, .. } = &event {
+        let event = Published::new(event);
+        if let Event::Notification { user_id, .. } = &event.event {
             self.deliver(|s| s.staff.get(user_id).map(Vec::as_slice), &event);
         }
     }
 
-    async fn deliver_to_audience(&self, patient_id: &str, practice_id: &str, event: &Event) {
+    async fn deliver_to_audience(
+        &self,
+        patient_id: &str,
+        practice_id: &str,
+        event: &Arc<Published>,
+    ) {
         if !lock(&self.inner.streams)
             .staff_per_practice
             .contains_key(practice_id)
@@ -511,7 +543,7 @@ impl Events {
         }
     }
 
-    fn deliver(&self, pick: impl FnOnce(&Streams) -> Option<&[Arc<Sub>]>, event: &Event) {
+    fn deliver(&self, pick: impl FnOnce(&Streams) -> Option<&[Arc<Sub>]>, event: &Arc<Published>) {
         let streams = lock(&self.inner.streams);
         if let Some(subs) = pick(&streams) {
             self.offer(subs, event);
@@ -519,7 +551,7 @@ impl Events {
     }
 
     /// Puts `event` into each of `subs`' channels; a full channel ends its stream.
-    fn offer(&self, subs: &[Arc<Sub>], event: &Event) {
+    fn offer(&self, subs: &[Arc<Sub>], event: &Arc<Published>) {
         for sub in subs {
             match sub.tx.try_send(event.clone()) {
                 Ok(()) => {
@@ -690,7 +722,7 @@ pub struct ApiClientRef<'a> {
 /// frees its place under the caps.
 #[derive(Debug)]
 pub struct Subscription {
-    rx: mpsc::Receiver<Event>,
+    rx: mpsc::Receiver<Arc<Published>>,
     sub: Arc<Sub>,
     hub: Arc<Inner>,
 }
@@ -699,20 +731,46 @@ impl Subscription {
     /// The next event, or why the stream ends: `Err(None)` when the hub is gone,
     /// `Err(Some(reason))` when the daemon ended it, including after `idle` without
     /// an event.
-    pub async fn next(&mut self, idle: Duration) -> Result<Event, Option<EndReason>> {
+    pub async fn next(&mut self, idle: Duration) -> Result<Arc<Published>, Option<EndReason>> {
+        let at = tokio::time::Instant::now() + idle;
+        loop {
+            if let Some(event) = self.next_before(at, at).await? {
+                return Ok(event);
+            }
+        }
+    }
+
+    /// The next event; `Ok(None)` when `wake` came first (time for a keep-alive);
+    /// the stream ends idle (`Err(Some(Idle))`) when `idle_at` comes first, or as
+    /// [`Subscription::next`] says.
+    pub async fn next_before(
+        &mut self,
+        idle_at: tokio::time::Instant,
+        wake: tokio::time::Instant,
+    ) -> Result<Option<Arc<Published>>, Option<EndReason>> {
         let received = tokio::select! {
             biased;
             () = self.sub.cancel.cancelled() => return Err(self.sub.reason.get().copied()),
-            received = tokio::time::timeout(idle, self.rx.recv()) => received,
+            received = tokio::time::timeout_at(idle_at.min(wake), self.rx.recv()) => received,
         };
         match received {
-            Ok(Some(event)) => Ok(event),
+            Ok(Some(event)) => Ok(Some(event)),
             Ok(None) => Err(None),
+            Err(_) if wake < idle_at => Ok(None),
             Err(_) => {
                 self.sub.end(EndReason::Idle, &self.hub.metrics);
                 Err(self.sub.reason.get().copied())
             }
         }
+    }
+
+    /// An event already waiting, if any and the stream was not ended: for writing
+    /// several events at once.
+    pub fn try_next(&mut self) -> Option<Arc<Published>> {
+        if self.sub.cancel.is_cancelled() {
+            return None;
+        }
+        self.rx.try_recv().ok()
     }
 }
 
@@ -830,6 +888,62 @@ mod tests {
             Some(EndReason::AccessRevoked)
         );
         assert!(kept.next(Duration::from_secs(5)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_event_is_rendered_once_for_all_its_streams() {
+        let events = hub();
+        let mut first = events.open(staff("a"), &CLIENT, limits(9, 9, 8)).unwrap();
+        let mut second = events.open(staff("a"), &CLIENT, limits(9, 9, 8)).unwrap();
+        events.notify("a".into(), note("a"));
+        let renders = AtomicU64::new(0);
+        let render = |_: &Event| {
+            renders.fetch_add(1, Ordering::Relaxed);
+            bytes::Bytes::from_static(b"event: notification\ndata: {}\n\n")
+        };
+        let wait = Duration::from_secs(5);
+        let one = first.next(wait).await.unwrap().wire(render);
+        let two = second.next(wait).await.unwrap().wire(render);
+        assert_eq!(renders.load(Ordering::Relaxed), 1);
+        assert_eq!(one.as_ptr(), two.as_ptr(), "the same bytes, not a copy");
+    }
+
+    #[tokio::test]
+    async fn waiting_events_are_taken_together_until_the_stream_ends() {
+        let events = hub();
+        let mut stream = events.open(staff("a"), &CLIENT, limits(9, 9, 8)).unwrap();
+        for _ in 0..3 {
+            events.notify("a".into(), note("a"));
+        }
+        assert!(stream.next(Duration::from_secs(5)).await.is_ok());
+        assert!(stream.try_next().is_some());
+        assert!(stream.try_next().is_some());
+        assert!(stream.try_next().is_none(), "nothing more is waiting");
+        events.notify("a".into(), note("a"));
+        events.access_changed(AccessChange::User {
+            id: "a",
+            active: false,
+        });
+        assert!(
+            stream.try_next().is_none(),
+            "an ended stream gives nothing more"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_is_due_before_the_idle_end() {
+        let events = hub();
+        let mut stream = events.open(staff("a"), &CLIENT, limits(9, 9, 8)).unwrap();
+        let now = tokio::time::Instant::now();
+        let idle_at = now + Duration::from_secs(3600);
+        assert!(matches!(stream.next_before(idle_at, now).await, Ok(None)));
+        assert_eq!(
+            stream
+                .next_before(now, now + Duration::from_secs(3600))
+                .await
+                .unwrap_err(),
+            Some(EndReason::Idle)
+        );
     }
 
     #[tokio::test]

@@ -5,8 +5,8 @@
 use std::convert::Infallible;
 
 use axum::http::{StatusCode, header};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
 use caremsg_entities::{delivery, message};
 use chrono::{DateTime, Utc};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
@@ -16,9 +16,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{ApiError, ApiResult};
 use super::extract::Caller;
 use crate::actors::conversation::{SendError, Stored};
-use crate::events::{
-    ApiClientRef, EndReason, Event, Limits, MessageEvent, Refused, Subscriber, Subscription,
-};
+use crate::events::{ApiClientRef, EndReason, Event, Limits, Refused, Subscriber, Subscription};
 use crate::state::Shared;
 
 /// Default and largest page of a conversation.
@@ -329,40 +327,67 @@ pub enum StaffEventData {
     End(EndEventData),
 }
 
-/// The SSE event for a stored message.
-pub fn message_event(event: &MessageEvent) -> SseEvent {
-    let out = MessageEventOut {
-        patient_id: &event.patient_id,
-        seq: event.seq,
-        direction: event.direction.as_str(),
-        channel: event.channel.as_str(),
-        body: event.body.expose(),
+/// The wire form of `event` on a stream: `event: <name>`, one `data:` line of JSON
+/// (serde_json writes no newline) and the blank line that ends an SSE event. Each
+/// event is rendered once, whatever number of streams it goes to
+/// ([`crate::events::Published::wire`]).
+pub fn wire(event: &Event) -> Bytes {
+    let (name, data) = match event {
+        Event::Message(message) => (
+            "message",
+            serde_json::to_vec(&MessageEventOut {
+                patient_id: &message.patient_id,
+                seq: message.seq,
+                direction: message.direction.as_str(),
+                channel: message.channel.as_str(),
+                body: message.body.expose(),
+            }),
+        ),
+        Event::SmsStatus(change) => (
+            "sms_status",
+            serde_json::to_vec(&serde_json::json!({
+                "patient_id": change.patient_id,
+                "status": change.status.as_str(),
+                "reason": change.reason,
+            })),
+        ),
+        Event::Notification { notification, .. } => (
+            "notification",
+            serde_json::to_vec(&super::notifications::NotificationOut::from(
+                notification.as_ref(),
+            )),
+        ),
     };
-    SseEvent::default()
-        .event("message")
-        .json_data(out)
-        .unwrap_or_else(|_| SseEvent::default().event("error"))
+    match data {
+        Ok(data) => frame(name, &data),
+        Err(_) => frame("error", b"null"),
+    }
 }
 
-/// The SSE event for an SMS status change: `{patient_id, status, reason}`.
-pub fn sms_status_event(change: &crate::events::SmsStatusEvent) -> SseEvent {
-    let out = serde_json::json!({
-        "patient_id": change.patient_id,
-        "status": change.status.as_str(),
-        "reason": change.reason,
-    });
-    SseEvent::default()
-        .event("sms_status")
-        .json_data(out)
-        .unwrap_or_else(|_| SseEvent::default().event("error"))
+/// One SSE event: `event: <name>\ndata: <data>\n\n` (`data` holds no newline).
+fn frame(name: &str, data: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(name.len() + data.len() + 16);
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\n\n");
+    out.freeze()
 }
 
 /// The `end` event a stream's last: `{"reason": ...}` (no PHI).
-fn end_event(reason: EndReason) -> SseEvent {
-    SseEvent::default()
-        .event("end")
-        .data(format!("{{\"reason\":\"{}\"}}", reason.as_str()))
+fn end_event(reason: EndReason) -> Bytes {
+    frame(
+        "end",
+        format!("{{\"reason\":\"{}\"}}", reason.as_str()).as_bytes(),
+    )
 }
+
+/// An SSE comment: keeps an idle stream's connection open.
+const KEEP_ALIVE: &[u8] = b":\n\n";
+
+/// Most bytes of events written to a stream at once.
+const MAX_CHUNK: usize = 64 * 1024;
 
 /// Opens a stream for `who` under the `[events]` caps: 429 `too_many_streams` past
 /// the per-subscriber cap, 503 `stream_capacity` past the total, both with
@@ -413,41 +438,63 @@ impl IntoResponse for StreamRefused {
 /// What a refused stream's `Retry-After` says, in seconds.
 const STREAM_RETRY_AFTER_SECS: &str = "30";
 
-/// The server-sent event stream of `subscription`: each event `render`ed (the hub
-/// delivered only what this subscriber may see), keep-alive comments every
-/// `server.sse_keepalive`, a last `end` event when the daemon ends the stream (access
-/// lost, slow consumer, idle), and a plain end when the daemon stops serving.
-pub fn stream(
-    state: &Shared,
-    subscription: Subscription,
-    render: fn(&Event) -> Option<SseEvent>,
-) -> Response {
+/// The server-sent event stream of `subscription`: the events `shows` lets through
+/// (the hub delivered only what this subscriber may see), keep-alive comments after
+/// `server.sse_keepalive` without an event, a last `end` event when the daemon ends
+/// the stream (access lost, slow consumer, idle), and a plain end when the daemon
+/// stops serving. Events already waiting are written together, in one chunk: a
+/// message and its notification cost the stream one socket write, not two.
+pub fn stream(state: &Shared, subscription: Subscription, shows: fn(&Event) -> bool) -> Response {
     let settings = state.settings.load();
     let idle = settings.events.idle_timeout;
     let keepalive = settings.server.sse_keepalive;
     let shutdown = state.shutdown.clone();
-    let events = futures::stream::unfold(Some(subscription), move |subscription| {
+    let start = tokio::time::Instant::now();
+    let chunks = futures::stream::unfold(Some((subscription, start + idle)), move |open| {
         let shutdown = shutdown.clone();
         async move {
-            let mut subscription = subscription?;
+            let (mut subscription, mut idle_at) = open?;
+            let wake = tokio::time::Instant::now() + keepalive;
             loop {
-                tokio::select! {
+                let next = tokio::select! {
                     biased;
                     () = shutdown.cancelled() => return None,
-                    next = subscription.next(idle) => match next {
-                        Ok(event) => {
-                            if let Some(sse) = render(&event) {
-                                return Some((Ok::<_, Infallible>(sse), Some(subscription)));
-                            }
-                        }
-                        Err(Some(reason)) => return Some((Ok(end_event(reason)), None)),
-                        Err(None) => return None,
-                    },
+                    next = subscription.next_before(idle_at, wake) => next,
+                };
+                let first = match next {
+                    Ok(Some(event)) => event,
+                    Ok(None) => {
+                        let chunk = Bytes::from_static(KEEP_ALIVE);
+                        return Some((Ok::<_, Infallible>(chunk), Some((subscription, idle_at))));
+                    }
+                    Err(Some(reason)) => return Some((Ok(end_event(reason)), None)),
+                    Err(None) => return None,
+                };
+                idle_at = tokio::time::Instant::now() + idle;
+                let mut chunk = BytesMut::new();
+                let mut event = Some(first);
+                while let Some(published) = event {
+                    if shows(&published.event) {
+                        chunk.extend_from_slice(&published.wire(wire));
+                    }
+                    event = if chunk.len() < MAX_CHUNK {
+                        subscription.try_next()
+                    } else {
+                        None
+                    };
+                }
+                if !chunk.is_empty() {
+                    return Some((Ok(chunk.freeze()), Some((subscription, idle_at))));
                 }
             }
         }
     });
-    Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(keepalive))
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(chunks),
+    )
         .into_response()
 }

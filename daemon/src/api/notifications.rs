@@ -1,14 +1,13 @@
 //! The staff application's notification API: my notification settings (`GET`, and
 //! `PUT` merging the fields given), my notifications (newest first, paged, with their
 //! read state) and marking one read. Live notifications reach the staff event stream
-//! as `notification` events ([`sse_event`]).
+//! as `notification` events (`super::conversation::wire`).
 //!
 //! The rules — defaults, the reminder's dependency on New Patient Message, email that
 //! falls back to in-app — are `crate::notifications::settings`'; this module maps them
 //! to JSON.
 
 use axum::extract::State;
-use axum::response::sse::Event as SseEvent;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use caremsg_entities::{notification, notification_settings};
@@ -263,14 +262,6 @@ impl From<&notification::Model> for NotificationOut {
             read_at: n.read_at,
         }
     }
-}
-
-/// The `notification` event of the staff event stream.
-pub fn sse_event(notification: &notification::Model) -> SseEvent {
-    SseEvent::default()
-        .event("notification")
-        .json_data(NotificationOut::from(notification))
-        .unwrap_or_else(|_| SseEvent::default().event("error"))
 }
 
 /// `?limit=&cursor=`.

@@ -179,11 +179,8 @@ pub async fn events(
     conv::stream(&state, subscription, portal_event)
 }
 
-/// The SSE form of an event on a portal stream (the hub sends it this patient's
-/// messages only).
-fn portal_event(event: &Event) -> Option<axum::response::sse::Event> {
-    match event {
-        Event::Message(message) => Some(conv::message_event(message)),
-        Event::Notification { .. } | Event::SmsStatus(_) => None,
-    }
+/// Whether a portal stream shows an event: its patient's messages (the hub sends it
+/// no other event).
+fn portal_event(event: &Event) -> bool {
+    matches!(event, Event::Message(_))
 }

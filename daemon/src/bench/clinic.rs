@@ -296,12 +296,7 @@ async fn measure(
     let running = crate::start(settings, crate::Options::default())
         .await
         .context("starting the daemon")?;
-    let load = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(plan.load_threads.max(1))
-        .thread_name(LOAD_THREAD)
-        .enable_all()
-        .build()
-        .context("starting the load generator's runtime")?;
+    let load = super::load_runtime(plan.load_threads)?;
     let base = format!("http://{}", running.local_addr());
     let result = async {
         let clinic = Arc::new(Clinic::new(&plan));
@@ -363,8 +358,6 @@ async fn measure(
     running.shutdown().await?;
     result
 }
-
-const LOAD_THREAD: &str = "bench-load";
 
 /// The phase of the user on every big-team patient's care team.
 const BIG_TEAM_PHASE: &str = "staff list only, one user on the big team's care teams";
@@ -667,7 +660,7 @@ async fn run_phase(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let cpu_before = Cpu::read();
+    let cpu_before = super::Cpu::read();
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let until = started + Duration::from_secs(plan.seconds);
@@ -706,7 +699,7 @@ async fn run_phase(
         phase.acked_messages += acked;
     }
     phase.took = started.elapsed();
-    let cpu_after = Cpu::read();
+    let cpu_after = super::Cpu::read();
     phase.daemon_cpu = cpu_after.daemon().saturating_sub(cpu_before.daemon());
     // Events of the last commits may still be on their way: a bounded grace.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -742,54 +735,6 @@ impl Counts {
     }
 }
 
-/// CPU time of this process and of the load generator's threads.
-struct Cpu {
-    process: Duration,
-    load: Duration,
-}
-
-impl Cpu {
-    fn read() -> Self {
-        let process = std::fs::read_to_string("/proc/self/stat")
-            .ok()
-            .map_or(Duration::ZERO, |s| ticks(&s));
-        let mut load = Duration::ZERO;
-        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-            for task in tasks.flatten() {
-                let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-                if comm.trim() == LOAD_THREAD
-                    && let Ok(stat) = std::fs::read_to_string(task.path().join("stat"))
-                {
-                    load += ticks(&stat);
-                }
-            }
-        }
-        Self { process, load }
-    }
-
-    fn daemon(&self) -> Duration {
-        self.process.saturating_sub(self.load)
-    }
-}
-
-/// utime + stime of a `/proc/…/stat` line, at Linux's 100 ticks per second.
-pub(super) fn ticks(stat: &str) -> Duration {
-    // The command name may hold spaces: the fields start after its closing ')'.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // After ')': state is field 0; utime and stime are fields 11 and 12.
-    Duration::from_millis((field(11) + field(12)) * 10)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -805,11 +750,5 @@ mod tests {
         assert_eq!(counts[&Kind::InboundText], 100);
         assert_eq!(counts[&Kind::StaffOpen], 200);
         assert_eq!(counts[&Kind::StaffList], 100);
-    }
-
-    #[test]
-    fn cpu_ticks_are_read_after_the_command_name() {
-        let stat = "42 (bench load) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0";
-        assert_eq!(ticks(stat), Duration::from_millis(3000));
     }
 }

@@ -1,8 +1,8 @@
 //! `caremsgd bench events`: the CPU a portal message costs with no event stream open,
 //! and with `streams` staff streams open (one per user, each patient's care team of
-//! five among them), through the real HTTP API on SQLite. The process's CPU time is
-//! measured, the in-process senders and stream readers included, so the figure is
-//! an upper bound of the daemon's own cost.
+//! five among them), through the real HTTP API on SQLite. The senders and the stream
+//! readers run on the load generator's own thread; the daemon's CPU is the process's
+//! minus that thread's.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -75,11 +75,6 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// User and system CPU time of this process so far.
-fn cpu_time() -> Duration {
-    std::fs::read_to_string("/proc/self/stat").map_or(Duration::ZERO, |s| super::clinic::ticks(&s))
-}
-
 /// Runs the benchmark in a temporary state directory.
 pub async fn run(plan: Plan) -> anyhow::Result<Report> {
     super::in_scratch_dir(|dir| async move { measure(plan, &dir).await }).await
@@ -97,6 +92,8 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
         .await
         .context("starting the daemon")?;
     let base = format!("http://{}", running.local_addr());
+    let load_runtime = super::load_runtime(1)?;
+    let load = load_runtime.handle().clone();
     let result = async {
         let client = reqwest::Client::builder().build()?;
         let patients = seed(&client, &base, plan.streams).await?;
@@ -114,16 +111,19 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
                 .unwrap_or(0.0)
         };
         let round = |tag: &'static str| {
-            let (client, base) = (client.clone(), base.clone());
+            let (client, base, load) = (client.clone(), base.clone(), load.clone());
             async move {
                 let statements = metric("caremsg_db_reader_statements_total");
-                let cpu = cpu_time();
+                let cpu = super::Cpu::read();
                 let started = Instant::now();
-                send(&client, &base, plan, patients, tag).await?;
+                load.spawn(async move { send(&client, &base, plan, patients, tag).await })
+                    .await
+                    .context("the senders")??;
                 let took = started.elapsed();
                 let statements = metric("caremsg_db_reader_statements_total") - statements;
+                let cpu = super::Cpu::read().daemon().saturating_sub(cpu.daemon());
                 Ok::<_, anyhow::Error>(Round {
-                    cpu_per_message: (cpu_time() - cpu) / plan.messages as u32,
+                    cpu_per_message: cpu / plan.messages as u32,
                     per_second: plan.messages as f64 / took.as_secs_f64(),
                     reader_statements_per_message: statements / plan.messages as f64,
                 })
@@ -136,19 +136,25 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
         let received = Arc::new(AtomicUsize::new(0));
         let mut readers = Vec::with_capacity(plan.streams);
         for user in 0..plan.streams {
-            let response = client
-                .get(format!("{base}/v1/staff/events"))
-                .bearer_auth("dev-staff-token")
-                .header("X-Caremsg-User", format!("bu{user}"))
-                .send()
-                .await?;
+            let (client, base) = (client.clone(), base.clone());
+            let response = load
+                .spawn(async move {
+                    client
+                        .get(format!("{base}/v1/staff/events"))
+                        .bearer_auth("dev-staff-token")
+                        .header("X-Caremsg-User", format!("bu{user}"))
+                        .send()
+                        .await
+                })
+                .await
+                .context("opening a stream")??;
             anyhow::ensure!(
                 response.status().is_success(),
                 "stream {user}: {}",
                 response.status()
             );
             let received = received.clone();
-            readers.push(tokio::spawn(async move {
+            readers.push(load.spawn(async move {
                 let mut response = response;
                 while let Ok(Some(chunk)) = response.chunk().await {
                     let events = chunk.windows(7).filter(|w| w == b"event: ").count();
@@ -177,6 +183,9 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
         })
     }
     .await;
+    // Every load task has ended or was aborted; a runtime cannot be dropped inside
+    // another.
+    load_runtime.shutdown_background();
     running.shutdown().await?;
     result
 }
