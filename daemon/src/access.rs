@@ -5,10 +5,21 @@
 //!
 //! The rule has one statement in Rust, [`decide`], and one in SQL, [`ACCESSIBLE`], for
 //! lists, searches, notifications and event audiences; the tests at the bottom hold
-//! the two together on the same cases.
+//! the two together on the same cases. The staff check of one patient, [`patient_for`],
+//! is one database statement: it reads the patient and its practice, computes the
+//! program part of the rule with [`PROGRAMS_ALLOW`] (the same SQL text as in
+//! [`ACCESSIBLE`]) and whether the user is on the patient's panel, and applies the rest
+//! of [`decide`]'s rule to the row.
+
+use std::sync::LazyLock;
 
 use caremsg_entities::{patient, patient_program, practice, user, user_program_restriction};
-use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, IdenStatic, Iterable,
+    QueryFilter, Value,
+};
+
+use crate::sql::statement;
 
 /// Why a staff user may not act on a patient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,19 +31,41 @@ pub enum Denied {
     Restricted,
 }
 
+/// The program part of the rule in SQL, for patient `p` and the user whose id is
+/// `$user` (a column, or `?`): the patient is in no program, or in one the user is not
+/// restricted from. A macro so that [`ACCESSIBLE`] and [`PROGRAMS_ALLOW`] are one text.
+macro_rules! programs_allow_sql {
+    ($user:literal) => {
+        concat!(
+            "(NOT EXISTS (SELECT 1 FROM patient_programs acc_pp WHERE acc_pp.patient_id = p.id) \
+           OR EXISTS (SELECT 1 FROM patient_programs acc_pp WHERE acc_pp.patient_id = p.id \
+             AND acc_pp.program_id NOT IN (SELECT acc_r.program_id FROM user_program_restrictions acc_r \
+               WHERE acc_r.user_id = ",
+            $user,
+            ")))"
+        )
+    };
+}
+
 /// SQL condition, true when the user whose id is bound to its one `?` may access
 /// patient `p`: the whole rule of [`decide`] — user active, patient active, same
 /// practice, that practice active, and the program rule. Its own aliases (`acc_*`)
 /// never shadow the caller's, so the `?` may be replaced by a column of the outer
 /// query (`u.id`, `ct.user_id`).
-pub const ACCESSIBLE: &str = "(p.active = TRUE AND EXISTS (SELECT 1 FROM users acc_u \
+pub const ACCESSIBLE: &str = concat!(
+    "(p.active = TRUE AND EXISTS (SELECT 1 FROM users acc_u \
        JOIN practices acc_pr ON acc_pr.id = acc_u.practice_id \
        WHERE acc_u.id = ? AND acc_u.active = TRUE AND acc_pr.active = TRUE \
          AND acc_u.practice_id = p.practice_id \
-         AND (NOT EXISTS (SELECT 1 FROM patient_programs acc_pp WHERE acc_pp.patient_id = p.id) \
-           OR EXISTS (SELECT 1 FROM patient_programs acc_pp WHERE acc_pp.patient_id = p.id \
-             AND acc_pp.program_id NOT IN (SELECT acc_r.program_id FROM user_program_restrictions acc_r \
-               WHERE acc_r.user_id = acc_u.id)))))";
+         AND ",
+    programs_allow_sql!("acc_u.id"),
+    "))"
+);
+
+/// SQL condition, the program part of [`ACCESSIBLE`] alone (the same text), for
+/// patient `p` and the user whose id is bound to its one `?`: what [`patient_for`]
+/// computes in its one statement, the rest of the rule being checked on the row.
+pub const PROGRAMS_ALLOW: &str = programs_allow_sql!("?");
 
 /// The access rule, in Rust: whether `user` may act on `patient` of `practice`, given
 /// the patient's programs and the user's restrictions. [`ACCESSIBLE`] is the same rule.
@@ -43,6 +76,22 @@ pub fn decide(
     patient_programs: &[String],
     user_restrictions: &[String],
 ) -> Result<(), Denied> {
+    decide_with(
+        user,
+        patient,
+        practice,
+        programs_allow(patient_programs, user_restrictions),
+    )
+}
+
+/// [`decide`], with its program part already answered (`programs_allow`: by
+/// [`PROGRAMS_ALLOW`] in [`patient_for`]'s statement).
+fn decide_with(
+    user: &user::Model,
+    patient: &patient::Model,
+    practice: &practice::Model,
+    programs_allow: bool,
+) -> Result<(), Denied> {
     if !user.active
         || !patient.active
         || !practice.active
@@ -51,7 +100,7 @@ pub fn decide(
     {
         return Err(Denied::NotFound);
     }
-    if programs_allow(patient_programs, user_restrictions) {
+    if programs_allow {
         Ok(())
     } else {
         Err(Denied::Restricted)
@@ -103,25 +152,72 @@ pub async fn may_access(
     Ok(programs_allow(&programs, &restrictions(db, user_id).await?))
 }
 
-/// The active patient `patient_id` with its (active) practice, if `user` may act on it.
+/// What a staff user may act on: an active patient of the user's (active) practice,
+/// and whether the user is in the patient's Care Team panel.
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// The patient.
+    pub patient: patient::Model,
+    /// Its practice (the user's).
+    pub practice: practice::Model,
+    /// The user has a `care_team_members` row for the patient (member or notification
+    /// user), so is not asked "notify me?".
+    pub on_panel: bool,
+}
+
+/// The statement of [`patient_for`]; values: the user (program rule), the user (panel),
+/// the patient, the user's practice.
+static PATIENT_FOR_SQL: LazyLock<String> = LazyLock::new(|| {
+    let mut columns: Vec<String> = patient::Column::iter()
+        .map(|c| format!("p.{0} AS p_{0}", c.as_str()))
+        .collect();
+    columns.extend(practice::Column::iter().map(|c| format!("pr.{0} AS pr_{0}", c.as_str())));
+    format!(
+        "SELECT {}, \
+           CASE WHEN {PROGRAMS_ALLOW} THEN 1 ELSE 0 END AS programs_allow, \
+           CASE WHEN EXISTS (SELECT 1 FROM care_team_members ct \
+              WHERE ct.patient_id = p.id AND ct.user_id = ?) THEN 1 ELSE 0 END AS on_panel \
+         FROM patients p JOIN practices pr ON pr.id = p.practice_id \
+         WHERE p.id = ? AND p.practice_id = ? AND p.active = TRUE AND pr.active = TRUE",
+        columns.join(", ")
+    )
+});
+
+/// The active patient `patient_id` with its (active) practice, if `user` may act on it,
+/// and whether `user` is on its panel: one statement, the program part of the rule
+/// ([`PROGRAMS_ALLOW`]) computed in it and the rest checked by [`decide`]'s rule.
 pub async fn patient_for(
     db: &impl ConnectionTrait,
     user: &user::Model,
     patient_id: &str,
-) -> Result<Result<(patient::Model, practice::Model), Denied>, DbErr> {
-    let Some((patient, practice)) = active_patient(db, patient_id).await? else {
+) -> Result<Result<Access, Denied>, DbErr> {
+    let values: Vec<Value> = vec![
+        user.id.clone().into(),
+        user.id.clone().into(),
+        patient_id.to_owned().into(),
+        user.practice_id.clone().into(),
+    ];
+    let Some(row) = db
+        .query_one_raw(statement(
+            db.get_database_backend(),
+            &PATIENT_FOR_SQL,
+            values,
+        ))
+        .await?
+    else {
         return Ok(Err(Denied::NotFound));
     };
-    if patient.practice_id != user.practice_id {
-        return Ok(Err(Denied::NotFound));
-    }
-    let programs = patient_programs(db, patient_id).await?;
-    let restricted = if programs.is_empty() {
-        Vec::new()
-    } else {
-        restrictions(db, &user.id).await?
-    };
-    Ok(decide(user, &patient, &practice, &programs, &restricted).map(|()| (patient, practice)))
+    let patient = patient::Model::from_query_result(&row, "p_")?;
+    let practice = practice::Model::from_query_result(&row, "pr_")?;
+    let allow = row.try_get::<i32>("", "programs_allow")? != 0;
+    let on_panel = row.try_get::<i32>("", "on_panel")? != 0;
+    Ok(
+        decide_with(user, &patient, &practice, allow).map(|()| Access {
+            patient,
+            practice,
+            on_panel,
+        }),
+    )
 }
 
 /// The active patient `patient_id` of an active practice, for the portal backend
@@ -286,8 +382,33 @@ mod tests {
             }
         }
         let sql = format!("SELECT p.id FROM patients p WHERE {ACCESSIBLE} ORDER BY p.id");
+        let programs_sql = format!(
+            "SELECT p.id, CASE WHEN {PROGRAMS_ALLOW} THEN 1 ELSE 0 END AS allow \
+             FROM patients p ORDER BY p.id"
+        );
         let mut allowed_somewhere = 0;
         for (user, restricted) in &users {
+            // The program part alone, as patient_for computes it, on every patient.
+            let rows = db
+                .query_all_raw(crate::sql::statement(
+                    db.get_database_backend(),
+                    &programs_sql,
+                    vec![Value::from(user.id.clone())],
+                ))
+                .await
+                .unwrap();
+            for row in &rows {
+                let id: String = row.try_get("", "id").unwrap();
+                let by_sql = row.try_get::<i32>("", "allow").unwrap() != 0;
+                let (_, _, programs) = patients.iter().find(|(p, _, _)| p.id == id).unwrap();
+                assert_eq!(
+                    by_sql,
+                    programs_allow(programs, restricted),
+                    "user {} patient {id}",
+                    user.id
+                );
+            }
+            assert_eq!(rows.len(), patients.len());
             let rows = db
                 .query_all_raw(crate::sql::statement(
                     db.get_database_backend(),
@@ -333,5 +454,236 @@ mod tests {
     #[test]
     fn the_sql_form_binds_one_user() {
         assert_eq!(ACCESSIBLE.matches('?').count(), 1);
+        assert_eq!(PROGRAMS_ALLOW.matches('?').count(), 1);
+        // The program part is the text of ACCESSIBLE's, with its user bound.
+        assert!(ACCESSIBLE.contains(&PROGRAMS_ALLOW.replacen('?', "acc_u.id", 1)));
+        assert_eq!(PATIENT_FOR_SQL.matches('?').count(), 4);
+    }
+
+    /// One `patient_for` is one statement, whatever its outcome, on SQLite and on
+    /// PostgreSQL when `DATABASE_URL` names one: allowed (on the panel as member or
+    /// notification user, or not), restricted (403), and every 404 — unknown patient,
+    /// inactive patient, another practice, a deactivated practice, a deactivated user.
+    #[tokio::test]
+    async fn one_patient_check_is_one_statement() {
+        for (mut db, schema) in crate::db::test_databases("acc1").await {
+            let statements = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let counter = statements.clone();
+            db.set_metric_callback(move |_| {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+            let (u, ux, v) = one_statement_fixture(&db).await;
+            let cases: [(&user::Model, &str, Result<bool, Denied>); 10] = [
+                (&u, "free-member", Ok(true)),
+                (&u, "free-none", Ok(false)),
+                (&u, "p1p2-notified", Ok(true)),
+                (&u, "p2-none", Ok(false)),
+                (&u, "p1-member", Err(Denied::Restricted)),
+                (&u, "inactive", Err(Denied::NotFound)),
+                (&u, "unknown", Err(Denied::NotFound)),
+                (&u, "other-practice", Err(Denied::NotFound)),
+                (&ux, "closed-practice", Err(Denied::NotFound)),
+                (&v, "free-member", Err(Denied::NotFound)),
+            ];
+            for (user, patient_id, expected) in cases {
+                let before = statements.load(std::sync::atomic::Ordering::SeqCst);
+                let access = patient_for(&db, user, patient_id).await.unwrap();
+                let ran = statements.load(std::sync::atomic::Ordering::SeqCst) - before;
+                assert_eq!(
+                    ran, 1,
+                    "statements for user {} patient {patient_id}",
+                    user.id
+                );
+                let got = access.map(|a| {
+                    assert_eq!(a.patient.id, patient_id);
+                    assert_eq!(a.practice.id, user.practice_id);
+                    assert!(a.patient.active && a.practice.active);
+                    a.on_panel
+                });
+                assert_eq!(got, expected, "user {} patient {patient_id}", user.id);
+            }
+            // The whole model comes back, as the entity reads it.
+            let read = patient_for(&db, &u, "p1p2-notified")
+                .await
+                .unwrap()
+                .unwrap();
+            let stored = patient::Entity::find_by_id("p1p2-notified".to_owned())
+                .one(&db)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(read.patient, stored);
+            let stored = practice::Entity::find_by_id("a".to_owned())
+                .one(&db)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(read.practice, stored);
+            crate::db::drop_test_database(&db, schema).await;
+        }
+    }
+
+    /// Practices `a` and `b` (active) and `x` (deactivated); in `a`, user `u`
+    /// restricted from program `a1` and deactivated user `v`; in `x`, user `ux`.
+    /// Patients (all in `a` unless named otherwise): `free-member` (no program, `u` on
+    /// the care team), `free-none` (no program, no panel), `p1p2-notified` (programs
+    /// `a1`, `a2`; `u` a notification user), `p2-none` (`a2`), `p1-member` (`a1`, `u`
+    /// on the care team), `inactive` (deactivated, `u` on the care team),
+    /// `other-practice` (in `b`), `closed-practice` (in `x`, `ux` on the care team).
+    async fn one_statement_fixture(
+        db: &sea_orm::DatabaseConnection,
+    ) -> (user::Model, user::Model, user::Model) {
+        use caremsg_entities::{CareTeamRole, care_team_member};
+        let now = Utc::now();
+        for (id, active) in [("a", true), ("b", true), ("x", false)] {
+            practice::Model {
+                id: id.into(),
+                name: id.into(),
+                sms_enabled: true,
+                portal_enabled: true,
+                country: "US".into(),
+                timezone: "UTC".into(),
+                sign_outbound_sms: false,
+                active,
+                created_at: now,
+                updated_at: now,
+            }
+            .into_active_model()
+            .insert(db)
+            .await
+            .unwrap();
+        }
+        for id in ["a1", "a2"] {
+            program::Model {
+                id: id.into(),
+                practice_id: "a".into(),
+                name: id.into(),
+                active: true,
+                created_at: now,
+                updated_at: now,
+            }
+            .into_active_model()
+            .insert(db)
+            .await
+            .unwrap();
+        }
+        let user = |id: &str, practice: &str, active: bool| user::Model {
+            id: id.into(),
+            practice_id: practice.into(),
+            name: id.into(),
+            email: None,
+            active,
+            created_at: now,
+            updated_at: now,
+        };
+        let (u, v, ux) = (
+            user("u", "a", true),
+            user("v", "a", false),
+            user("ux", "x", true),
+        );
+        for user in [&u, &v, &ux] {
+            user.clone().into_active_model().insert(db).await.unwrap();
+        }
+        user_program_restriction::Model {
+            user_id: "u".into(),
+            program_id: "a1".into(),
+        }
+        .into_active_model()
+        .insert(db)
+        .await
+        .unwrap();
+        // (id, practice, active, programs, care-team row of)
+        type Row<'a> = (
+            &'a str,
+            &'a str,
+            bool,
+            &'a [&'a str],
+            Option<(&'a str, CareTeamRole)>,
+        );
+        let patients: [Row; 8] = [
+            (
+                "free-member",
+                "a",
+                true,
+                &[],
+                Some(("u", CareTeamRole::Member)),
+            ),
+            ("free-none", "a", true, &[], None),
+            (
+                "p1p2-notified",
+                "a",
+                true,
+                &["a1", "a2"],
+                Some(("u", CareTeamRole::NotificationUser)),
+            ),
+            ("p2-none", "a", true, &["a2"], None),
+            (
+                "p1-member",
+                "a",
+                true,
+                &["a1"],
+                Some(("u", CareTeamRole::Member)),
+            ),
+            (
+                "inactive",
+                "a",
+                false,
+                &[],
+                Some(("u", CareTeamRole::Member)),
+            ),
+            ("other-practice", "b", true, &[], None),
+            (
+                "closed-practice",
+                "x",
+                true,
+                &[],
+                Some(("ux", CareTeamRole::Member)),
+            ),
+        ];
+        for (id, practice, active, programs, member) in patients {
+            patient::Model {
+                id: id.into(),
+                practice_id: practice.into(),
+                first_name: "f".into(),
+                last_name: "l".into(),
+                search_name: "f l".into(),
+                date_of_birth: NaiveDate::from_ymd_opt(1950, 1, 1).unwrap(),
+                mobile_phone: Some("+15555550100".into()),
+                portal_enrolled: true,
+                sms_status: SmsStatus::None,
+                sms_status_reason: None,
+                last_activity_at: Some(now),
+                active,
+                created_at: now,
+                updated_at: now,
+            }
+            .into_active_model()
+            .insert(db)
+            .await
+            .unwrap();
+            for program_id in programs {
+                patient_program::Model {
+                    patient_id: id.into(),
+                    program_id: (*program_id).into(),
+                }
+                .into_active_model()
+                .insert(db)
+                .await
+                .unwrap();
+            }
+            if let Some((user_id, role)) = member {
+                care_team_member::Model {
+                    patient_id: id.into(),
+                    user_id: user_id.into(),
+                    role,
+                    created_at: now,
+                }
+                .into_active_model()
+                .insert(db)
+                .await
+                .unwrap();
+            }
+        }
+        (u, ux, v)
     }
 }

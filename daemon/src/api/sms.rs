@@ -74,7 +74,7 @@ async fn run(
     patient_id: &str,
     op: SmsOp,
 ) -> ApiResult<Json<SmsView>> {
-    let (patient, _) = staff_patient(state, staff, patient_id).await?;
+    let patient = staff_patient(state, staff, patient_id).await?.patient;
     state
         .conversations
         .send(
@@ -85,7 +85,7 @@ async fn run(
             },
         )
         .await??;
-    let (patient, _) = staff_patient(state, staff, patient_id).await?;
+    let patient = staff_patient(state, staff, patient_id).await?.patient;
     Ok(Json(view(state, &patient).await?))
 }
 
@@ -98,7 +98,7 @@ pub async fn status(
     staff: Staff,
     ApiPath(patient_id): ApiPath<String>,
 ) -> ApiResult<Json<SmsView>> {
-    let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
+    let patient = staff_patient(&state, &staff, &patient_id).await?.patient;
     Ok(Json(view(&state, &patient).await?))
 }
 

@@ -22,7 +22,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::conversation::{self as conv, MessageOut, Page, PageQuery, SendIn};
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Staff};
-use crate::access::{ACCESSIBLE, Denied, may_access, patient_for};
+use crate::access::{ACCESSIBLE, Access, Denied, may_access, patient_for};
 use crate::actors::conversation::{Author, MarkRead, Reader, SendMessage};
 use crate::audit::AuditEntry;
 use crate::events::{AccessChange, Event, Subscriber};
@@ -50,12 +50,9 @@ pub fn routes() -> Router<Shared> {
         .route("/v1/staff/events", get(events))
 }
 
-/// The patient `patient_id` if `staff` may act on it: 404 or 403 otherwise.
-pub async fn staff_patient(
-    state: &Shared,
-    staff: &Staff,
-    patient_id: &str,
-) -> ApiResult<(patient::Model, practice::Model)> {
+/// The patient `patient_id` (with its practice, and whether `staff` is on its panel) if
+/// `staff` may act on it: 404 or 403 otherwise. One database statement.
+pub async fn staff_patient(state: &Shared, staff: &Staff, patient_id: &str) -> ApiResult<Access> {
     match patient_for(&state.db, &staff.user, patient_id).await? {
         Ok(found) => Ok(found),
         Err(Denied::NotFound) => Err(ApiError::not_found("patient")),
@@ -505,7 +502,9 @@ pub async fn open_conversation(
     ApiPath(patient_id): ApiPath<String>,
     ApiQuery(query): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<StaffConversation>> {
-    let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
+    let Access {
+        patient, on_panel, ..
+    } = staff_patient(&state, &staff, &patient_id).await?;
     let page = conv::page(&state, &patient.id, &query).await?;
     // The read's audit row commits with the marker it moves.
     let audit = AuditEntry {
@@ -527,11 +526,6 @@ pub async fn open_conversation(
             },
         )
         .await??;
-    let on_panel =
-        care_team_member::Entity::find_by_id((patient.id.clone(), staff.user.id.clone()))
-            .one(&state.db)
-            .await?
-            .is_some();
     Ok(Json(StaffConversation {
         page,
         ask_to_notify: !on_panel,
@@ -550,7 +544,7 @@ pub async fn send(
     ApiPath(patient_id): ApiPath<String>,
     ApiJson(input): ApiJson<SendIn>,
 ) -> ApiResult<impl IntoResponse> {
-    let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
+    let patient = staff_patient(&state, &staff, &patient_id).await?.patient;
     let stored = state
         .conversations
         .send(
@@ -586,7 +580,7 @@ pub async fn mark_read(
     staff: Staff,
     ApiPath(patient_id): ApiPath<String>,
 ) -> ApiResult<Json<ReadOut>> {
-    let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
+    let patient = staff_patient(&state, &staff, &patient_id).await?.patient;
     let last_read_seq = state
         .conversations
         .send(
@@ -625,7 +619,7 @@ pub async fn care_team(
     staff: Staff,
     ApiPath(patient_id): ApiPath<String>,
 ) -> ApiResult<Json<Vec<PanelEntry>>> {
-    let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
+    let patient = staff_patient(&state, &staff, &patient_id).await?.patient;
     Ok(Json(panel(&state.db, &patient).await?))
 }
 
@@ -682,7 +676,7 @@ pub async fn notify_me(
     staff: Staff,
     ApiPath(patient_id): ApiPath<String>,
 ) -> ApiResult<Json<NotifyOut>> {
-    let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
+    let patient = staff_patient(&state, &staff, &patient_id).await?.patient;
     let unit = WriteUnit::new().insert_or_ignore(
         care_team_member::ActiveModel {
             patient_id: Set(patient.id.clone()),
@@ -721,7 +715,7 @@ pub async fn stop_notifying_me(
     staff: Staff,
     ApiPath(patient_id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
-    let (patient, _) = staff_patient(&state, &staff, &patient_id).await?;
+    let patient = staff_patient(&state, &staff, &patient_id).await?.patient;
     let current = care_team_member::Entity::find_by_id((patient.id.clone(), staff.user.id.clone()))
         .one(&state.db)
         .await?;
