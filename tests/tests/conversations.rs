@@ -869,3 +869,92 @@ async fn idle_actors_passivate_and_come_back_intact() {
     );
     d.stop().await.unwrap();
 }
+
+/// The database reads of each request kind, the patient's actor warm: each read is a
+/// round trip (to a connection's thread on SQLite, to the server on PostgreSQL), and
+/// the clinic benchmark's figures are made of them. What the actor knows because it
+/// is the conversation's only writer (the newest sequence number, read markers,
+/// whether a staff message is unread by the patient) it does not read again; the
+/// access check is one statement; notification recipients and the start of each
+/// one's unread streak are one statement. Background work (the dispatcher, timers)
+/// only adds reads, so the fewest of five tries is the request's own.
+#[tokio::test]
+async fn warm_requests_read_only_what_they_must() {
+    let d = TestDaemon::start().await.unwrap();
+    d.practice("p1").await;
+    for user in ["u1", "u2", "u3"] {
+        d.user("p1", user, &[]).await;
+    }
+    d.patient("p1", "pat1", &[], &["u1", "u2", "u3"]).await;
+    for user in ["u1", "u2", "u3"] {
+        let (status, _) = staff(
+            &d,
+            Method::PUT,
+            user,
+            "/v1/staff/settings/notifications",
+            Some(json!({"new_patient_message": true, "unread_reminder": true})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    // Warm the actor and every path once.
+    assert_eq!(
+        staff_send(&d, "u1", "pat1", "hello", None).await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(portal_send(&d, "pat1", "hi").await.0, StatusCode::CREATED);
+    let open = "/v1/staff/patients/pat1/conversation";
+    assert_eq!(
+        staff(&d, Method::GET, "u1", open, None).await.0,
+        StatusCode::OK
+    );
+
+    let reads = "caremsg_db_reader_statements_total";
+    // [scraping the metrics, portal send, staff send, staff open]
+    let mut fewest = [f64::MAX; 4];
+    for i in 0..5 {
+        let mut counts = vec![d.metric(reads).await];
+        counts.push(d.metric(reads).await);
+        let (status, _) = portal(
+            &d,
+            Method::POST,
+            "/v1/portal/patients/pat1/messages",
+            Some(json!({"body": format!("question {i}"), "client_txn_id": format!("p{i}")})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+        counts.push(d.metric(reads).await);
+        let txn = format!("s{i}");
+        let (status, _) = staff_send(&d, "u1", "pat1", &format!("answer {i}"), Some(&txn)).await;
+        assert_eq!(status, StatusCode::CREATED);
+        counts.push(d.metric(reads).await);
+        let (status, _) = staff(&d, Method::GET, "u2", open, None).await;
+        assert_eq!(status, StatusCode::OK);
+        counts.push(d.metric(reads).await);
+        for (slot, pair) in fewest.iter_mut().zip(counts.windows(2)) {
+            *slot = slot.min(pair[1] - pair[0]);
+        }
+    }
+    let scrape = fewest[0];
+    let [portal_send_reads, staff_send_reads, open_reads] =
+        [fewest[1] - scrape, fewest[2] - scrape, fewest[3] - scrape];
+    println!(
+        "reads: portal send {portal_send_reads}, staff send {staff_send_reads}, staff open {open_reads}"
+    );
+    // The patient with its practice, the transaction id, the recipients with their
+    // streaks. No dispatcher searches for work: the patient's message queued none.
+    assert!(
+        portal_send_reads <= 3.0,
+        "portal send: {portal_send_reads} reads"
+    );
+    // The user, the access check, the patient as the actor sees it (after any
+    // opt-out), the transaction id; then the dispatchers look for the new delivery.
+    assert!(
+        staff_send_reads <= 7.0,
+        "staff send: {staff_send_reads} reads"
+    );
+    // The user, the access check, the page (messages, deliveries, the newest
+    // sequence number), the unread streak the view may end.
+    assert!(open_reads <= 6.0, "staff open: {open_reads} reads");
+    d.stop().await.unwrap();
+}

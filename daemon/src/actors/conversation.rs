@@ -207,6 +207,40 @@ impl From<WriteError> for SendError {
     }
 }
 
+/// Most read markers an actor remembers; past it, it starts over (a marker it does
+/// not know is read from the database).
+const KNOWN_MARKERS: usize = 64;
+
+/// What an actor knows of its conversation without reading it, because it is the
+/// conversation's only writer (of messages, read markers and the patient's read
+/// stamps) within this daemon's term — a daemon that steps down re-executes itself,
+/// so nothing known survives into another term. Whatever was written with an
+/// unknown outcome is forgotten ([`Known::forget`]) and read again.
+#[derive(Debug, Clone, Default)]
+struct Known {
+    // Read markers by reader key.
+    markers: HashMap<String, i64>,
+    // Whether a staff message is not yet stamped read by the patient; `None`: not known.
+    unread_by_patient: Option<bool>,
+}
+
+impl Known {
+    fn marker(&self, reader: &Reader) -> Option<i64> {
+        self.markers.get(&reader.key()).copied()
+    }
+
+    fn set_marker(&mut self, reader: &Reader, seq: i64) {
+        if self.markers.len() >= KNOWN_MARKERS {
+            self.markers.clear();
+        }
+        self.markers.insert(reader.key(), seq);
+    }
+
+    fn forget(&mut self) {
+        *self = Self::default();
+    }
+}
+
 // ----- The actor ----------------------------------------------------------------
 
 /// The actor of one patient's conversation.
@@ -221,6 +255,8 @@ pub struct ConversationActor {
     live: Arc<Mutex<HashMap<String, Live>>>,
     // The conversation's newest sequence number, once read from the database.
     last_seq: Option<i64>,
+    // What else the actor knows of its conversation because only it writes it.
+    known: Known,
     // When the actor last handled a message (for passivation).
     last_used: Instant,
 }
@@ -238,6 +274,7 @@ impl ConversationActor {
             state,
             live,
             last_seq: None,
+            known: Known::default(),
             last_used: Instant::now(),
         }
     }
@@ -282,13 +319,18 @@ impl Handler<SendMessage> for ConversationActor {
         let state = self.state.clone();
         let patient_id = self.patient_id.clone();
         let last_seq = self.last_seq;
+        let known = self.known.clone();
         let work = on_main(&state.runtime.clone(), async move {
-            send(&state, &patient_id, last_seq, msg).await
+            send(&state, &patient_id, last_seq, known, msg).await
         });
         AtomicResponse::new(Box::pin(work.into_actor(self).map(|outcome, actor, _| {
-            let (last_seq, result) =
-                outcome.unwrap_or((None, Err(SendError::Storage("the send task failed".into()))));
+            let (last_seq, known, result) = outcome.unwrap_or((
+                None,
+                Known::default(),
+                Err(SendError::Storage("the send task failed".into())),
+            ));
             actor.last_seq = last_seq;
+            actor.known = known;
             result
         })))
     }
@@ -303,11 +345,22 @@ impl Handler<MarkRead> for ConversationActor {
         let state = self.state.clone();
         let patient_id = self.patient_id.clone();
         let last_seq = self.last_seq;
+        let known = self.known.clone();
         let work = on_main(&state.runtime.clone(), async move {
-            mark_read(&state, &patient_id, last_seq, msg).await
+            let mut known = known;
+            let result = mark_read(&state, &patient_id, last_seq, &mut known, msg).await;
+            if result.is_err() {
+                known.forget();
+            }
+            (known, result)
         });
-        AtomicResponse::new(Box::pin(work.into_actor(self).map(|outcome, _, _| {
-            outcome.unwrap_or(Err(SendError::Storage("the mark-read task failed".into())))
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(|outcome, actor, _| {
+            let (known, result) = outcome.unwrap_or((
+                Known::default(),
+                Err(SendError::Storage("the mark-read task failed".into())),
+            ));
+            actor.known = known;
+            result
         })))
     }
 }
@@ -356,20 +409,34 @@ async fn send(
     state: &Shared,
     patient_id: &str,
     last_seq: Option<i64>,
+    mut known: Known,
     msg: SendMessage,
-) -> (Option<i64>, Result<Stored, SendError>) {
-    match try_send(state, patient_id, last_seq, msg).await {
-        Ok((seq, stored)) => (Some(seq), Ok(stored)),
-        // After a storage failure the next message re-reads the sequence.
-        Err(err @ (SendError::Storage(_) | SendError::Unavailable(_))) => (None, Err(err)),
-        Err(err) => (last_seq, Err(err)),
+) -> (Option<i64>, Known, Result<Stored, SendError>) {
+    match try_send_known(state, patient_id, last_seq, &mut known, msg).await {
+        Ok((seq, stored)) => (Some(seq), known, Ok(stored)),
+        // After a storage failure the next message re-reads what it needs.
+        Err(err @ (SendError::Storage(_) | SendError::Unavailable(_))) => {
+            (None, Known::default(), Err(err))
+        }
+        Err(err) => (last_seq, known, Err(err)),
     }
 }
 
+/// [`try_send`] for a caller that knows nothing of the conversation.
 pub(crate) async fn try_send(
     state: &Shared,
     patient_id: &str,
     last_seq: Option<i64>,
+    msg: SendMessage,
+) -> Result<(i64, Stored), SendError> {
+    try_send_known(state, patient_id, last_seq, &mut Known::default(), msg).await
+}
+
+async fn try_send_known(
+    state: &Shared,
+    patient_id: &str,
+    last_seq: Option<i64>,
+    known_state: &mut Known,
     msg: SendMessage,
 ) -> Result<(i64, Stored), SendError> {
     let db = &state.db;
@@ -637,10 +704,26 @@ pub(crate) async fn try_send(
         }
     };
     unit = unit.merge(notify.take_unit());
-    if reader == Some(Reader::Patient) && unread_by_patient(state, &patient.id, seq).await? {
+    let stamps = match reader {
+        Some(Reader::Patient) => match known_state.unread_by_patient {
+            Some(unread) => unread,
+            None => unread_by_patient(state, &patient.id, seq).await?,
+        },
+        _ => false,
+    };
+    if stamps {
         unit = unit.merge(patient_read_unit(&patient.id, seq, now));
     }
     state.writer.write(unit).await?;
+    if let Some(reader) = &reader {
+        known_state.set_marker(reader, seq);
+    }
+    match msg.author {
+        Author::Staff(_) => known_state.unread_by_patient = Some(true),
+        // Everything up to this message is stamped read by the patient now.
+        Author::Patient => known_state.unread_by_patient = Some(false),
+        Author::PatientSms { .. } => {}
+    }
     state.metrics.messages_stored.inc();
     state
         .events
@@ -761,11 +844,13 @@ impl MarkerUnit for WriteUnit {
     }
 }
 
-/// `last_seq`: the actor's cached newest sequence number, if it has one.
+/// `last_seq`: the actor's cached newest sequence number, if it has one; `known`:
+/// what the actor knows (updated with what this read writes).
 async fn mark_read(
     state: &Shared,
     patient_id: &str,
     last_seq: Option<i64>,
+    known: &mut Known,
     msg: MarkRead,
 ) -> Result<i64, SendError> {
     let db = &state.db;
@@ -774,10 +859,14 @@ async fn mark_read(
         None => current_last_seq(state, patient_id).await?,
     };
     let up_to = msg.up_to.unwrap_or(newest).clamp(0, newest);
-    let current = read_marker::Entity::find_by_id((patient_id.to_owned(), msg.reader.key()))
-        .one(db)
-        .await?
-        .map_or(0, |m| m.last_read_seq);
+    let current = match known.marker(&msg.reader) {
+        Some(seq) => seq,
+        None => read_marker::Entity::find_by_id((patient_id.to_owned(), msg.reader.key()))
+            .one(db)
+            .await?
+            .map_or(0, |m| m.last_read_seq),
+    };
+    known.set_marker(&msg.reader, current);
     if up_to <= current {
         if !msg.also.is_empty() {
             state.writer.write(msg.also).await?;
@@ -793,5 +882,10 @@ async fn mark_read(
         );
     }
     state.writer.write(unit).await?;
+    known.set_marker(&msg.reader, up_to);
+    if msg.reader == Reader::Patient {
+        // Stamped up to `up_to`: nothing unread is left if that is the newest.
+        known.unread_by_patient = (up_to == newest).then_some(false);
+    }
     Ok(up_to)
 }

@@ -472,19 +472,34 @@ impl Gateways {
     }
 }
 
-/// Pokes every dispatcher when a message is stored (staff messages carry their
-/// deliveries), so a new delivery goes out at once without anyone calling
-/// [`Gateways::wake`].
+/// Pokes every dispatcher when a committed change may have queued deliveries, so a
+/// new delivery goes out at once without anyone calling [`Gateways::wake`]: staff
+/// messages carry their deliveries, SMS authentication steps their texts. A message
+/// from the patient queues nothing, and a notification's email wakes the
+/// dispatchers itself ([`crate::notifications::Notify::publish`]): waking on those
+/// would make every dispatcher search for work once per patient message and once
+/// per notification.
 async fn wake_on_messages(state: Shared, stop: CancellationToken) {
     let mut events = state.events.subscribe();
     loop {
         tokio::select! {
             event = events.recv() => match event {
+                Ok(event) if !may_queue_deliveries(&event) => {}
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => state.gateways.wake(),
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             },
             () = stop.cancelled() => break,
         }
+    }
+}
+
+/// Whether the change `event` reports may have queued deliveries.
+fn may_queue_deliveries(event: &crate::events::Event) -> bool {
+    use crate::events::Event;
+    match event {
+        Event::Message(message) => message.direction != caremsg_entities::Direction::FromPatient,
+        Event::SmsStatus(_) => true,
+        Event::Notification { .. } => false,
     }
 }
 
@@ -500,5 +515,41 @@ pub fn inspect(path: &Path) -> (String, bool) {
             format!("file:     {}\nloadable: no: {error}", path.display()),
             false,
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use caremsg_entities::{Channel, Direction, SmsStatus};
+
+    use super::*;
+    use crate::events::{Event, MessageEvent, SmsStatusEvent};
+
+    fn message(direction: Direction) -> Event {
+        Event::Message(Arc::new(MessageEvent {
+            patient_id: "p".into(),
+            practice_id: "pr".into(),
+            seq: 1,
+            direction,
+            channel: Channel::Portal,
+            body: crate::phi::Phi::new("x".to_owned()),
+        }))
+    }
+
+    #[test]
+    fn dispatchers_wake_for_changes_that_may_queue_deliveries_only() {
+        assert!(may_queue_deliveries(&message(Direction::ToPatient)));
+        assert!(may_queue_deliveries(&message(Direction::System)));
+        assert!(!may_queue_deliveries(&message(Direction::FromPatient)));
+        assert!(may_queue_deliveries(&Event::SmsStatus(Arc::new(
+            SmsStatusEvent {
+                patient_id: "p".into(),
+                practice_id: "pr".into(),
+                status: SmsStatus::OptedOut,
+                reason: None,
+            }
+        ))));
     }
 }

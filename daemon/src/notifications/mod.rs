@@ -37,7 +37,7 @@ pub mod recipients;
 pub mod reminder;
 pub mod settings;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use caremsg_config::Settings;
@@ -298,8 +298,6 @@ pub async fn on_patient_message(
     let now = message.created_at;
     let after = chrono::Duration::from_std(config.notifications.unread_reminder_after)
         .unwrap_or(chrono::Duration::MAX);
-    // Users who viewed up to the same message share their streak's start.
-    let mut streaks: HashMap<i64, (i64, DateTime<Utc>)> = HashMap::new();
     for to in recipients
         .iter()
         .filter(|r| r.prefs.is_on(Setting::NewPatientMessage))
@@ -316,16 +314,9 @@ pub async fn on_patient_message(
             now,
         );
         if to.prefs.is_on(Setting::UnreadReminder) && to.last_read < message.seq {
-            let start = match streaks.get(&to.last_read) {
-                Some(start) => *start,
-                None => {
-                    let start = first_patient_message_after(db, &patient.id, to.last_read)
-                        .await?
-                        .unwrap_or((message.seq, message.created_at));
-                    streaks.insert(to.last_read, start);
-                    start
-                }
-            };
+            // The streak starts at the oldest stored message from the patient the
+            // user has not viewed, or at this one (not yet committed).
+            let start = to.streak_start.unwrap_or((message.seq, message.created_at));
             let (seq, at) = start;
             notify.inserts = std::mem::take(&mut notify.inserts).merge(reminder::arm(
                 &patient.id,

@@ -10,7 +10,9 @@
 
 use std::collections::BTreeSet;
 
+use caremsg_entities::Direction;
 use caremsg_entities::read_marker::READER_USER_PREFIX;
+use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbErr, QueryResult, Value};
 
 use super::settings::{COLUMNS, Prefs};
@@ -34,6 +36,10 @@ pub struct Recipient {
     pub prefs: Prefs,
     /// The user's read marker in the patient's conversation (0: nothing viewed).
     pub last_read: i64,
+    /// The oldest stored message from the patient after `last_read` (the start of
+    /// the user's unread streak): its sequence number and time, read in the same
+    /// statement so that arming reminders reads nothing per user.
+    pub streak_start: Option<(i64, DateTime<Utc>)>,
     /// In the patient's Care Team panel (a Two-Way Texting recipient may instead have
     /// started the authentication).
     pub in_panel: bool,
@@ -46,12 +52,33 @@ fn accessible_to_row_user() -> String {
 
 fn select_columns() -> String {
     let settings: Vec<String> = COLUMNS.iter().map(|c| format!("s.{c} AS s_{c}")).collect();
+    // The oldest message from the patient after the user's marker, twice (SQLite and
+    // PostgreSQL share no row-valued subquery): each is one probe of the messages'
+    // (patient_id, seq) key.
+    let streak = |column: &str| {
+        format!(
+            "(SELECT m.{column} FROM messages m WHERE m.patient_id = p.id \
+               AND m.direction = '{}' AND m.seq > COALESCE(rm.last_read_seq, 0) \
+             ORDER BY m.seq LIMIT 1)",
+            Direction::FromPatient.as_str()
+        )
+    };
     format!(
         "p.id AS patient_id, p.practice_id AS practice_id, pr.name AS practice_name, \
          u.id AS user_id, u.email AS email, {}, \
-         COALESCE((SELECT rm.last_read_seq FROM read_markers rm \
-            WHERE rm.patient_id = p.id AND rm.reader = '{READER_USER_PREFIX}' || u.id), 0) AS last_read",
-        settings.join(", ")
+         COALESCE(rm.last_read_seq, 0) AS last_read, \
+         {} AS streak_seq, {} AS streak_at",
+        settings.join(", "),
+        streak("seq"),
+        streak("created_at"),
+    )
+}
+
+/// The user's read marker of the row's patient (`rm`), after the row's joins.
+fn marker_join() -> String {
+    format!(
+        "LEFT JOIN read_markers rm ON rm.patient_id = p.id \
+           AND rm.reader = '{READER_USER_PREFIX}' || u.id"
     )
 }
 
@@ -72,6 +99,10 @@ fn recipient(row: &QueryResult, in_panel: bool) -> Result<Recipient, DbErr> {
         email: row.try_get("", "email")?,
         prefs: Prefs::from_columns(values),
         last_read: row.try_get("", "last_read")?,
+        streak_start: match row.try_get::<Option<i64>>("", "streak_seq")? {
+            Some(seq) => Some((seq, row.try_get("", "streak_at")?)),
+            None => None,
+        },
         in_panel,
     })
 }
@@ -94,11 +125,12 @@ pub async fn in_panels(
     let mut sql = format!(
         "SELECT {} FROM care_team_members ct \
            CROSS JOIN patients p CROSS JOIN practices pr CROSS JOIN users u \
-           LEFT JOIN notification_settings s ON s.user_id = u.id \
+           LEFT JOIN notification_settings s ON s.user_id = u.id {} \
          WHERE p.id = ct.patient_id AND pr.id = p.practice_id AND u.id = ct.user_id \
            AND u.active = ? AND p.active = ? AND pr.active = ? AND u.practice_id = p.practice_id \
            AND {} AND ct.patient_id IN ({})",
         select_columns(),
+        marker_join(),
         accessible_to_row_user(),
         placeholders(patients.len()),
     );
@@ -132,12 +164,13 @@ pub async fn for_sms_status(
          FROM patients p \
            JOIN practices pr ON pr.id = p.practice_id \
            JOIN users u ON u.practice_id = p.practice_id \
-           LEFT JOIN notification_settings s ON s.user_id = u.id \
+           LEFT JOIN notification_settings s ON s.user_id = u.id {} \
          WHERE p.id = ? AND u.active = ? AND p.active = ? AND pr.active = ? AND {} \
            AND (u.id = ? OR EXISTS (SELECT 1 FROM care_team_members ct \
              WHERE ct.patient_id = p.id AND ct.user_id = u.id)) \
          ORDER BY u.id",
         select_columns(),
+        marker_join(),
         accessible_to_row_user(),
     );
     let values: Vec<Value> = vec![
