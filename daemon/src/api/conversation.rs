@@ -160,10 +160,15 @@ pub async fn page(state: &Shared, patient_id: &str, query: &PageQuery) -> ApiRes
     } else {
         None
     };
-    let last_seq = caremsg_entities::conversation::Entity::find_by_id(patient_id.to_owned())
-        .one(&state.db)
-        .await?
-        .map_or(0, |c| c.last_seq);
+    // Every sequence number is a message's, so the newest page's first message is the
+    // conversation's newest; an older page reads it from the conversation.
+    let last_seq = match query.before {
+        None => messages.last().map_or(0, |m| m.seq),
+        Some(_) => caremsg_entities::conversation::Entity::find_by_id(patient_id.to_owned())
+            .one(&state.db)
+            .await?
+            .map_or(0, |c| c.last_seq),
+    };
     Ok(Page {
         messages: messages
             .into_iter()
