@@ -88,10 +88,11 @@ async fn open(options: &DbOptions, dedicated: bool) -> Result<DatabaseConnection
             // indexes every message and notification touches stay in memory.
             .pragma("cache_size", "-32768")
             .pragma("wal_autocheckpoint", "8192")
-            // Reads through a memory map: a reader's page cache is dropped whenever
-            // another connection has committed (WAL), and refilling it from the map
-            // costs no read() and no copy.
-            .pragma("mmap_size", "268435456")
+            // No memory map (mmap_size 0, SQLite's default): in WAL mode a
+            // connection unmaps the whole file whenever another connection has
+            // committed (pagerBeginReadTransaction -> xUnfetch(0)), so a mapped reader
+            // pays munmap + mmap + a page fault per page it touches again, where an
+            // unmapped one pays one pread per page.
             .busy_timeout(options.busy_timeout);
         if let Some(parent) = connect.get_filename().parent()
             && !parent.as_os_str().is_empty()
