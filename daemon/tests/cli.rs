@@ -291,11 +291,12 @@ fn the_clinic_benchmark_runs_every_phase_and_loses_nothing() {
         "staff list only, one user on the big team's care teams",
         "staff opens a conversation only",
         "staff sends only",
+        "inbound texts only",
     ] {
         assert!(report.contains(phase), "no phase {phase:?} in\n{report}");
     }
     let phases = report.matches("failed requests").count();
-    assert_eq!(phases, 7, "{report}");
+    assert_eq!(phases, 8, "{report}");
     assert_eq!(
         report.matches("(target 0: met)").count(),
         phases,

@@ -324,6 +324,7 @@ async fn measure(
             (BIG_TEAM_PHASE, 0, |_| Kind::StaffListBigTeam),
             ("staff opens a conversation only", 0, |_| Kind::StaffOpen),
             ("staff sends only", 0, |_| Kind::StaffSend),
+            ("inbound texts only", 0, |_| Kind::InboundText),
         ] {
             if name == "clinic mix with event streams" && streams == 0
                 || name == BIG_TEAM_PHASE && plan.big_team == 0
