@@ -354,3 +354,33 @@ async fn an_opt_out_event_opts_the_number_out_of_the_practice() {
     assert!(history.iter().any(|h| h.status == SmsStatus::OptedOut));
     d.stop().await.unwrap();
 }
+
+/// The database reads of a text from an enabled patient, the actor warm (issue #15:
+/// the costliest request kind of the clinic benchmark): the practice by its number,
+/// the patient by the sender's number, the patient with its practice as the actor
+/// sees them (one read), the provider's-retry checks (receipt and message), the notification
+/// recipients. No session or consent row is read for a text that is no keyword.
+/// Background work only adds reads, so the fewest of five tries is the text's own.
+#[tokio::test]
+async fn a_warm_conversation_text_reads_only_what_it_must() {
+    let d = TestDaemon::start().await.unwrap();
+    setup(&d, SmsStatus::Enabled).await;
+    let text = |i: usize| json!({"from": MOBILE, "to": practice_number(), "body": "Thank you!", "id": format!("w{i}")});
+    let (status, _) = reply(&d, &text(99)).await;
+    assert_eq!(status, StatusCode::OK);
+    let reads = "caremsg_db_reader_statements_total";
+    let (mut scrape, mut fewest) = (f64::MAX, f64::MAX);
+    for i in 0..5 {
+        let first = d.metric(reads).await;
+        let before = d.metric(reads).await;
+        let (status, body) = reply(&d, &text(i)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let after = d.metric(reads).await;
+        scrape = scrape.min(before - first);
+        fewest = fewest.min(after - before);
+    }
+    let own = fewest - scrape;
+    println!("reads: conversation text {own}");
+    assert!(own <= 6.0, "a conversation text: {own} reads");
+    d.stop().await.unwrap();
+}

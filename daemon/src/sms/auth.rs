@@ -769,15 +769,9 @@ async fn try_run(
     client: &str,
     op: SmsOp,
 ) -> Result<(i64, ReplyOutcome), SmsError> {
-    let patient = patient::Entity::find_by_id(patient_id.to_owned())
-        .one(&state.db)
+    // Both active, in one read.
+    let (patient, practice) = crate::access::active_patient(&state.db, patient_id)
         .await?
-        .filter(|p| p.active)
-        .ok_or(SmsError::NotFound)?;
-    let practice = practice::Entity::find_by_id(patient.practice_id.clone())
-        .one(&state.db)
-        .await?
-        .filter(|p| p.active)
         .ok_or(SmsError::NotFound)?;
     let seq = match last_seq {
         Some(seq) => seq,
@@ -1107,6 +1101,20 @@ async fn reply(
         return Ok((seq, ReplyOutcome::NotForPatient));
     };
     let keyword = keywords::classify(body.expose());
+    // The common text: a conversation message from an enabled patient, which no
+    // session or consent row can change.
+    if keyword.is_none() && patient.sms_status == SmsStatus::Enabled {
+        return conversation_text(
+            state,
+            patient,
+            practice,
+            seq,
+            gateway,
+            provider_message_id,
+            body,
+        )
+        .await;
+    }
     let pending = pending_session(state, &patient.id).await?;
     let opted_out_number = number_opted_out(state, &practice.id, &phone).await?;
     let mut change = Change::new(state, patient, practice, seq);
@@ -1200,27 +1208,49 @@ async fn reply(
                 let Change {
                     patient, practice, ..
                 } = change;
-                let patient_id = patient.id.clone();
-                // The rows this actor just read: the message needs no second read.
-                let message = SendMessage {
-                    rows: Some(Box::new((patient, practice))),
-                    ..SendMessage::inbound_sms(gateway, provider_message_id, body)
-                };
-                let (seq, stored) =
-                    crate::actors::conversation::try_send(state, &patient_id, Some(seq), message)
-                        .await?;
-                Ok((
+                conversation_text(
+                    state,
+                    patient,
+                    practice,
                     seq,
-                    if stored.replayed {
-                        ReplyOutcome::Duplicate
-                    } else {
-                        ReplyOutcome::Message(stored.message.seq)
-                    },
-                ))
+                    gateway,
+                    provider_message_id,
+                    body,
+                )
+                .await
             }
             _ => Ok((seq, ReplyOutcome::NotForPatient)),
         },
     }
+}
+
+/// A text from an enabled patient that is no keyword: a message of the conversation,
+/// stored once per provider message id.
+async fn conversation_text(
+    state: &Shared,
+    patient: patient::Model,
+    practice: practice::Model,
+    seq: i64,
+    gateway: &str,
+    provider_message_id: &str,
+    body: Body,
+) -> Result<(i64, ReplyOutcome), SmsError> {
+    let patient_id = patient.id.clone();
+    // The rows this actor just read: the message needs no second read.
+    let message = SendMessage {
+        rows: Some(Box::new((patient, practice))),
+        ..SendMessage::inbound_sms(gateway, provider_message_id, body)
+    };
+    let (seq, stored) =
+        crate::actors::conversation::try_send(state, &patient_id, Some(seq), message).await?;
+    Ok((
+        seq,
+        if stored.replayed {
+            ReplyOutcome::Duplicate
+        } else {
+            ReplyOutcome::Message(stored.message.seq)
+        },
+    ))
 }
 
 /// A reply to a pending session that is no keyword: the date of birth, or a wrong
