@@ -152,9 +152,15 @@ pub fn arm_if_absent_about(
 /// Removes the timer `kind` for `subject`, fired or not. Removing a timer that does
 /// not exist is not an error.
 pub fn cancel(kind: TimerKind, subject: &str) -> WriteUnit {
+    cancel_matching(kind, timer::Column::Subject.eq(subject).into_condition())
+}
+
+/// Removes every timer `kind` that meets `condition` (on its structured columns), fired
+/// or not: one statement, nothing read first.
+pub fn cancel_matching(kind: TimerKind, condition: Condition) -> WriteUnit {
     let statement = timer::Entity::delete_many()
         .filter(timer::Column::Kind.eq(kind))
-        .filter(timer::Column::Subject.eq(subject))
+        .filter(condition)
         .into_query();
     WriteUnit::new().exec(statement, Expect::Any, "timer cancelled")
 }

@@ -876,10 +876,9 @@ async fn mark_read(
     let mut unit = read_unit(patient_id, &msg.reader, up_to, state.clock.now()).merge(msg.also);
     // Viewing cancels the user's unread reminder.
     if let Reader::User(user_id) = &msg.reader {
-        unit = unit.merge(
-            crate::notifications::reminder::on_view(db, patient_id, user_id, current, up_to)
-                .await?,
-        );
+        unit = unit.merge(crate::notifications::reminder::on_view(
+            patient_id, user_id, current, up_to,
+        ));
     }
     state.writer.write(unit).await?;
     known.set_marker(&msg.reader, up_to);

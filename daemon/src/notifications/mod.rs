@@ -47,7 +47,7 @@ use caremsg_entities::{
 };
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, Query};
-use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder};
+use sea_orm::{ColumnTrait, ConnectionTrait, DbErr};
 
 use self::recipients::Recipient;
 use self::settings::Setting;
@@ -255,23 +255,6 @@ fn email_if_notified(
         tracing::error!(error = %err, "Building a notification email failed.");
     }
     insert
-}
-
-/// The oldest message of `patient_id` from the patient after `seq`: its sequence
-/// number and time.
-async fn first_patient_message_after(
-    db: &impl ConnectionTrait,
-    patient_id: &str,
-    seq: i64,
-) -> Result<Option<(i64, DateTime<Utc>)>, DbErr> {
-    Ok(message::Entity::find()
-        .filter(message::Column::PatientId.eq(patient_id))
-        .filter(message::Column::Seq.gt(seq))
-        .filter(message::Column::Direction.eq(Direction::FromPatient))
-        .order_by_asc(message::Column::Seq)
-        .one(db)
-        .await?
-        .map(|m| (m.seq, m.created_at)))
 }
 
 /// The notifications of a new message from the patient (portal or SMS), `message`

@@ -34,12 +34,12 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryTrait};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryTrait};
 use tokio::sync::{mpsc, oneshot};
 
 use super::recipients::{self, Recipient};
 use super::settings::Setting;
-use super::{About, Notify, first_patient_message_after};
+use super::{About, Notify};
 use crate::state::{AppState, Shared};
 use crate::timers::{self, FireOutcome, TimerError, TimerHandler};
 use crate::writer::{Expect, WriteError, WriteUnit};
@@ -111,23 +111,23 @@ pub fn arm(
 /// conversation from `previous` to `up_to`: when that passes the start of the
 /// user's unread streak, the streak's reminder is removed. Call it from the
 /// conversation's actor, which orders it with the messages that arm reminders.
-pub async fn on_view(
-    db: &impl ConnectionTrait,
-    patient_id: &str,
-    user_id: &str,
-    previous: i64,
-    up_to: i64,
-) -> Result<WriteUnit, DbErr> {
+///
+/// One statement, nothing read: a reminder's start is the first message from the
+/// patient after the user's marker when it was armed, and markers only move forward,
+/// so the user's one reminder whose start lies in `(previous, up_to]` is the
+/// streak's.
+pub fn on_view(patient_id: &str, user_id: &str, previous: i64, up_to: i64) -> WriteUnit {
     if up_to <= previous {
-        return Ok(WriteUnit::new());
+        return WriteUnit::new();
     }
-    Ok(
-        match first_patient_message_after(db, patient_id, previous).await? {
-            Some((seq, _)) if seq <= up_to => {
-                timers::cancel(KIND, &subject(patient_id, user_id, seq))
-            }
-            _ => WriteUnit::new(),
-        },
+    use caremsg_entities::timer::Column as C;
+    timers::cancel_matching(
+        KIND,
+        Condition::all()
+            .add(C::PatientId.eq(patient_id))
+            .add(C::UserId.eq(user_id))
+            .add(C::Seq.gt(previous))
+            .add(C::Seq.lte(up_to)),
     )
 }
 
