@@ -216,8 +216,10 @@ const KNOWN_MARKERS: usize = 64;
 /// stamps) within this daemon's term — a daemon that steps down re-executes itself,
 /// so nothing known survives into another term. Whatever was written with an
 /// unknown outcome is forgotten ([`Known::forget`]) and read again.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 struct Known {
+    // The conversation's newest sequence number, once read.
+    last_seq: Option<i64>,
     // Read markers by reader key.
     markers: HashMap<String, i64>,
     // Whether a staff message is not yet stamped read by the patient; `None`: not known.
@@ -253,9 +255,7 @@ pub struct ConversationActor {
     state: Shared,
     // The registry's map, to remove this actor when it passivates.
     live: Arc<Mutex<HashMap<String, Live>>>,
-    // The conversation's newest sequence number, once read from the database.
-    last_seq: Option<i64>,
-    // What else the actor knows of its conversation because only it writes it.
+    // What the actor knows of its conversation because only it writes it.
     known: Known,
     // When the actor last handled a message (for passivation).
     last_used: Instant,
@@ -273,7 +273,6 @@ impl ConversationActor {
             generation,
             state,
             live,
-            last_seq: None,
             known: Known::default(),
             last_used: Instant::now(),
         }
@@ -318,18 +317,16 @@ impl Handler<SendMessage> for ConversationActor {
         self.last_used = Instant::now();
         let state = self.state.clone();
         let patient_id = self.patient_id.clone();
-        let last_seq = self.last_seq;
-        let known = self.known.clone();
+        // Taken, not copied: the next handler waits for this one to put it back.
+        let known = std::mem::take(&mut self.known);
         let work = on_main(&state.runtime.clone(), async move {
-            send(&state, &patient_id, last_seq, known, msg).await
+            send(&state, &patient_id, known, msg).await
         });
         AtomicResponse::new(Box::pin(work.into_actor(self).map(|outcome, actor, _| {
-            let (last_seq, known, result) = outcome.unwrap_or((
-                None,
+            let (known, result) = outcome.unwrap_or((
                 Known::default(),
                 Err(SendError::Storage("the send task failed".into())),
             ));
-            actor.last_seq = last_seq;
             actor.known = known;
             result
         })))
@@ -344,11 +341,11 @@ impl Handler<MarkRead> for ConversationActor {
         self.last_used = Instant::now();
         let state = self.state.clone();
         let patient_id = self.patient_id.clone();
-        let last_seq = self.last_seq;
-        let known = self.known.clone();
+        // Taken, not copied: the next handler waits for this one to put it back.
+        let known = std::mem::take(&mut self.known);
         let work = on_main(&state.runtime.clone(), async move {
             let mut known = known;
-            let result = mark_read(&state, &patient_id, last_seq, &mut known, msg).await;
+            let result = mark_read(&state, &patient_id, &mut known, msg).await;
             if result.is_err() {
                 known.forget();
             }
@@ -374,7 +371,7 @@ impl Handler<Sms> for ConversationActor {
         self.last_used = Instant::now();
         let state = self.state.clone();
         let patient_id = self.patient_id.clone();
-        let last_seq = self.last_seq;
+        let last_seq = self.known.last_seq;
         let work = on_main(&state.runtime.clone(), async move {
             crate::sms::auth::run(&state, &patient_id, last_seq, &msg.client, msg.op).await
         });
@@ -385,7 +382,7 @@ impl Handler<Sms> for ConversationActor {
                     "the SMS task failed".into(),
                 )),
             ));
-            actor.last_seq = last_seq;
+            actor.known.last_seq = last_seq;
             result
         })))
     }
@@ -408,17 +405,19 @@ const MAX_TXN_ID: usize = 128;
 async fn send(
     state: &Shared,
     patient_id: &str,
-    last_seq: Option<i64>,
     mut known: Known,
     msg: SendMessage,
-) -> (Option<i64>, Known, Result<Stored, SendError>) {
-    match try_send_known(state, patient_id, last_seq, &mut known, msg).await {
-        Ok((seq, stored)) => (Some(seq), known, Ok(stored)),
+) -> (Known, Result<Stored, SendError>) {
+    match try_send_known(state, patient_id, &mut known, msg).await {
+        Ok((seq, stored)) => {
+            known.last_seq = Some(seq);
+            (known, Ok(stored))
+        }
         // After a storage failure the next message re-reads what it needs.
         Err(err @ (SendError::Storage(_) | SendError::Unavailable(_))) => {
-            (None, Known::default(), Err(err))
+            (Known::default(), Err(err))
         }
-        Err(err) => (last_seq, known, Err(err)),
+        Err(err) => (known, Err(err)),
     }
 }
 
@@ -429,17 +428,21 @@ pub(crate) async fn try_send(
     last_seq: Option<i64>,
     msg: SendMessage,
 ) -> Result<(i64, Stored), SendError> {
-    try_send_known(state, patient_id, last_seq, &mut Known::default(), msg).await
+    let mut known = Known {
+        last_seq,
+        ..Known::default()
+    };
+    try_send_known(state, patient_id, &mut known, msg).await
 }
 
 async fn try_send_known(
     state: &Shared,
     patient_id: &str,
-    last_seq: Option<i64>,
     known_state: &mut Known,
     msg: SendMessage,
 ) -> Result<(i64, Stored), SendError> {
     let db = &state.db;
+    let last_seq = known_state.last_seq;
     let known = match (&msg.author, msg.rows) {
         (Author::Patient | Author::PatientSms { .. }, Some(rows)) if rows.0.id == patient_id => {
             Some(*rows)
@@ -844,17 +847,15 @@ impl MarkerUnit for WriteUnit {
     }
 }
 
-/// `last_seq`: the actor's cached newest sequence number, if it has one; `known`:
-/// what the actor knows (updated with what this read writes).
+/// `known`: what the actor knows (updated with what this read writes).
 async fn mark_read(
     state: &Shared,
     patient_id: &str,
-    last_seq: Option<i64>,
     known: &mut Known,
     msg: MarkRead,
 ) -> Result<i64, SendError> {
     let db = &state.db;
-    let newest = match last_seq {
+    let newest = match known.last_seq {
         Some(seq) => seq,
         None => current_last_seq(state, patient_id).await?,
     };
