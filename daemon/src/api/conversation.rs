@@ -448,7 +448,8 @@ const STREAM_RETRY_AFTER_SECS: &str = "30";
 /// `server.sse_keepalive` without an event, a last `end` event when the daemon ends
 /// the stream (access lost, slow consumer, idle), and a plain end when the daemon
 /// stops serving. Events already waiting are written together, in one chunk: a
-/// message and its notification cost the stream one socket write, not two.
+/// message and its notification, when both are waiting, cost the stream one socket
+/// write, not two.
 pub fn stream(state: &Shared, subscription: Subscription, shows: fn(&Event) -> bool) -> Response {
     let settings = state.settings.load();
     let idle = settings.events.idle_timeout;
