@@ -11,9 +11,14 @@
 //! [`ACCESSIBLE`]) and whether the user is on the patient's panel, and applies the rest
 //! of [`decide`]'s rule to the row.
 
-use std::sync::LazyLock;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
-use caremsg_entities::{patient, patient_program, practice, user, user_program_restriction};
+use caremsg_entities::{
+    patient, patient_program, practice, practice_sms_number, user, user_program_restriction,
+};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, IdenStatic, Iterable,
     QueryFilter, Value,
@@ -163,6 +168,9 @@ pub struct Access {
     /// The user has a `care_team_members` row for the patient (member or notification
     /// user), so is not asked "notify me?".
     pub on_panel: bool,
+    /// The practice's sending number (its first by number), if it has one: what a
+    /// staff message to the patient would be texted from.
+    pub sms_from: Option<practice_sms_number::Model>,
 }
 
 /// The statement of [`patient_for`]; values: the user (program rule), the user (panel),
@@ -176,8 +184,11 @@ static PATIENT_FOR_SQL: LazyLock<String> = LazyLock::new(|| {
         "SELECT {}, \
            CASE WHEN {PROGRAMS_ALLOW} THEN 1 ELSE 0 END AS programs_allow, \
            CASE WHEN EXISTS (SELECT 1 FROM care_team_members ct \
-              WHERE ct.patient_id = p.id AND ct.user_id = ?) THEN 1 ELSE 0 END AS on_panel \
+              WHERE ct.patient_id = p.id AND ct.user_id = ?) THEN 1 ELSE 0 END AS on_panel, \
+           n.number AS n_number, n.practice_id AS n_practice_id, n.gateway AS n_gateway \
          FROM patients p JOIN practices pr ON pr.id = p.practice_id \
+         LEFT JOIN practice_sms_numbers n ON n.number = (SELECT MIN(n1.number) \
+           FROM practice_sms_numbers n1 WHERE n1.practice_id = p.practice_id) \
          WHERE p.id = ? AND p.practice_id = ? AND p.active = TRUE AND pr.active = TRUE",
         columns.join(", ")
     )
@@ -211,11 +222,16 @@ pub async fn patient_for(
     let practice = practice::Model::from_query_result(&row, "pr_")?;
     let allow = row.try_get::<i32>("", "programs_allow")? != 0;
     let on_panel = row.try_get::<i32>("", "on_panel")? != 0;
+    let sms_from = match row.try_get::<Option<String>>("", "n_number")? {
+        Some(_) => Some(practice_sms_number::Model::from_query_result(&row, "n_")?),
+        None => None,
+    };
     Ok(
         decide_with(user, &patient, &practice, allow).map(|()| Access {
             patient,
             practice,
             on_panel,
+            sms_from,
         }),
     )
 }
@@ -240,6 +256,90 @@ pub(crate) async fn active_patient(
         .await?
         .and_then(|(patient, practice)| Some((patient, practice?)))
         .filter(|(patient, practice)| patient.active && practice.active))
+}
+
+/// The acting users of recent staff requests, so that a staff request does not read
+/// its user on every call (the `Staff` extractor).
+///
+/// **Invalidation.** Every admin write forgets them all ([`Users::forget_all`], from
+/// the admin routes' layer, also when such a request fails or is cancelled): users and
+/// practices change only through the admin API. A reader takes the generation
+/// *before* it reads the database and files what it read under that generation, so a
+/// read that raced an admin commit is filed under the generation that the commit's
+/// `forget_all` then retires. What a generation cannot cover is an admin write whose
+/// outcome was unknown when its request ended (it may commit after the forget): each
+/// entry is therefore also kept at most [`USER_TTL`]. The cache lives and dies with the
+/// process; a standby serves no staff request, and a daemon that steps down
+/// re-executes itself.
+#[derive(Debug, Default)]
+pub struct Users {
+    generation: AtomicU64,
+    entries: Mutex<HashMap<String, Remembered>>,
+}
+
+#[derive(Debug)]
+struct Remembered {
+    generation: u64,
+    until: Instant,
+    user: user::Model,
+}
+
+/// How long a remembered user is used at most (see [`Users`]).
+pub const USER_TTL: Duration = Duration::from_secs(2);
+/// At most this many users are remembered; past it, the expired ones are dropped, and
+/// if none is, all of them.
+const USERS_REMEMBERED: usize = 4096;
+
+impl Users {
+    /// [`active_user`], remembered: no read when this user was read under the current
+    /// generation less than [`USER_TTL`] ago. Unknown and inactive users are not
+    /// remembered (each such request reads again).
+    pub async fn active(
+        &self,
+        db: &impl ConnectionTrait,
+        id: &str,
+    ) -> Result<Option<user::Model>, DbErr> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let now = Instant::now();
+        if let Some(found) = self.lock().get(id)
+            && found.generation == generation
+            && found.until > now
+        {
+            return Ok(Some(found.user.clone()));
+        }
+        let user = active_user(db, id).await?;
+        if let Some(user) = &user {
+            let mut entries = self.lock();
+            if entries.len() >= USERS_REMEMBERED && !entries.contains_key(id) {
+                entries.retain(|_, r| r.until > now);
+                if entries.len() >= USERS_REMEMBERED {
+                    entries.clear();
+                }
+            }
+            entries.insert(
+                id.to_owned(),
+                Remembered {
+                    generation,
+                    until: now + USER_TTL,
+                    user: user.clone(),
+                },
+            );
+        }
+        Ok(user)
+    }
+
+    /// Forgets every remembered user: after any admin write.
+    pub fn forget_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Remembered>> {
+        // A panic while holding the lock leaves a map that is still whole.
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// The active user `id`, if the user's practice is active too (one query): a
@@ -274,6 +374,55 @@ mod tests {
     async fn the_rust_and_sql_forms_agree() {
         for (db, schema) in crate::db::test_databases("acc").await {
             agree(&db).await;
+            crate::db::drop_test_database(&db, schema).await;
+        }
+    }
+
+    /// A remembered user is used without a read until the next admin write's
+    /// `forget_all`; what was read before that is never used after it.
+    #[tokio::test]
+    async fn users_are_remembered_until_forgotten() {
+        for (db, schema) in crate::db::test_databases("accu").await {
+            let now = Utc::now();
+            practice::Model {
+                id: "a".into(),
+                name: "a".into(),
+                sms_enabled: true,
+                portal_enabled: true,
+                country: "US".into(),
+                timezone: "UTC".into(),
+                sign_outbound_sms: false,
+                active: true,
+                created_at: now,
+                updated_at: now,
+            }
+            .into_active_model()
+            .insert(&db)
+            .await
+            .unwrap();
+            let user = user::Model {
+                id: "u".into(),
+                practice_id: "a".into(),
+                name: "u".into(),
+                email: None,
+                active: true,
+                created_at: now,
+                updated_at: now,
+            };
+            user.clone().into_active_model().insert(&db).await.unwrap();
+            let users = Users::default();
+            assert!(users.active(&db, "u").await.unwrap().is_some());
+            assert!(users.active(&db, "nobody").await.unwrap().is_none());
+            // Deactivated behind the cache's back (as an admin write would, before
+            // its forget): still remembered, so no read happened.
+            let mut gone = user.into_active_model();
+            gone.active = sea_orm::ActiveValue::Set(false);
+            gone.update(&db).await.unwrap();
+            assert!(users.active(&db, "u").await.unwrap().is_some());
+            users.forget_all();
+            assert!(users.active(&db, "u").await.unwrap().is_none());
+            // Nothing inactive is remembered.
+            assert!(users.lock().is_empty());
             crate::db::drop_test_database(&db, schema).await;
         }
     }

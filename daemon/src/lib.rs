@@ -175,6 +175,7 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
         shutdown: http_stop.clone(),
         gateways,
         role: ha.role(),
+        users: access::Users::default(),
     });
     // High availability: a standby serves /healthz and /readyz (and 503s) while it
     // waits for the lease; the dispatchers and the timers start on taking it.

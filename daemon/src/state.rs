@@ -39,6 +39,8 @@ pub struct AppState {
     pub gateways: crate::gateways::Gateways,
     /// High availability: this daemon's role (always active in single mode).
     pub role: crate::ha::RoleWatch,
+    /// The acting users of recent staff requests (forgotten on every admin write).
+    pub users: crate::access::Users,
 }
 
 /// The handle request handlers receive.

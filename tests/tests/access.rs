@@ -219,6 +219,54 @@ async fn a_deactivated_practice_is_gone_from_every_view_and_stream() {
 
 // ----- 2. streams end, or stop delivering, when access is lost ----------------------
 
+/// The daemon remembers the acting user between staff requests (`access::Users`), so
+/// this is the test that what it remembers never outlives an admin change: the very
+/// next request after the answer to a DELETE is refused, and after a re-PUT is
+/// served again.
+#[tokio::test]
+async fn the_next_request_after_a_users_deletion_is_refused() {
+    let d = two_practices(|t| t).await;
+    let open = "/v1/staff/patients/pat-a2/conversation";
+    for _ in 0..3 {
+        let (status, body) = staff_call(&d, Method::GET, open, STAFF_TOKEN, "ua", None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (status, _) = d
+        .call(
+            Method::DELETE,
+            "/v1/admin/users/ua",
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    for path in [open, "/v1/staff/patients"] {
+        let (status, body) = staff_call(&d, Method::GET, path, STAFF_TOKEN, "ua", None).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("unknown_user")),
+            "{path}: {body}"
+        );
+        assert!(!names_patient(&body), "{path}: {body}");
+    }
+    let body = json!({"body": "after the deletion"});
+    let (status, _) = staff_call(
+        &d,
+        Method::POST,
+        "/v1/staff/patients/pat-a2/messages",
+        STAFF_TOKEN,
+        "ua",
+        Some(&body),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Re-PUT reactivates the user; the next request is served.
+    d.user("pa", "ua", &[]).await;
+    let (status, body) = staff_call(&d, Method::GET, open, STAFF_TOKEN, "ua", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    d.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_deleted_users_stream_ends_before_any_more_phi() {
     let d = two_practices(|t| t).await;

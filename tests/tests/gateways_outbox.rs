@@ -376,6 +376,40 @@ async fn a_delivery_to_an_opted_out_number_is_refused_at_claim_time() {
     d.stop().await.unwrap();
 }
 
+/// A staff text queued for the number the patient had (a provider outage held it)
+/// is not sent once the patient's number is another one, even if SMS is enabled
+/// again on the new number: the old number may be someone else's now.
+#[tokio::test]
+async fn a_text_queued_for_the_patients_old_number_is_refused() {
+    let d = TestDaemon::start().await.unwrap();
+    setup(&d, "loopback").await;
+    let old_number = queue(
+        &d,
+        "loopback",
+        "+12015550199",
+        DeliveryPurpose::Message,
+        None,
+        1,
+    )
+    .await;
+    outbox::run_once(d.daemon().state(), "loopback")
+        .await
+        .unwrap();
+    let row = get(&d, &old_number[0]).await;
+    assert_eq!(row.status, DeliveryStatus::Refused);
+    assert_eq!(row.error_code.as_deref(), Some("number_changed"));
+    assert_eq!(row.attempts, 0, "never handed to the plugin");
+    assert!(outbox_lines(d.dir.path()).is_empty());
+    // One for the patient's number goes out.
+    let current = queue(&d, "loopback", MOBILE, DeliveryPurpose::Message, None, 1).await;
+    outbox::run_once(d.daemon().state(), "loopback")
+        .await
+        .unwrap();
+    assert_eq!(get(&d, &current[0]).await.status, DeliveryStatus::Sent);
+    assert_eq!(outbox_lines(d.dir.path()).len(), 1);
+    d.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_plugin_that_panics_fails_its_delivery_and_the_daemon_goes_on() {
     let broken = gateway_table("broken", caremsg_testplugins::BROKEN_PANICS, "config = {}");

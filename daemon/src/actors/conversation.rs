@@ -20,7 +20,9 @@ use caremsg_entities::{
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QueryTrait};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QueryTrait,
+};
 
 use super::{Live, forget, on_main};
 use crate::audit::AuditEntry;
@@ -61,12 +63,46 @@ pub struct SendMessage {
     pub body: Phi<String>,
     /// The client's transaction id, scoped to the author.
     pub client_txn_id: Option<String>,
-    /// For a portal message: the patient's and practice's rows, as the caller read
-    /// them just before (nothing in them picks a channel), so the actor need not
-    /// read them again; for a text from a gateway, the rows the actor itself read
-    /// for it. Ignored for staff: a staff message's channel is chosen from the SMS
-    /// status as the actor sees it (after any STOP it applied).
-    pub rows: Option<Box<(patient::Model, practice::Model)>>,
+    /// The rows the caller read just before (the access check; for a text from a
+    /// gateway, what the actor itself read for it), so that the actor need not read
+    /// them again. A staff message's channels are chosen from them: an SMS status
+    /// change or opt-out that commits after that read is caught when the delivery
+    /// is claimed, where consent and the SMS status are checked in the claim's own
+    /// unit (`gateways::outbox`), so nothing reaches a number that opted out.
+    pub rows: Option<Box<Rows>>,
+}
+
+/// What a caller read of the patient before it sent (see [`SendMessage::rows`]).
+#[derive(Debug, Clone)]
+pub struct Rows {
+    /// The patient.
+    pub patient: patient::Model,
+    /// Its practice.
+    pub practice: practice::Model,
+    /// The practice's sending number ([`crate::access::Access::sms_from`]); only a
+    /// staff message uses it, and only a staff caller need fill it.
+    pub sms_from: Option<practice_sms_number::Model>,
+}
+
+impl Rows {
+    /// The rows of a patient message (no sending number needed).
+    pub fn of(patient: patient::Model, practice: practice::Model) -> Box<Self> {
+        Box::new(Self {
+            patient,
+            practice,
+            sms_from: None,
+        })
+    }
+}
+
+impl From<crate::access::Access> for Box<Rows> {
+    fn from(access: crate::access::Access) -> Self {
+        Box::new(Rows {
+            patient: access.patient,
+            practice: access.practice,
+            sms_from: access.sms_from,
+        })
+    }
 }
 
 impl SendMessage {
@@ -443,19 +479,40 @@ async fn try_send_known(
 ) -> Result<(i64, Stored), SendError> {
     let db = &state.db;
     let last_seq = known_state.last_seq;
-    let known = match (&msg.author, msg.rows) {
-        (Author::Patient | Author::PatientSms { .. }, Some(rows)) if rows.0.id == patient_id => {
-            Some(*rows)
-        }
+    let rows = match msg.rows {
+        Some(rows) if rows.patient.id == patient_id => Some(*rows),
         _ => None,
     };
-    let (patient, practice) = match known {
-        Some(rows) => Some(rows),
-        None => crate::access::active_patient(db, patient_id).await?,
+    let rows = match rows {
+        Some(rows) => rows,
+        None => {
+            let (patient, practice) = crate::access::active_patient(db, patient_id)
+                .await?
+                .ok_or(SendError::NotFound)?;
+            let sms_from = match msg.author {
+                Author::Staff(_) if sms_reachable(&patient, &practice) => {
+                    practice_sms_number::Entity::find()
+                        .filter(practice_sms_number::Column::PracticeId.eq(practice.id.clone()))
+                        .order_by_asc(practice_sms_number::Column::Number)
+                        .one(db)
+                        .await?
+                }
+                _ => None,
+            };
+            Rows {
+                patient,
+                practice,
+                sms_from,
+            }
+        }
+    };
+    if !(rows.patient.active && rows.practice.active) {
+        return Err(SendError::NotFound);
     }
-    .filter(|(patient, practice)| patient.active && practice.active)
-    .ok_or(SendError::NotFound)?;
     let msg = SendMessage { rows: None, ..msg };
+    let Rows {
+        patient, practice, ..
+    } = &rows;
     if matches!(msg.author, Author::Patient) {
         if !practice.portal_enabled {
             return Err(SendError::PortalDisabled);
@@ -506,30 +563,77 @@ async fn try_send_known(
         Some(seq) => seq,
         None => current_last_seq(state, patient_id).await?,
     };
-    if let Some(key) = &txn_key
-        && let Some(earlier) = message::Entity::find()
-            .filter(message::Column::PatientId.eq(patient_id))
-            .filter(message::Column::ClientTxnKey.eq(key.clone()))
-            .one(db)
-            .await?
-    {
-        if earlier.body != *msg.body.expose() {
-            return Err(SendError::TxnReused);
-        }
-        let deliveries = delivery::Entity::find()
-            .filter(delivery::Column::MessageId.eq(earlier.id.clone()))
-            .order_by_asc(delivery::Column::Channel)
-            .all(db)
-            .await?;
-        return Ok((
-            current_seq,
-            Stored {
-                message: earlier,
-                deliveries,
-                replayed: true,
+    // A client transaction id is not looked up before the message is stored: the
+    // unique index `(patient_id, client_txn_key)` refuses a second one, and only a
+    // send that failed (that refusal, or a check that the original passed before
+    // something changed) looks for what the id stored. A retry gets the stored
+    // message, whatever has changed since.
+    match store(state, known_state, &msg, rows, txn_key.clone(), current_seq).await {
+        Err(err) if !matches!(err, SendError::Unavailable(_)) => match txn_key {
+            Some(key) => match stored_by_txn(db, patient_id, &key).await? {
+                Some((earlier, deliveries)) if earlier.body == *msg.body.expose() => Ok((
+                    current_seq,
+                    Stored {
+                        message: earlier,
+                        deliveries,
+                        replayed: true,
+                    },
+                )),
+                Some(_) => Err(SendError::TxnReused),
+                None => Err(err),
             },
-        ));
+            None => Err(err),
+        },
+        other => other,
     }
+}
+
+/// A staff message to `patient` goes by SMS too (given a sending number).
+fn sms_reachable(patient: &patient::Model, practice: &practice::Model) -> bool {
+    practice.sms_enabled
+        && patient.sms_status == SmsStatus::Enabled
+        && patient.mobile_phone.is_some()
+}
+
+/// The message a client transaction id stored, with its deliveries.
+async fn stored_by_txn(
+    db: &impl ConnectionTrait,
+    patient_id: &str,
+    key: &str,
+) -> Result<Option<(message::Model, Vec<delivery::Model>)>, DbErr> {
+    let Some(earlier) = message::Entity::find()
+        .filter(message::Column::PatientId.eq(patient_id))
+        .filter(message::Column::ClientTxnKey.eq(key))
+        .one(db)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let deliveries = delivery::Entity::find()
+        .filter(delivery::Column::MessageId.eq(earlier.id.clone()))
+        .order_by_asc(delivery::Column::Channel)
+        .all(db)
+        .await?;
+    Ok(Some((earlier, deliveries)))
+}
+
+/// Stores `msg` as the conversation's message `current_seq + 1`, with a delivery per
+/// channel the patient can be reached on, the author's read marker, the audit entry
+/// and the notifications it raises, in one unit; then tells the streams.
+async fn store(
+    state: &Shared,
+    known_state: &mut Known,
+    msg: &SendMessage,
+    rows: Rows,
+    txn_key: Option<String>,
+    current_seq: i64,
+) -> Result<(i64, Stored), SendError> {
+    let db = &state.db;
+    let Rows {
+        patient,
+        practice,
+        sms_from,
+    } = rows;
     if msg.body.expose().trim().is_empty() {
         return Err(SendError::EmptyBody);
     }
@@ -540,18 +644,7 @@ async fn try_send_known(
     let mut deliveries = Vec::new();
     let (direction, channel) = match &msg.author {
         Author::Staff(user) => {
-            let sms_number = if practice.sms_enabled
-                && patient.sms_status == SmsStatus::Enabled
-                && patient.mobile_phone.is_some()
-            {
-                practice_sms_number::Entity::find()
-                    .filter(practice_sms_number::Column::PracticeId.eq(practice.id.clone()))
-                    .order_by_asc(practice_sms_number::Column::Number)
-                    .one(db)
-                    .await?
-            } else {
-                None
-            };
+            let sms_number = sms_from.filter(|_| sms_reachable(&patient, &practice));
             let portal = practice.portal_enabled && patient.portal_enrolled;
             if sms_number.is_none() && !portal {
                 return Err(SendError::Unreachable);

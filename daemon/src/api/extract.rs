@@ -177,7 +177,9 @@ impl FromRequestParts<Shared> for Staff {
                 )
                 .field("X-Caremsg-User")
             })?;
-        let user = crate::access::active_user(&state.db, user_id)
+        let user = state
+            .users
+            .active(&state.db, user_id)
             .await?
             .ok_or_else(|| ApiError::forbidden("unknown_user", "The acting user is not known."))?;
         // A user of a practice this token does not serve is answered as a user of

@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use tower_http::catch_panic::CatchPanicLayer;
@@ -62,7 +62,10 @@ pub struct ApiDoc;
 /// Every route of the daemon.
 pub fn router(state: Shared) -> Router {
     Router::new()
-        .merge(admin::routes())
+        .merge(admin::routes().route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            admin_writes_forget_users,
+        )))
         .merge(deliveries::routes())
         .merge(staff::routes())
         .merge(notifications::routes())
@@ -86,6 +89,25 @@ pub fn router(state: Shared) -> Router {
             .into_response()
         }))
         .with_state(state)
+}
+
+/// Every admin request that may write forgets the remembered acting users
+/// ([`crate::access::Users`]) when it ends, however it ends: answered, failed, or
+/// cancelled by the request timeout (a guard's drop).
+async fn admin_writes_forget_users(
+    State(state): State<Shared>,
+    request: Request,
+    next: Next,
+) -> Response {
+    struct Forget(Shared);
+    impl Drop for Forget {
+        fn drop(&mut self) {
+            self.0.users.forget_all();
+        }
+    }
+    let _forget =
+        (!matches!(*request.method(), Method::GET | Method::HEAD)).then(|| Forget(state.clone()));
+    next.run(request).await
 }
 
 async fn not_found() -> ApiError {

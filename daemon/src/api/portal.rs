@@ -16,7 +16,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Caller, Portal};
 use super::staff::ReadOut;
 use crate::access::patient_for_portal;
-use crate::actors::conversation::{Author, MarkRead, Reader, SendMessage};
+use crate::actors::conversation::{Author, MarkRead, Reader, Rows, SendMessage};
 use crate::audit::AuditEntry;
 use crate::events::{Event, Subscriber};
 use crate::phi::Phi;
@@ -108,7 +108,7 @@ pub async fn send(
                 client: caller.client,
                 body: Phi::new(input.body),
                 client_txn_id: input.client_txn_id,
-                rows: Some(Box::new((patient, practice))),
+                rows: Some(Rows::of(patient, practice)),
             },
         )
         .await??;

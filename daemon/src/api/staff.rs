@@ -544,20 +544,17 @@ pub async fn send(
     ApiPath(patient_id): ApiPath<String>,
     ApiJson(input): ApiJson<SendIn>,
 ) -> ApiResult<impl IntoResponse> {
-    let patient = staff_patient(&state, &staff, &patient_id).await?.patient;
+    let access = staff_patient(&state, &staff, &patient_id).await?;
     let stored = state
         .conversations
         .send(
-            &patient.id,
+            &access.patient.id.clone(),
             SendMessage {
                 author: Author::Staff(staff.user.clone()),
                 client: staff.caller.client.clone(),
                 body: Phi::new(input.body),
                 client_txn_id: input.client_txn_id,
-                // Not the rows read for the access check: the channel (SMS or not)
-                // is chosen from the patient's SMS status as the actor sees it, after
-                // any opt-out it has applied.
-                rows: None,
+                rows: Some(access.into()),
             },
         )
         .await??;

@@ -597,6 +597,24 @@ fn claim_unit(ids: &[String], now: DateTime<Utc>) -> WriteUnit {
             "sms_not_enabled",
             "The patient's SMS status is no longer enabled.",
         ),
+        (
+            // Queued for a number the patient no longer has (it changed and was
+            // confirmed again while this text waited, e.g. through a provider outage):
+            // that number may be someone else's now.
+            Condition::all()
+                .add(sms())
+                .add(delivery::Column::Purpose.eq(DeliveryPurpose::Message))
+                .add(patient_where(
+                    Condition::any()
+                        .add(patient::Column::MobilePhone.is_null())
+                        .add(
+                            Expr::col((patient::Entity, patient::Column::MobilePhone))
+                                .ne(Expr::col((delivery::Entity, delivery::Column::Recipient))),
+                        ),
+                )),
+            "number_changed",
+            "The patient's mobile number changed after this text was queued.",
+        ),
     ];
     let mut unit = WriteUnit::new();
     for (condition, code, reason) in refusals {

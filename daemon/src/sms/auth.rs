@@ -1238,7 +1238,7 @@ async fn conversation_text(
     let patient_id = patient.id.clone();
     // The rows this actor just read: the message needs no second read.
     let message = SendMessage {
-        rows: Some(Box::new((patient, practice))),
+        rows: Some(crate::actors::conversation::Rows::of(patient, practice)),
         ..SendMessage::inbound_sms(gateway, provider_message_id, body)
     };
     let (seq, stored) =
