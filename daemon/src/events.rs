@@ -63,7 +63,7 @@ pub struct SmsStatusEvent {
     pub practice_id: String,
     /// The new status.
     pub status: caremsg_entities::SmsStatus,
-    /// Why, when known (`wrong_dob_3x`, `expired`, `patient_stop`, ...).
+    /// Why, when known (`wrong_dob_3x`, `expired`, `patient_stop`, `number_changed`, ...).
     pub reason: Option<String>,
 }
 

@@ -153,8 +153,12 @@ impl Expect {
 enum Conflict {
     /// Fail the unit.
     Fail,
-    /// Update every other inserted column (an upsert keyed by these columns).
-    Update(Vec<&'static str>),
+    /// Update the columns `update` of the existing row with the inserted values (an
+    /// upsert keyed by the columns `key`); none: keep the row as it is.
+    Update {
+        key: Vec<&'static str>,
+        update: Vec<&'static str>,
+    },
     /// Keep the existing row (an idempotent insert keyed by these columns).
     Ignore(Vec<&'static str>),
 }
@@ -234,17 +238,48 @@ impl WriteUnit {
 
     /// Inserts the set columns of `model`; a duplicate key fails the unit.
     pub fn insert<A: ActiveModelTrait>(self, model: A) -> Self {
-        self.push_row(model, Conflict::Fail)
+        self.push_row(model, |_| Conflict::Fail)
     }
 
-    /// Inserts `model`, or updates the existing row with the same `key` columns.
+    /// Inserts `model`, or updates the existing row with the same `key` columns (every
+    /// column `model` sets).
     pub fn upsert<A: ActiveModelTrait>(
         self,
         model: A,
         key: &[<A::Entity as EntityTrait>::Column],
     ) -> Self {
-        let key = key.iter().map(|c| c.as_str()).collect();
-        self.push_row(model, Conflict::Update(key))
+        let key: Vec<&'static str> = key.iter().map(|c| c.as_str()).collect();
+        self.push_row(model, |columns| Conflict::Update {
+            update: columns
+                .iter()
+                .filter(|c| !key.contains(c))
+                .copied()
+                .collect(),
+            key,
+        })
+    }
+
+    /// Inserts `model`, or updates only the columns `update` of the existing row with
+    /// the same `key` columns: the row's other columns keep what they hold, whoever
+    /// wrote them since the caller read it. `model` must still set every `NOT NULL`
+    /// column (PostgreSQL checks the proposed row before it sees the conflict); a
+    /// column of `update` that `model` leaves unset is not updated.
+    pub fn upsert_columns<A: ActiveModelTrait>(
+        self,
+        model: A,
+        key: &[<A::Entity as EntityTrait>::Column],
+        update: &[<A::Entity as EntityTrait>::Column],
+    ) -> Self {
+        let key: Vec<&'static str> = key.iter().map(|c| c.as_str()).collect();
+        let update: Vec<&'static str> = update
+            .iter()
+            .map(|c| c.as_str())
+            .filter(|c| !key.contains(c))
+            .collect();
+        self.push_row(model, |columns| Conflict::Update {
+            update: update.into_iter().filter(|c| columns.contains(c)).collect(),
+            key,
+        })
     }
 
     /// Inserts `model` unless a row with the same `key` columns exists.
@@ -254,7 +289,7 @@ impl WriteUnit {
         key: &[<A::Entity as EntityTrait>::Column],
     ) -> Self {
         let key = key.iter().map(|c| c.as_str()).collect();
-        self.push_row(model, Conflict::Ignore(key))
+        self.push_row(model, |_| Conflict::Ignore(key))
     }
 
     /// Runs `statement`; the unit fails unless the rows it touched meet `expect`.
@@ -302,7 +337,12 @@ impl WriteUnit {
         self
     }
 
-    fn push_row<A: ActiveModelTrait>(mut self, model: A, conflict: Conflict) -> Self {
+    /// Adds the insert of `model`'s set columns; `conflict` is given those columns.
+    fn push_row<A: ActiveModelTrait>(
+        mut self,
+        model: A,
+        conflict: impl FnOnce(&[&'static str]) -> Conflict,
+    ) -> Self {
         let mut columns = Vec::new();
         let mut values = Vec::new();
         for column in <A::Entity as EntityTrait>::Column::iter() {
@@ -315,6 +355,7 @@ impl WriteUnit {
             }
         }
         let table = A::Entity::default().table_name();
+        let conflict = conflict(&columns);
         self.ops.push(Op::Insert(InsertRow {
             table,
             columns,
@@ -1003,17 +1044,12 @@ fn insert_statement(
     }
     match conflict {
         Conflict::Fail => {}
-        Conflict::Update(key) => {
-            let others: Vec<Alias> = columns
-                .iter()
-                .filter(|c| !key.contains(c))
-                .map(|c| Alias::new(*c))
-                .collect();
+        Conflict::Update { key, update } => {
             let mut on_conflict = OnConflict::columns(key.iter().map(|c| Alias::new(*c)));
-            if others.is_empty() {
+            if update.is_empty() {
                 on_conflict.do_nothing();
             } else {
-                on_conflict.update_columns(others);
+                on_conflict.update_columns(update.iter().map(|c| Alias::new(*c)));
             }
             statement.on_conflict(on_conflict);
         }
@@ -1096,6 +1132,121 @@ mod tests {
             "{cut:?}"
         );
         assert!(waves(&[]).is_empty());
+    }
+
+    /// An upsert of `sms_consent` that updates only `reason` of an existing row.
+    fn consent_reason(phone: &str, reason: &str) -> WriteUnit {
+        use caremsg_entities::sms_consent::{ActiveModel, Column};
+        use sea_orm::ActiveValue::Set;
+        WriteUnit::new().upsert_columns(
+            ActiveModel {
+                practice_id: Set("p".into()),
+                phone: Set(phone.into()),
+                opted_out: Set(false),
+                reason: Set(Some(reason.into())),
+                changed_at: Set(chrono::DateTime::UNIX_EPOCH),
+            },
+            &[Column::PracticeId, Column::Phone],
+            // A key column is never updated.
+            &[Column::Reason, Column::Phone],
+        )
+    }
+
+    #[test]
+    fn an_upsert_names_the_columns_it_updates_and_keeps_its_shape() {
+        let conflicts: Vec<Conflict> = [consent_reason("a", "x"), consent_reason("b", "y")]
+            .iter()
+            .map(|unit| match &unit.ops[..] {
+                [Op::Insert(row)] => row.conflict.clone(),
+                other => panic!("one insert expected: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            conflicts[0],
+            Conflict::Update {
+                key: vec!["practice_id", "phone"],
+                update: vec!["reason"],
+            }
+        );
+        // Same table, columns and conflict: the batch merges them into one statement.
+        assert_eq!(conflicts[0], conflicts[1]);
+        // A plain upsert updates every other column it inserts.
+        let plain = WriteUnit::new().upsert(
+            caremsg_entities::sms_consent::ActiveModel {
+                practice_id: sea_orm::ActiveValue::Set("p".into()),
+                phone: sea_orm::ActiveValue::Set("a".into()),
+                opted_out: sea_orm::ActiveValue::Set(true),
+                ..Default::default()
+            },
+            &[
+                caremsg_entities::sms_consent::Column::PracticeId,
+                caremsg_entities::sms_consent::Column::Phone,
+            ],
+        );
+        let [Op::Insert(row)] = &plain.ops[..] else {
+            panic!("one insert expected");
+        };
+        assert_eq!(
+            row.conflict,
+            Conflict::Update {
+                key: vec!["practice_id", "phone"],
+                update: vec!["opted_out"],
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_merged_upsert_updates_only_its_columns() {
+        // SQLite, and PostgreSQL when the suite runs against it.
+        let mut urls = vec!["sqlite::memory:".to_owned()];
+        urls.extend(std::env::var("DATABASE_URL").ok());
+        for url in urls {
+            let mut options = sea_orm::ConnectOptions::new(url);
+            options.max_connections(1).min_connections(1);
+            let db = sea_orm::Database::connect(options).await.unwrap();
+            let db = db.begin().await.unwrap();
+            db.execute_unprepared(
+                "CREATE TEMPORARY TABLE sms_consent (practice_id TEXT NOT NULL, phone TEXT NOT NULL,
+                   opted_out BOOLEAN NOT NULL, reason TEXT, changed_at TIMESTAMPTZ NOT NULL,
+                   PRIMARY KEY (practice_id, phone));
+                 INSERT INTO sms_consent VALUES ('p', 'a', TRUE, 'patient_stop', '2026-01-01T00:00:00Z');",
+            )
+            .await
+            .unwrap();
+            let job = |unit| Job {
+                unit,
+                reply: oneshot::channel().0,
+            };
+            // Two units, merged: one updates its existing row, the other inserts.
+            let batch = [job(consent_reason("a", "x")), job(consent_reason("b", "y"))];
+            run_merged(&db, &batch).await.unwrap();
+            let rows = db
+                .query_all_raw(sea_orm::Statement::from_string(
+                    db.get_database_backend(),
+                    "SELECT phone, opted_out, reason FROM sms_consent ORDER BY phone",
+                ))
+                .await
+                .unwrap();
+            let got: Vec<(String, bool, Option<String>)> = rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.try_get("", "phone").unwrap(),
+                        r.try_get("", "opted_out").unwrap(),
+                        r.try_get("", "reason").unwrap(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    // `opted_out` and `changed_at` were not named: the row keeps them.
+                    ("a".into(), true, Some("x".into())),
+                    ("b".into(), false, Some("y".into())),
+                ]
+            );
+            db.rollback().await.unwrap();
+        }
     }
 
     #[tokio::test]

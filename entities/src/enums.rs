@@ -274,7 +274,7 @@ impl SmsAuthStatus {
     }
 }
 
-/// Why an SMS status changed to `failed` or `opted_out`.
+/// Why an SMS status changed to `failed` or `opted_out`, or back to `none`.
 ///
 /// Not a column type: the `reason` columns (`patients.sms_status_reason`,
 /// `sms_auth_sessions.reason`, `sms_status_history.reason`, `sms_consent.reason`) are
@@ -294,6 +294,9 @@ pub enum SmsStatusReason {
     StaffOptOut,
     /// The provider reported that the recipient unsubscribed.
     CarrierUnsubscribed,
+    /// The admin sync changed or removed the mobile number: texting went back to
+    /// `none` (the new number has confirmed nothing).
+    NumberChanged,
 }
 
 impl SmsStatusReason {
@@ -305,6 +308,7 @@ impl SmsStatusReason {
             Self::PatientStop => "patient_stop",
             Self::StaffOptOut => "staff_opt_out",
             Self::CarrierUnsubscribed => "carrier_unsubscribed",
+            Self::NumberChanged => "number_changed",
         }
     }
 
@@ -455,7 +459,8 @@ mod tests {
                 "expired",
                 "patient_stop",
                 "staff_opt_out",
-                "carrier_unsubscribed"
+                "carrier_unsubscribed",
+                "number_changed"
             ]
         );
         for reason in SmsStatusReason::iter() {

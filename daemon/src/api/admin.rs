@@ -25,14 +25,32 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{Admin, ApiJson, ApiPath, Caller};
+use crate::actors::conversation::Sms;
 use crate::audit::AuditEntry;
 use crate::events::AccessChange;
+use crate::phi::Phi;
 use crate::phone::{self, PhoneError};
+use crate::sms::auth::{AdminUnit, ReplyOutcome, SmsOp};
 use crate::state::Shared;
 use crate::writer::{Expect, WriteUnit};
 
 /// Longest name accepted for a practice, program, user or patient.
 const MAX_NAME_CHARS: usize = 200;
+
+/// The columns of an existing patient that the admin upsert writes: what the platform
+/// owns. Not the SMS status and its reason (the conversation actor's), the number (it
+/// changes in the actor, with what it does to texting), `last_activity_at` or
+/// `created_at`.
+const ADMIN_PATIENT_COLUMNS: &[patient::Column] = &[
+    patient::Column::PracticeId,
+    patient::Column::FirstName,
+    patient::Column::LastName,
+    patient::Column::SearchName,
+    patient::Column::DateOfBirth,
+    patient::Column::PortalEnrolled,
+    patient::Column::Active,
+    patient::Column::UpdatedAt,
+];
 
 /// The admin routes.
 pub fn routes() -> Router<Shared> {
@@ -217,7 +235,9 @@ pub struct PatientIn {
     #[schema(format = Date)]
     pub date_of_birth: String,
     /// Mobile number in national or international format; stored as E.164. Empty or
-    /// absent: none.
+    /// absent: none. Changing or removing the stored number turns text messaging off
+    /// (`sms_status` `none`, reason `number_changed`) unless staff opted the patient
+    /// out; the same number in another format changes nothing.
     #[serde(default)]
     #[schema(max_length = 32)]
     pub mobile_phone: Option<String>,
@@ -252,7 +272,7 @@ pub struct PatientOut {
     pub programs: Vec<String>,
     /// Care team members.
     pub care_team: Vec<String>,
-    /// SMS authentication status.
+    /// SMS authentication status, as committed.
     pub sms_status: String,
 }
 
@@ -716,6 +736,12 @@ fn default_notification_settings(
     responses((status = 200, body = PatientOut), (status = 422, body = super::error::ErrorBody)),
     security(("bearer" = [])))]
 /// Creates or updates a patient (and reactivates a deleted one, with its history).
+///
+/// The SMS status is not the platform's: an update never writes it, except that a
+/// changed or removed mobile number turns text messaging off in the same commit
+/// (`none`, reason `number_changed`, a `system` message; a pending authentication
+/// ends; nothing is texted to either number) — unless staff opted the patient out,
+/// which stays.
 pub async fn put_patient(
     State(state): State<Shared>,
     Admin(caller): Admin,
@@ -800,7 +826,10 @@ pub async fn put_patient(
         .map(|m| (m.user_id.clone(), m))
         .collect();
     let search_name = format!("{} {}", first_name, last_name).to_lowercase();
-    let sms_status = existing.as_ref().map_or(SmsStatus::None, |p| p.sms_status);
+    // A new patient's row. An existing one gets only the columns the platform owns
+    // (`ADMIN_PATIENT_COLUMNS`): its SMS status is the conversation actor's and may
+    // have changed since `existing` was read, and its number changes only together
+    // with what a new number does to texting, in the actor (below).
     let row = patient::ActiveModel {
         id: Set(patient_id.clone()),
         practice_id: Set(practice.id.clone()),
@@ -810,15 +839,15 @@ pub async fn put_patient(
         date_of_birth: Set(date_of_birth),
         mobile_phone: Set(mobile_phone.clone()),
         portal_enrolled: Set(input.portal_enrolled),
-        sms_status: Set(sms_status),
-        sms_status_reason: Set(existing.as_ref().and_then(|p| p.sms_status_reason.clone())),
-        last_activity_at: Set(existing.as_ref().and_then(|p| p.last_activity_at)),
+        sms_status: Set(SmsStatus::None),
+        sms_status_reason: Set(None),
+        last_activity_at: Set(None),
         active: Set(true),
-        created_at: Set(existing.as_ref().map_or(now, |p| p.created_at)),
+        created_at: Set(now),
         updated_at: Set(now),
     };
     let mut unit = WriteUnit::new()
-        .upsert(row, &[patient::Column::Id])
+        .upsert_columns(row, &[patient::Column::Id], ADMIN_PATIENT_COLUMNS)
         .insert_or_ignore(
             conversation::ActiveModel {
                 patient_id: Set(patient_id.clone()),
@@ -878,7 +907,34 @@ pub async fn put_patient(
         },
         detail: None,
     };
-    state.writer.write(audit.add_to(unit, now)).await?;
+    let unit = audit.add_to(unit, now);
+    let number_changed = existing
+        .as_ref()
+        .is_some_and(|p| p.mobile_phone != mobile_phone);
+    let sms_status = if number_changed {
+        let op = SmsOp::AdminNumber {
+            unit: AdminUnit(unit),
+            mobile_phone: mobile_phone.clone().map(Phi::new),
+        };
+        let sms = Sms {
+            client: caller.client.clone(),
+            op,
+        };
+        match state.conversations.send(&patient_id, sms).await?? {
+            ReplyOutcome::Status(status) => status,
+            _ => return Err(ApiError::internal(&"the admin upsert got another answer")),
+        }
+    } else {
+        state.writer.write(unit).await?;
+        match &existing {
+            // As committed: the actor may have changed it since `existing` was read.
+            Some(_) => patient::Entity::find_by_id(patient_id.clone())
+                .one(&state.db)
+                .await?
+                .map_or(SmsStatus::None, |p| p.sms_status),
+            None => SmsStatus::None,
+        }
+    };
     state.events.access_changed(AccessChange::Patient {
         id: &patient_id,
         active: true,

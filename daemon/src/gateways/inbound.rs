@@ -347,7 +347,9 @@ pub async fn route(state: &Shared, sms: InboundSms) -> Result<EventOutcome, Inbo
             | crate::sms::auth::ReplyOutcome::Message(_) => {
                 return Ok(EventOutcome::Conversation);
             }
-            crate::sms::auth::ReplyOutcome::NotForPatient => {}
+            // (An admin upsert's answer; a text never gets it.)
+            crate::sms::auth::ReplyOutcome::NotForPatient
+            | crate::sms::auth::ReplyOutcome::Status(_) => {}
         }
     }
     if seen(state, &sms.gateway, &sms.provider_message_id).await? {

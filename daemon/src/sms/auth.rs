@@ -78,6 +78,27 @@ pub enum SmsOp {
     },
     /// The provider said the recipient unsubscribed.
     CarrierUnsubscribed,
+    /// The admin sync's upsert of an existing patient whose mobile number differs from
+    /// the stored one (`None`: removed). The upsert (`unit`: the admin-owned columns,
+    /// programs, care team, audit entry) commits with the new number and what it does
+    /// to texting, in one unit: see [`admin_number`].
+    AdminNumber {
+        /// The admin upsert, without the number.
+        unit: AdminUnit,
+        /// The new number, E.164.
+        mobile_phone: Option<crate::phi::Phone>,
+    },
+}
+
+/// An admin write unit carried to the patient's actor. Its `Debug` shows nothing: it
+/// holds names and a date of birth.
+#[derive(Clone)]
+pub struct AdminUnit(pub WriteUnit);
+
+impl std::fmt::Debug for AdminUnit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminUnit([redacted])")
+    }
 }
 
 /// Why an SMS action was refused.
@@ -166,6 +187,9 @@ pub enum ReplyOutcome {
     Message(i64),
     /// Not for this patient after all (not pending or enabled): the caller logs it.
     NotForPatient,
+    /// An admin upsert ([`SmsOp::AdminNumber`]) committed; the patient's SMS status
+    /// now.
+    Status(SmsStatus),
 }
 
 /// The status as `GET .../sms` shows it.
@@ -173,7 +197,8 @@ pub enum ReplyOutcome {
 pub struct SmsView {
     /// `none`, `pending`, `enabled`, `failed`, `opted_out`.
     pub status: String,
-    /// Why the last change happened, when known.
+    /// Why the last change happened, when known: `wrong_dob_3x`, `expired`,
+    /// `patient_stop`, `staff_opt_out`, `carrier_unsubscribed`, `number_changed`.
     pub reason: Option<String>,
     /// Wrong replies in the current or last session.
     pub attempts: i32,
@@ -769,6 +794,14 @@ async fn try_run(
     client: &str,
     op: SmsOp,
 ) -> Result<(i64, ReplyOutcome), SmsError> {
+    // The admin upsert also reactivates a deactivated patient: it reads its own rows.
+    let op = match op {
+        SmsOp::AdminNumber { unit, mobile_phone } => {
+            let mobile_phone = mobile_phone.map(Phi::into_inner);
+            return admin_number(state, patient_id, last_seq, unit.0, mobile_phone).await;
+        }
+        op => op,
+    };
     // Both active, in one read.
     let (patient, practice) = crate::access::active_patient(&state.db, patient_id)
         .await?
@@ -810,7 +843,131 @@ async fn try_run(
         }
         SmsOp::Expire { session_id } => expire(state, patient, practice, seq, &session_id).await,
         SmsOp::CarrierUnsubscribed => carrier_unsubscribed(state, patient, practice, seq).await,
+        SmsOp::AdminNumber { .. } => Err(SmsError::Storage(
+            "an admin upsert reached the SMS dispatch".into(),
+        )),
     }
+}
+
+/// What the conversation says when a new number turns texting off.
+pub const NUMBER_CHANGED_TEXT: &str = "Text messaging turned off: the mobile number changed; start text messaging again to confirm the new number.";
+/// What the conversation says when a removed number turns texting off.
+pub const NUMBER_REMOVED_TEXT: &str = "Text messaging turned off: the mobile number was removed.";
+
+/// The admin upsert `unit` of a patient whose number the platform changed to
+/// `mobile_phone`, with what the change does, in one unit. Consent and the confirmed
+/// date of birth belong to the number, and the new one has confirmed nothing: a
+/// `pending`, `enabled` or `failed` status, and an opt-out by the old number (STOP,
+/// the carrier), go back to `none` (reason `number_changed`; the old number's consent
+/// row stays), with the status history and a `system` message; a staff opt-out is
+/// about the patient and stays. A pending session ends (superseded, its window
+/// timer cancelled), and texts still queued for the patient are refused (the opt-out
+/// confirmation excepted), so nothing more goes to the old number; nothing is sent to
+/// the new one. When the stored number already is `mobile_phone` (another write set it
+/// since the caller read it), the unit commits alone.
+async fn admin_number(
+    state: &Shared,
+    patient_id: &str,
+    last_seq: Option<i64>,
+    unit: WriteUnit,
+    mobile_phone: Option<String>,
+) -> Result<(i64, ReplyOutcome), SmsError> {
+    let patient = patient::Entity::find_by_id(patient_id.to_owned())
+        .one(&state.db)
+        .await?
+        .ok_or(SmsError::NotFound)?;
+    let seq = match last_seq {
+        Some(seq) => seq,
+        None => {
+            conversation::Entity::find_by_id(patient_id.to_owned())
+                .one(&state.db)
+                .await?
+                .ok_or(SmsError::NotFound)?
+                .last_seq
+        }
+    };
+    if patient.mobile_phone == mobile_phone {
+        state.writer.write(unit).await?;
+        return Ok((seq, ReplyOutcome::Status(patient.sms_status)));
+    }
+    let practice = practice::Entity::find_by_id(patient.practice_id.clone())
+        .one(&state.db)
+        .await?
+        .ok_or(SmsError::NotFound)?;
+    let pending = pending_session(state, &patient.id).await?;
+    let reset = match patient.sms_status {
+        SmsStatus::None => false,
+        SmsStatus::OptedOut => {
+            patient.sms_status_reason.as_deref() != Some(SmsStatusReason::StaffOptOut.as_str())
+        }
+        SmsStatus::Pending | SmsStatus::Enabled | SmsStatus::Failed => true,
+    };
+    let mut change = Change::new(state, patient, practice, seq);
+    let now = change.now;
+    change.add(unit);
+    if let Some(session) = &pending {
+        change.add(session_end(
+            &session.id,
+            SmsAuthStatus::Superseded,
+            Some(SmsStatusReason::NumberChanged),
+            now,
+        ));
+    }
+    if reset {
+        let text = if mobile_phone.is_some() {
+            NUMBER_CHANGED_TEXT
+        } else {
+            NUMBER_REMOVED_TEXT
+        };
+        change.status(
+            SmsStatus::None,
+            Some(SmsStatusReason::NumberChanged),
+            pending.as_ref().map(|s| s.id.as_str()),
+            None,
+            text,
+        );
+    }
+    // After the status: the database never sees the new number pending or enabled
+    // (`ux_patients_sms_number`).
+    change.add(
+        WriteUnit::new()
+            .exec(
+                patient::Entity::update_many()
+                    .col_expr(patient::Column::MobilePhone, Expr::value(mobile_phone))
+                    .filter(patient::Column::Id.eq(change.patient.id.clone()))
+                    .into_query(),
+                Expect::Exactly(1),
+                "patient exists",
+            )
+            .exec(
+                delivery::Entity::update_many()
+                    .col_expr(
+                        delivery::Column::Status,
+                        Expr::value(DeliveryStatus::Refused),
+                    )
+                    .col_expr(delivery::Column::ErrorCode, Expr::value("number_changed"))
+                    .col_expr(
+                        delivery::Column::ErrorReason,
+                        Expr::value("the mobile number changed"),
+                    )
+                    .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
+                    .filter(delivery::Column::PatientId.eq(change.patient.id.clone()))
+                    .filter(delivery::Column::Channel.eq(DeliveryChannel::Sms))
+                    .filter(delivery::Column::Status.eq(DeliveryStatus::Queued))
+                    .filter(
+                        sea_orm::Condition::any()
+                            .add(delivery::Column::Subject.is_null())
+                            .add(delivery::Column::Subject.ne(OPT_OUT_CONFIRMATION_SUBJECT)),
+                    )
+                    .into_query(),
+                Expect::Any,
+                "queued texts refused",
+            ),
+    );
+    let status = change
+        .status
+        .map_or(change.patient.sms_status, |(status, _)| status);
+    Ok((change.commit(None).await?, ReplyOutcome::Status(status)))
 }
 
 async fn start(
