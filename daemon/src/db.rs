@@ -84,9 +84,13 @@ async fn open(options: &DbOptions, dedicated: bool) -> Result<DatabaseConnection
             // Statement journals (a multi-row INSERT's undo inside the writer's
             // transaction) in memory rather than in a temporary file.
             .pragma("temp_store", "memory")
-            // 32 MiB of page cache per connection (the default is 2 MiB): the
-            // indexes every message and notification touches stay in memory.
-            .pragma("cache_size", "-32768")
+            // The writer's connection: 32 MiB of page cache (the default is 2 MiB),
+            // so the indexes every message and notification touches stay in memory.
+            // A reader's cache is emptied whenever another connection has committed
+            // (WAL: pagerBeginReadTransaction -> pager_reset), so a large one buys a
+            // reader nothing and costs it: emptying walks the cache's whole hash
+            // table, which grows with the most pages it ever held. 2 MiB.
+            .pragma("cache_size", if dedicated { "-32768" } else { "-2048" })
             .pragma("wal_autocheckpoint", "8192")
             // No memory map (mmap_size 0, SQLite's default): in WAL mode a
             // connection unmaps the whole file whenever another connection has

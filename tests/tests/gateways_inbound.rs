@@ -358,8 +358,10 @@ async fn an_opt_out_event_opts_the_number_out_of_the_practice() {
 /// The database reads of a text from an enabled patient, the actor warm (issue #15:
 /// the costliest request kind of the clinic benchmark): the practice by its number,
 /// the patient by the sender's number, the patient with its practice as the actor
-/// sees them (one read), the provider's-retry checks (receipt and message), the notification
-/// recipients. No session or consent row is read for a text that is no keyword.
+/// sees them (one read), the provider's-retry check (the receipt; the message's
+/// unique index catches a retry that races it, and only then is the message looked
+/// up), the notification recipients. No session or consent row is read for a text
+/// that is no keyword.
 /// Background work only adds reads, so the fewest of five tries is the text's own.
 #[tokio::test]
 async fn a_warm_conversation_text_reads_only_what_it_must() {
@@ -381,6 +383,6 @@ async fn a_warm_conversation_text_reads_only_what_it_must() {
     }
     let own = fewest - scrape;
     println!("reads: conversation text {own}");
-    assert!(own <= 6.0, "a conversation text: {own} reads");
+    assert!(own <= 5.0, "a conversation text: {own} reads");
     d.stop().await.unwrap();
 }

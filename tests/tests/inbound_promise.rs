@@ -424,6 +424,22 @@ async fn a_carrier_opt_out_interrupted_by_a_crash_is_completed_after_restart() {
     d.stop().await.unwrap();
 }
 
+/// Rule 8, the race: the follow-up found the patient on the reported number, but
+/// the number changed before the patient's actor took the report. The report is
+/// about the number, not the patient: the patient, now on another number, is left as
+/// is (the reported number itself was opted out by the first step).
+#[tokio::test]
+async fn a_carrier_opt_out_for_a_number_the_patient_no_longer_has_changes_nothing() {
+    let d = TestDaemon::start().await.unwrap();
+    enabled_clinic(&d).await;
+    let state = d.daemon().state();
+    assert!(consent::tell_patients(state, "test", "+12015550177", &["pat1".to_owned()]).await);
+    assert_eq!(sms_status(&d, "u1", "pat1").await, "enabled");
+    assert!(consent::tell_patients(state, "test", MOBILE, &["pat1".to_owned()]).await);
+    assert_eq!(sms_status(&d, "u1", "pat1").await, "opted_out");
+    d.stop().await.unwrap();
+}
+
 /// Rule 5: deleting patient `pat_1` cancels its timers only — not those of `patX1`
 /// or `PAT_1` (`_` is a LIKE wildcard and SQLite's LIKE ignores case).
 #[tokio::test]

@@ -521,29 +521,6 @@ async fn try_send_known(
             return Err(SendError::PortalNotEnrolled);
         }
     }
-    if let Author::PatientSms {
-        gateway,
-        provider_message_id,
-    } = &msg.author
-        && let Some(earlier) = message::Entity::find()
-            .filter(message::Column::Gateway.eq(gateway.clone()))
-            .filter(message::Column::ProviderMessageId.eq(provider_message_id.clone()))
-            .one(db)
-            .await?
-    {
-        let seq = match last_seq {
-            Some(seq) => seq,
-            None => current_last_seq(state, patient_id).await?,
-        };
-        return Ok((
-            seq,
-            Stored {
-                message: earlier,
-                deliveries: Vec::new(),
-                replayed: true,
-            },
-        ));
-    }
     let author_key = match &msg.author {
         Author::Staff(user) => format!("user:{}", user.id),
         Author::Patient | Author::PatientSms { .. } => "patient".to_owned(),
@@ -563,15 +540,18 @@ async fn try_send_known(
         Some(seq) => seq,
         None => current_last_seq(state, patient_id).await?,
     };
-    // A client transaction id is not looked up before the message is stored: the
-    // unique index `(patient_id, client_txn_key)` refuses a second one, and only a
-    // send that failed (that refusal, or a check that the original passed before
-    // something changed) looks for what the id stored. A retry gets the stored
-    // message, whatever has changed since.
+    // A retry is not looked for before the message is stored: the unique indexes
+    // `(patient_id, client_txn_key)` and `(gateway, provider_message_id)` refuse a
+    // second message, and only a send that failed (that refusal, or a check that the
+    // original passed before something changed) looks for what the first one
+    // stored. A retry gets the stored message, whatever has changed since.
     match store(state, known_state, &msg, rows, txn_key.clone(), current_seq).await {
-        Err(err) if !matches!(err, SendError::Unavailable(_)) => match txn_key {
-            Some(key) => match stored_by_txn(db, patient_id, &key).await? {
-                Some((earlier, deliveries)) if earlier.body == *msg.body.expose() => Ok((
+        Err(err) if !matches!(err, SendError::Unavailable(_)) => {
+            match stored_before(db, patient_id, &msg.author, txn_key.as_deref()).await? {
+                Some((earlier, _)) if earlier.body != *msg.body.expose() && txn_key.is_some() => {
+                    Err(SendError::TxnReused)
+                }
+                Some((earlier, deliveries)) => Ok((
                     current_seq,
                     Stored {
                         message: earlier,
@@ -579,11 +559,9 @@ async fn try_send_known(
                         replayed: true,
                     },
                 )),
-                Some(_) => Err(SendError::TxnReused),
                 None => Err(err),
-            },
-            None => Err(err),
-        },
+            }
+        }
         other => other,
     }
 }
@@ -595,12 +573,30 @@ fn sms_reachable(patient: &patient::Model, practice: &practice::Model) -> bool {
         && patient.mobile_phone.is_some()
 }
 
-/// The message a client transaction id stored, with its deliveries.
-async fn stored_by_txn(
+/// The message a retry of this send would repeat: the one the provider's message id
+/// stored (a text from a gateway; without its deliveries, as a text has none), or the
+/// one `txn_key` stored, with its deliveries.
+async fn stored_before(
     db: &impl ConnectionTrait,
     patient_id: &str,
-    key: &str,
+    author: &Author,
+    txn_key: Option<&str>,
 ) -> Result<Option<(message::Model, Vec<delivery::Model>)>, DbErr> {
+    if let Author::PatientSms {
+        gateway,
+        provider_message_id,
+    } = author
+    {
+        return Ok(message::Entity::find()
+            .filter(message::Column::Gateway.eq(gateway.clone()))
+            .filter(message::Column::ProviderMessageId.eq(provider_message_id.clone()))
+            .one(db)
+            .await?
+            .map(|earlier| (earlier, Vec::new())));
+    }
+    let Some(key) = txn_key else {
+        return Ok(None);
+    };
     let Some(earlier) = message::Entity::find()
         .filter(message::Column::PatientId.eq(patient_id))
         .filter(message::Column::ClientTxnKey.eq(key))

@@ -25,6 +25,7 @@ use sea_orm::ActiveValue::Set;
 use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QuerySelect};
 
 use crate::actors::conversation::Sms;
+use crate::phi::Phi;
 use crate::sms::auth::SmsOp;
 use crate::state::Shared;
 use crate::timers::{self, FireOutcome, TimerError, TimerHandler};
@@ -92,7 +93,7 @@ pub async fn follow_up(
     phone: &str,
 ) -> Result<FireOutcome, TimerError> {
     let patients = patients_on(&state.db, practice_id, phone).await?;
-    if !tell_patients(state, client, &patients).await {
+    if !tell_patients(state, client, phone, &patients).await {
         return Err(TimerError::Handler(
             "a patient's actor did not take the carrier's opt-out".to_owned(),
         ));
@@ -142,10 +143,11 @@ pub fn handler(state: &Shared) -> Arc<dyn TimerHandler> {
     )
 }
 
-/// Tells each patient's actor that the carrier reports their number unsubscribed
-/// (after [`number_opted_out`] committed). Returns whether every patient took it;
-/// failures are logged.
-pub async fn tell_patients(state: &Shared, client: &str, patients: &[String]) -> bool {
+/// Tells each patient's actor that the carrier reports `phone`, their number,
+/// unsubscribed (after [`number_opted_out`] committed); a patient whose number has
+/// changed since is left as is. Returns whether every patient took it; failures are
+/// logged.
+pub async fn tell_patients(state: &Shared, client: &str, phone: &str, patients: &[String]) -> bool {
     let mut all = true;
     for patient_id in patients {
         let told = state
@@ -154,7 +156,9 @@ pub async fn tell_patients(state: &Shared, client: &str, patients: &[String]) ->
                 patient_id,
                 Sms {
                     client: format!("gateway:{client}"),
-                    op: SmsOp::CarrierUnsubscribed,
+                    op: SmsOp::CarrierUnsubscribed {
+                        phone: Phi::new(phone.to_owned()),
+                    },
                 },
             )
             .await;

@@ -76,8 +76,13 @@ pub enum SmsOp {
         /// The session.
         session_id: String,
     },
-    /// The provider said the recipient unsubscribed.
-    CarrierUnsubscribed,
+    /// The provider said the recipient `phone` (E.164) unsubscribed. Applies only
+    /// while it is still the patient's number: one that changed in between is not
+    /// the patient's to lose (the reported number itself is already opted out).
+    CarrierUnsubscribed {
+        /// The number the provider reported.
+        phone: Phi<String>,
+    },
     /// The admin sync's upsert of an existing patient whose mobile number differs from
     /// the stored one (`None`: removed). The upsert (`unit`: the admin-owned columns,
     /// programs, care team, audit entry) commits with the new number and what it does
@@ -842,7 +847,9 @@ async fn try_run(
             .await
         }
         SmsOp::Expire { session_id } => expire(state, patient, practice, seq, &session_id).await,
-        SmsOp::CarrierUnsubscribed => carrier_unsubscribed(state, patient, practice, seq).await,
+        SmsOp::CarrierUnsubscribed { phone } => {
+            carrier_unsubscribed(state, patient, practice, seq, phone.expose()).await
+        }
         SmsOp::AdminNumber { .. } => Err(SmsError::Storage(
             "an admin upsert reached the SMS dispatch".into(),
         )),
@@ -1201,8 +1208,13 @@ async fn carrier_unsubscribed(
     patient: patient::Model,
     practice: practice::Model,
     seq: i64,
+    reported: &str,
 ) -> Result<(i64, ReplyOutcome), SmsError> {
-    let Some(phone) = patient.mobile_phone.clone() else {
+    let Some(phone) = patient
+        .mobile_phone
+        .clone()
+        .filter(|phone| phone == reported)
+    else {
         return Ok((seq, ReplyOutcome::NotForPatient));
     };
     if patient.sms_status == SmsStatus::OptedOut {
