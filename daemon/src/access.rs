@@ -261,16 +261,17 @@ pub(crate) async fn active_patient(
 /// The acting users of recent staff requests, so that a staff request does not read
 /// its user on every call (the `Staff` extractor).
 ///
-/// **Invalidation.** Every admin write forgets them all ([`Users::forget_all`], from
-/// the admin routes' layer, also when such a request fails or is cancelled): users and
-/// practices change only through the admin API. A reader takes the generation
-/// *before* it reads the database and files what it read under that generation, so a
-/// read that raced an admin commit is filed under the generation that the commit's
-/// `forget_all` then retires. What a generation cannot cover is an admin write whose
-/// outcome was unknown when its request ended (it may commit after the forget): each
-/// entry is therefore also kept at most [`USER_TTL`]. The cache lives and dies with the
-/// process; a standby serves no staff request, and a daemon that steps down
-/// re-executes itself.
+/// **Invalidation.** Every admin request that may write forgets them all
+/// ([`Users::forget_all`], from the admin routes' layer, once its handler has
+/// finished — the handler runs in a task of its own, so a request the timeout cancels
+/// still forgets only after its write committed or failed): users and practices
+/// change only through the admin API. A reader takes the generation *before* it reads
+/// the database and files what it read under that generation, so a read that raced
+/// an admin commit is filed under the generation that the commit's `forget_all` then
+/// retires. As a second guard, an entry is used at most [`USER_TTL`]. The same
+/// generation ([`Users::generation`]) guards the patient rows a conversation actor
+/// remembers. All of it lives and dies with the process; a standby serves no staff
+/// request, and a daemon that steps down re-executes itself.
 #[derive(Debug, Default)]
 pub struct Users {
     generation: AtomicU64,
@@ -326,6 +327,13 @@ impl Users {
             );
         }
         Ok(user)
+    }
+
+    /// The admin-write generation: it moves on after every admin request that may
+    /// have written. Take it before reading admin-owned rows; what was read under an
+    /// older one must not be used.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Forgets every remembered user: after any admin write.

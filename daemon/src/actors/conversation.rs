@@ -70,6 +70,9 @@ pub struct SendMessage {
     /// is claimed, where consent and the SMS status are checked in the claim's own
     /// unit (`gateways::outbox`), so nothing reaches a number that opted out.
     pub rows: Option<Box<Rows>>,
+    /// The practices the calling client serves (`None`: every one): a patient of
+    /// another practice is not found.
+    pub serves: Option<Vec<String>>,
 }
 
 /// What a caller read of the patient before it sent (see [`SendMessage::rows`]).
@@ -120,6 +123,7 @@ impl SendMessage {
             body,
             client_txn_id: None,
             rows: None,
+            serves: None,
         }
     }
 }
@@ -260,6 +264,11 @@ struct Known {
     markers: HashMap<String, i64>,
     // Whether a staff message is not yet stamped read by the patient; `None`: not known.
     unread_by_patient: Option<bool>,
+    // The patient's and practice's rows as this actor last read them, with the
+    // admin-write generation taken before that read (`access::Users::generation`):
+    // used only while no admin request has written since, and forgotten by every
+    // SMS step (the only other writer of the patient's row).
+    rows: Option<(Box<Rows>, u64)>,
 }
 
 impl Known {
@@ -419,6 +428,7 @@ impl Handler<Sms> for ConversationActor {
                 )),
             ));
             actor.known.last_seq = last_seq;
+            actor.known.rows = None;
             result
         })))
     }
@@ -475,15 +485,24 @@ async fn try_send_known(
     state: &Shared,
     patient_id: &str,
     known_state: &mut Known,
-    msg: SendMessage,
+    mut msg: SendMessage,
 ) -> Result<(i64, Stored), SendError> {
     let db = &state.db;
     let last_seq = known_state.last_seq;
-    let rows = match msg.rows {
-        Some(rows) if rows.patient.id == patient_id => Some(*rows),
+    let generation = state.users.generation();
+    let given = msg.rows.take().filter(|rows| rows.patient.id == patient_id);
+    // What this actor read for an earlier patient message, if no admin request has
+    // written since (and no SMS step ran: those forget it).
+    let remembered = match (&given, &msg.author) {
+        (None, Author::Patient | Author::PatientSms { .. }) => known_state
+            .rows
+            .take()
+            .filter(|(_, seen)| *seen == generation)
+            .map(|(rows, _)| *rows),
         _ => None,
     };
-    let rows = match rows {
+    let read_here = given.is_none();
+    let rows = match given.map(|rows| *rows).or(remembered) {
         Some(rows) => rows,
         None => {
             let (patient, practice) = crate::access::active_patient(db, patient_id)
@@ -506,10 +525,17 @@ async fn try_send_known(
             }
         }
     };
-    if !(rows.patient.active && rows.practice.active) {
+    if !(rows.patient.active && rows.practice.active)
+        || msg
+            .serves
+            .as_ref()
+            .is_some_and(|serves| !serves.contains(&rows.practice.id))
+    {
         return Err(SendError::NotFound);
     }
-    let msg = SendMessage { rows: None, ..msg };
+    if read_here {
+        known_state.rows = Some((Box::new(rows.clone()), generation));
+    }
     let Rows {
         patient, practice, ..
     } = &rows;

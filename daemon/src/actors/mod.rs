@@ -118,6 +118,15 @@ impl Conversations {
         self.live.lock().map(|l| l.len()).unwrap_or(0)
     }
 
+    /// Whether the actor of `patient_id` is live now (it may passivate the next
+    /// moment: a hint, never a promise).
+    pub fn is_live(&self, patient_id: &str) -> bool {
+        self.live
+            .lock()
+            .map(|l| l.contains_key(patient_id))
+            .unwrap_or(false)
+    }
+
     /// Sends `message` to the actor of `patient_id`, starting it if needed. An actor
     /// that passivated between lookup and send is replaced and the message sent again.
     pub async fn send<M>(&self, patient_id: &str, message: M) -> Result<M::Result, ActorError>

@@ -3,13 +3,14 @@
 //! stream plumbing.
 
 use std::convert::Infallible;
+use std::sync::LazyLock;
 
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use caremsg_entities::{delivery, message};
 use chrono::{DateTime, Utc};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{ConnectionTrait, DbErr, EntityTrait, FromQueryResult, IdenStatic, Iterable, Value};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -17,6 +18,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::Caller;
 use crate::actors::conversation::{SendError, Stored};
 use crate::events::{ApiClientRef, EndReason, Event, Limits, Refused, Subscriber, Subscription};
+use crate::sql::statement;
 use crate::state::Shared;
 
 /// Default and largest page of a conversation.
@@ -133,28 +135,11 @@ pub async fn page(state: &Shared, patient_id: &str, query: &PageQuery) -> ApiRes
             "Must be a sequence number of at least 1.",
         ));
     }
-    let mut select = message::Entity::find().filter(message::Column::PatientId.eq(patient_id));
-    if let Some(before) = query.before {
-        select = select.filter(message::Column::Seq.lt(before));
-    }
-    let mut messages = select
-        .order_by_desc(message::Column::Seq)
-        .limit(limit + 1)
-        .all(&state.db)
-        .await?;
+    let (mut messages, deliveries) =
+        messages_with_deliveries(&state.db, patient_id, query.before, limit + 1).await?;
     let more = messages.len() as u64 > limit;
     messages.truncate(limit as usize);
     messages.reverse();
-    let ids: Vec<String> = messages.iter().map(|m| m.id.clone()).collect();
-    let deliveries = if ids.is_empty() {
-        Vec::new()
-    } else {
-        delivery::Entity::find()
-            .filter(delivery::Column::MessageId.is_in(ids))
-            .order_by_asc(delivery::Column::Channel)
-            .all(&state.db)
-            .await?
-    };
     let next_cursor = if more {
         messages.first().map(|m| m.seq)
     } else {
@@ -177,6 +162,56 @@ pub async fn page(state: &Shared, patient_id: &str, query: &PageQuery) -> ApiRes
         next_cursor,
         last_seq,
     })
+}
+
+/// The statements of [`messages_with_deliveries`]: without and with `before`.
+static PAGE_SQL: [LazyLock<String>; 2] = [
+    LazyLock::new(|| page_sql(false)),
+    LazyLock::new(|| page_sql(true)),
+];
+
+fn page_sql(before: bool) -> String {
+    let mut columns: Vec<String> = message::Column::iter()
+        .map(|c| format!("m.{0} AS m_{0}", c.as_str()))
+        .collect();
+    columns.extend(delivery::Column::iter().map(|c| format!("d.{0} AS d_{0}", c.as_str())));
+    format!(
+        "SELECT {} FROM (SELECT * FROM messages WHERE patient_id = ?{} \
+           ORDER BY seq DESC LIMIT ?) m \
+         LEFT JOIN deliveries d ON d.message_id = m.id \
+         ORDER BY m.seq DESC, d.channel ASC",
+        columns.join(", "),
+        if before { " AND seq < ?" } else { "" }
+    )
+}
+
+/// The newest `limit` messages of `patient_id` (before sequence number `before`),
+/// newest first, and their deliveries: one statement.
+async fn messages_with_deliveries(
+    db: &impl ConnectionTrait,
+    patient_id: &str,
+    before: Option<i64>,
+    limit: u64,
+) -> Result<(Vec<message::Model>, Vec<delivery::Model>), DbErr> {
+    let mut values: Vec<Value> = vec![patient_id.to_owned().into()];
+    values.extend(before.map(Value::from));
+    values.push(i64::try_from(limit).unwrap_or(i64::MAX).into());
+    let sql = &PAGE_SQL[usize::from(before.is_some())];
+    let rows = db
+        .query_all_raw(statement(db.get_database_backend(), sql, values))
+        .await?;
+    let mut messages: Vec<message::Model> = Vec::new();
+    let mut deliveries = Vec::new();
+    for row in rows {
+        let id: String = row.try_get("", "m_id")?;
+        if messages.last().is_none_or(|m| m.id != id) {
+            messages.push(message::Model::from_query_result(&row, "m_")?);
+        }
+        if row.try_get::<Option<String>>("", "d_id")?.is_some() {
+            deliveries.push(delivery::Model::from_query_result(&row, "d_")?);
+        }
+    }
+    Ok((messages, deliveries))
 }
 
 /// `{body, client_txn_id}` of a send.

@@ -91,23 +91,41 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-/// Every admin request that may write forgets the remembered acting users
-/// ([`crate::access::Users`]) when it ends, however it ends: answered, failed, or
-/// cancelled by the request timeout (a guard's drop).
+/// Every admin request that may write forgets what is remembered of admin-owned rows
+/// (the acting users, `access::Users`; the patient rows a conversation actor keeps)
+/// when its handler has finished, however the request ends. The handler runs in a
+/// task of its own, so a request cancelled by the request timeout does not cancel
+/// the work: the forget comes after the handler's write has committed or failed,
+/// never before a commit that would then make what is remembered stale.
 async fn admin_writes_forget_users(
     State(state): State<Shared>,
     request: Request,
     next: Next,
 ) -> Response {
-    struct Forget(Shared);
-    impl Drop for Forget {
-        fn drop(&mut self) {
-            self.0.users.forget_all();
+    if matches!(*request.method(), Method::GET | Method::HEAD) {
+        return next.run(request).await;
+    }
+    let task_state = state.clone();
+    let handler = tokio::spawn(async move {
+        let response = next.run(request).await;
+        task_state.users.forget_all();
+        response
+    });
+    match handler.await {
+        Ok(response) => response,
+        Err(_) => {
+            state.users.forget_all();
+            tracing::error!(
+                "An admin request's handler panicked; what was remembered is forgotten."
+            );
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "The server failed; see its log.",
+            )
+            .into_response()
         }
     }
-    let _forget =
-        (!matches!(*request.method(), Method::GET | Method::HEAD)).then(|| Forget(state.clone()));
-    next.run(request).await
 }
 
 async fn not_found() -> ApiError {

@@ -98,17 +98,27 @@ pub async fn send(
     ApiPath(patient_id): ApiPath<String>,
     ApiJson(input): ApiJson<SendIn>,
 ) -> ApiResult<impl IntoResponse> {
-    let (patient, practice) = portal_patient(&state, &caller, &patient_id).await?;
+    // A live actor remembers the patient's rows (or reads them) and checks what
+    // `portal_patient` checks: active, of a practice this client serves, portal chat
+    // on, enrolled. With none live, they are read here first, so that an id that is
+    // no patient's starts no actor.
+    let rows = if state.conversations.is_live(&patient_id) {
+        None
+    } else {
+        let (patient, practice) = portal_patient(&state, &caller, &patient_id).await?;
+        Some(Rows::of(patient, practice))
+    };
     let stored = state
         .conversations
         .send(
-            &patient.id.clone(),
+            &patient_id,
             SendMessage {
                 author: Author::Patient,
                 client: caller.client,
                 body: Phi::new(input.body),
                 client_txn_id: input.client_txn_id,
-                rows: Some(Rows::of(patient, practice)),
+                rows,
+                serves: caller.practices,
             },
         )
         .await??;

@@ -555,6 +555,7 @@ pub async fn send(
                 body: Phi::new(input.body),
                 client_txn_id: input.client_txn_id,
                 rows: Some(access.into()),
+                serves: None,
             },
         )
         .await??;

@@ -181,6 +181,7 @@ async fn measure(
                         body: Phi::new("Could someone call me about my refill?".to_owned()),
                         client_txn_id: Some(format!("n{i}")),
                         rows: None,
+                        serves: None,
                     };
                     let sent = state
                         .conversations
