@@ -318,6 +318,50 @@ impl TestDaemon {
         assert_eq!(status, StatusCode::OK, "{body}");
     }
 
+    /// A text from `from` to practice `practice`'s first number, routed as a gateway
+    /// hands one over (a new provider message id each time).
+    pub async fn text_to(
+        &self,
+        practice: &str,
+        from: &str,
+        body: &str,
+    ) -> caremsgd::gateways::inbound::EventOutcome {
+        use caremsg_entities::practice_sms_number;
+        use caremsgd::gateways::inbound::{InboundSms, route};
+        use caremsgd::phi::Phi;
+        use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+        static NEXT_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+        let to = practice_sms_number::Entity::find()
+            .filter(practice_sms_number::Column::PracticeId.eq(practice))
+            .order_by_asc(practice_sms_number::Column::Number)
+            .one(&self.daemon().state().db)
+            .await
+            .unwrap()
+            .unwrap()
+            .number;
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let sms = InboundSms {
+            gateway: "loopback".into(),
+            provider_message_id: format!("in-{id}"),
+            from: Phi::new(from.to_owned()),
+            to: Phi::new(to),
+            body: Phi::new(body.to_owned()),
+        };
+        route(self.daemon().state(), sms).await.unwrap()
+    }
+
+    /// The messages of `patient`'s conversation, oldest first (from the database).
+    pub async fn messages_of(&self, patient: &str) -> Vec<caremsg_entities::message::Model> {
+        use caremsg_entities::message;
+        use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+        message::Entity::find()
+            .filter(message::Column::PatientId.eq(patient))
+            .order_by_asc(message::Column::Seq)
+            .all(&self.daemon().state().db)
+            .await
+            .unwrap()
+    }
+
     /// Creates a patient of a practice.
     pub async fn patient(&self, practice: &str, id: &str, programs: &[&str], care_team: &[&str]) {
         let (status, body) = self

@@ -6,14 +6,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is a failed test.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
 use caremsg_entities::{DeliveryStatus, Direction, delivery, message, practice_sms_number};
 use caremsg_tests::{STAFF_TOKEN, TestDaemon, patient_body};
 use caremsgd::gateways::inbound::{EventOutcome, InboundSms, route};
 use caremsgd::phi::Phi;
 use reqwest::{Method, StatusCode};
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
+use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
 use serde_json::{Value, json};
 
 /// pat1's number as the platform first sends it ("(201) 555-0123").
@@ -49,28 +47,11 @@ fn status_of(view: &Value) -> (Option<&str>, Option<&str>) {
     (view["status"].as_str(), view["reason"].as_str())
 }
 
-static NEXT_ID: AtomicU32 = AtomicU32::new(1);
-
 /// A text from `from` to practice p1's number, as a gateway would hand it over.
 async fn text(d: &TestDaemon, from: &str, body: &str) -> EventOutcome {
-    let to = practice_sms_number::Entity::find()
-        .filter(practice_sms_number::Column::PracticeId.eq("p1"))
-        .one(&d.daemon().state().db)
-        .await
-        .unwrap()
-        .unwrap()
-        .number;
-    let sms = InboundSms {
-        gateway: "loopback".into(),
-        provider_message_id: format!("in-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
-        from: Phi::new(from.to_owned()),
-        to: Phi::new(to),
-        body: Phi::new(body.to_owned()),
-    };
-    route(d.daemon().state(), sms).await.unwrap()
+    d.text_to("p1", from, body).await
 }
 
-/// How many deliveries (of any purpose) were ever queued for `to`.
 async fn deliveries_to(d: &TestDaemon, to: &str) -> u64 {
     delivery::Entity::find()
         .filter(delivery::Column::Recipient.eq(to))
@@ -80,12 +61,7 @@ async fn deliveries_to(d: &TestDaemon, to: &str) -> u64 {
 }
 
 async fn messages(d: &TestDaemon, patient: &str) -> Vec<message::Model> {
-    message::Entity::find()
-        .filter(message::Column::PatientId.eq(patient))
-        .order_by_asc(message::Column::Seq)
-        .all(&d.daemon().state().db)
-        .await
-        .unwrap()
+    d.messages_of(patient).await
 }
 
 /// pat1's admin body with `mobile_phone` set to `phone` (`None`: left out).

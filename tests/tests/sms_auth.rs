@@ -5,12 +5,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is a failed test.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
-use caremsg_entities::{DeliveryPurpose, delivery, message, practice_sms_number};
+use caremsg_entities::{DeliveryPurpose, delivery, message};
 use caremsg_tests::{STAFF_TOKEN, TestDaemon, patient_body};
-use caremsgd::gateways::inbound::{EventOutcome, InboundSms, route};
-use caremsgd::phi::Phi;
+use caremsgd::gateways::inbound::EventOutcome;
 use reqwest::{Method, StatusCode};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use serde_json::{Value, json};
@@ -49,28 +46,11 @@ async fn sms_view(d: &TestDaemon, patient: &str) -> Value {
     view
 }
 
-static NEXT_ID: AtomicU32 = AtomicU32::new(1);
-
 /// A text from `from` to practice p1's number, as a gateway would hand it over.
 async fn text(d: &TestDaemon, from: &str, body: &str) -> EventOutcome {
-    let to = practice_sms_number::Entity::find()
-        .filter(practice_sms_number::Column::PracticeId.eq("p1"))
-        .one(&d.daemon().state().db)
-        .await
-        .unwrap()
-        .unwrap()
-        .number;
-    let sms = InboundSms {
-        gateway: "loopback".into(),
-        provider_message_id: format!("in-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
-        from: Phi::new(from.to_owned()),
-        to: Phi::new(to),
-        body: Phi::new(body.to_owned()),
-    };
-    route(d.daemon().state(), sms).await.unwrap()
+    d.text_to("p1", from, body).await
 }
 
-/// Every text queued for `to` by the authentication, oldest first.
 async fn texts_to(d: &TestDaemon, to: &str) -> Vec<delivery::Model> {
     delivery::Entity::find()
         .filter(delivery::Column::Recipient.eq(to))
@@ -83,12 +63,7 @@ async fn texts_to(d: &TestDaemon, to: &str) -> Vec<delivery::Model> {
 }
 
 async fn messages(d: &TestDaemon, patient: &str) -> Vec<message::Model> {
-    message::Entity::find()
-        .filter(message::Column::PatientId.eq(patient))
-        .order_by_asc(message::Column::Seq)
-        .all(&d.daemon().state().db)
-        .await
-        .unwrap()
+    d.messages_of(patient).await
 }
 
 /// Practice p1 (SMS on), user u1, patient pat1 (DOB 1950-04-07, mobile PHONE).

@@ -792,6 +792,22 @@ pub async fn run(
     }
 }
 
+/// `known`, or the conversation's newest sequence number read from the database.
+async fn last_seq_of(
+    state: &Shared,
+    patient_id: &str,
+    known: Option<i64>,
+) -> Result<i64, SmsError> {
+    match known {
+        Some(seq) => Ok(seq),
+        None => Ok(conversation::Entity::find_by_id(patient_id.to_owned())
+            .one(&state.db)
+            .await?
+            .ok_or(SmsError::NotFound)?
+            .last_seq),
+    }
+}
+
 async fn try_run(
     state: &Shared,
     patient_id: &str,
@@ -811,16 +827,7 @@ async fn try_run(
     let (patient, practice) = crate::access::active_patient(&state.db, patient_id)
         .await?
         .ok_or(SmsError::NotFound)?;
-    let seq = match last_seq {
-        Some(seq) => seq,
-        None => {
-            conversation::Entity::find_by_id(patient_id.to_owned())
-                .one(&state.db)
-                .await?
-                .ok_or(SmsError::NotFound)?
-                .last_seq
-        }
-    };
+    let seq = last_seq_of(state, patient_id, last_seq).await?;
     match op {
         SmsOp::Start {
             staff,
@@ -883,16 +890,7 @@ async fn admin_number(
         .one(&state.db)
         .await?
         .ok_or(SmsError::NotFound)?;
-    let seq = match last_seq {
-        Some(seq) => seq,
-        None => {
-            conversation::Entity::find_by_id(patient_id.to_owned())
-                .one(&state.db)
-                .await?
-                .ok_or(SmsError::NotFound)?
-                .last_seq
-        }
-    };
+    let seq = last_seq_of(state, patient_id, last_seq).await?;
     if patient.mobile_phone == mobile_phone {
         state.writer.write(unit).await?;
         return Ok((seq, ReplyOutcome::Status(patient.sms_status)));
