@@ -154,10 +154,13 @@ enum Conflict {
     /// Fail the unit.
     Fail,
     /// Update the columns `update` of the existing row with the inserted values (an
-    /// upsert keyed by the columns `key`); none: keep the row as it is.
+    /// upsert keyed by the columns `key`); none: keep the row as it is. With
+    /// `forward`, only when the inserted value of that column is greater than the
+    /// row's (a value that only moves forward).
     Update {
         key: Vec<&'static str>,
         update: Vec<&'static str>,
+        forward: Option<&'static str>,
     },
     /// Keep the existing row (an idempotent insert keyed by these columns).
     Ignore(Vec<&'static str>),
@@ -256,6 +259,29 @@ impl WriteUnit {
                 .copied()
                 .collect(),
             key,
+            forward: None,
+        })
+    }
+
+    /// [`WriteUnit::upsert`], except that the existing row is updated only when the
+    /// inserted `forward` column is greater than the row's: a value that only moves
+    /// forward (a read marker) stays where it is against a stale or repeated write,
+    /// whatever the caller believed the row held.
+    pub fn upsert_forward<A: ActiveModelTrait>(
+        self,
+        model: A,
+        key: &[<A::Entity as EntityTrait>::Column],
+        forward: <A::Entity as EntityTrait>::Column,
+    ) -> Self {
+        let key: Vec<&'static str> = key.iter().map(|c| c.as_str()).collect();
+        self.push_row(model, |columns| Conflict::Update {
+            update: columns
+                .iter()
+                .filter(|c| !key.contains(c))
+                .copied()
+                .collect(),
+            key,
+            forward: Some(forward.as_str()),
         })
     }
 
@@ -279,6 +305,7 @@ impl WriteUnit {
         self.push_row(model, |columns| Conflict::Update {
             update: update.into_iter().filter(|c| columns.contains(c)).collect(),
             key,
+            forward: None,
         })
     }
 
@@ -1044,12 +1071,23 @@ fn insert_statement(
     }
     match conflict {
         Conflict::Fail => {}
-        Conflict::Update { key, update } => {
+        Conflict::Update {
+            key,
+            update,
+            forward,
+        } => {
             let mut on_conflict = OnConflict::columns(key.iter().map(|c| Alias::new(*c)));
             if update.is_empty() {
                 on_conflict.do_nothing();
             } else {
                 on_conflict.update_columns(update.iter().map(|c| Alias::new(*c)));
+                if let Some(column) = forward {
+                    use sea_orm::sea_query::ExprTrait;
+                    on_conflict.action_and_where(
+                        Expr::col((Alias::new(table), Alias::new(*column)))
+                            .lt(Expr::col((Alias::new("excluded"), Alias::new(*column)))),
+                    );
+                }
             }
             statement.on_conflict(on_conflict);
         }
@@ -1166,6 +1204,7 @@ mod tests {
             Conflict::Update {
                 key: vec!["practice_id", "phone"],
                 update: vec!["reason"],
+                forward: None,
             }
         );
         // Same table, columns and conflict: the batch merges them into one statement.
@@ -1191,6 +1230,7 @@ mod tests {
             Conflict::Update {
                 key: vec!["practice_id", "phone"],
                 update: vec!["opted_out"],
+                forward: None,
             }
         );
     }
@@ -1245,6 +1285,72 @@ mod tests {
                     ("b".into(), false, Some("y".into())),
                 ]
             );
+            db.rollback().await.unwrap();
+        }
+    }
+
+    /// A forward-only upsert leaves a row whose value is already as far or further,
+    /// and moves one that is behind, also in a merged statement.
+    #[tokio::test]
+    async fn a_forward_upsert_never_moves_a_value_back() {
+        // SQLite, and PostgreSQL when the suite runs against it.
+        let mut urls = vec!["sqlite::memory:".to_owned()];
+        urls.extend(std::env::var("DATABASE_URL").ok());
+        for url in urls {
+            let mut options = sea_orm::ConnectOptions::new(url);
+            options.max_connections(1).min_connections(1);
+            let db = sea_orm::Database::connect(options).await.unwrap();
+            let db = db.begin().await.unwrap();
+            db.execute_unprepared(
+                "CREATE TEMPORARY TABLE read_markers (patient_id TEXT NOT NULL, reader TEXT NOT NULL,
+                   last_read_seq BIGINT NOT NULL, read_at TIMESTAMPTZ NOT NULL,
+                   PRIMARY KEY (patient_id, reader));
+                 INSERT INTO read_markers VALUES ('p', 'a', 5, '2026-01-01T00:00:00Z'),
+                   ('p', 'b', 5, '2026-01-01T00:00:00Z');",
+            )
+            .await
+            .unwrap();
+            let marker = |reader: &str, seq: i64| {
+                use caremsg_entities::read_marker;
+                WriteUnit::new().upsert_forward(
+                    read_marker::ActiveModel {
+                        patient_id: sea_orm::ActiveValue::Set("p".into()),
+                        reader: sea_orm::ActiveValue::Set(reader.into()),
+                        last_read_seq: sea_orm::ActiveValue::Set(seq),
+                        read_at: sea_orm::ActiveValue::Set(chrono::Utc::now()),
+                    },
+                    &[read_marker::Column::PatientId, read_marker::Column::Reader],
+                    read_marker::Column::LastReadSeq,
+                )
+            };
+            let job = |unit| Job {
+                unit,
+                reply: oneshot::channel().0,
+            };
+            // Back (a: 3), forward (b: 7) and new (c: 2), merged into one statement.
+            let batch = [
+                job(marker("a", 3)),
+                job(marker("b", 7)),
+                job(marker("c", 2)),
+            ];
+            run_merged(&db, &batch).await.unwrap();
+            let rows = db
+                .query_all_raw(sea_orm::Statement::from_string(
+                    db.get_database_backend(),
+                    "SELECT reader, last_read_seq FROM read_markers ORDER BY reader",
+                ))
+                .await
+                .unwrap();
+            let got: Vec<(String, i64)> = rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.try_get("", "reader").unwrap(),
+                        r.try_get("", "last_read_seq").unwrap(),
+                    )
+                })
+                .collect();
+            assert_eq!(got, [("a".into(), 5), ("b".into(), 7), ("c".into(), 2)]);
             db.rollback().await.unwrap();
         }
     }

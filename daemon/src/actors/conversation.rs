@@ -950,7 +950,9 @@ impl MarkerUnit for WriteUnit {
         seq: i64,
         now: DateTime<Utc>,
     ) -> Self {
-        self.upsert(
+        // Forward only in SQL too: the actor writes a marker only forward from what
+        // it knows, and the statement keeps that promise whatever it knew.
+        self.upsert_forward(
             read_marker::ActiveModel {
                 patient_id: Set(patient_id.to_owned()),
                 reader: Set(reader.key()),
@@ -958,6 +960,7 @@ impl MarkerUnit for WriteUnit {
                 read_at: Set(now),
             },
             &[read_marker::Column::PatientId, read_marker::Column::Reader],
+            read_marker::Column::LastReadSeq,
         )
     }
 }
