@@ -1235,38 +1235,51 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_merged_upsert_updates_only_its_columns() {
-        // SQLite, and PostgreSQL when the suite runs against it.
+    /// Runs `units` as one merged batch after `setup` (temporary tables), in a
+    /// transaction rolled back after, on SQLite and, when `DATABASE_URL` names one,
+    /// PostgreSQL; returns the rows `query` reads back, once per back end.
+    async fn merged_on_each_backend(
+        setup: &str,
+        units: impl Fn() -> Vec<WriteUnit>,
+        query: &str,
+    ) -> Vec<Vec<sea_orm::QueryResult>> {
         let mut urls = vec!["sqlite::memory:".to_owned()];
         urls.extend(std::env::var("DATABASE_URL").ok());
+        let mut results = Vec::new();
         for url in urls {
             let mut options = sea_orm::ConnectOptions::new(url);
             options.max_connections(1).min_connections(1);
             let db = sea_orm::Database::connect(options).await.unwrap();
             let db = db.begin().await.unwrap();
-            db.execute_unprepared(
-                "CREATE TEMPORARY TABLE sms_consent (practice_id TEXT NOT NULL, phone TEXT NOT NULL,
-                   opted_out BOOLEAN NOT NULL, reason TEXT, changed_at TIMESTAMPTZ NOT NULL,
-                   PRIMARY KEY (practice_id, phone));
-                 INSERT INTO sms_consent VALUES ('p', 'a', TRUE, 'patient_stop', '2026-01-01T00:00:00Z');",
-            )
-            .await
-            .unwrap();
-            let job = |unit| Job {
-                unit,
-                reply: oneshot::channel().0,
-            };
-            // Two units, merged: one updates its existing row, the other inserts.
-            let batch = [job(consent_reason("a", "x")), job(consent_reason("b", "y"))];
+            db.execute_unprepared(setup).await.unwrap();
+            let batch: Vec<Job> = units()
+                .into_iter()
+                .map(|unit| Job {
+                    unit,
+                    reply: oneshot::channel().0,
+                })
+                .collect();
             run_merged(&db, &batch).await.unwrap();
-            let rows = db
-                .query_all_raw(sea_orm::Statement::from_string(
-                    db.get_database_backend(),
-                    "SELECT phone, opted_out, reason FROM sms_consent ORDER BY phone",
-                ))
-                .await
-                .unwrap();
+            let statement = sea_orm::Statement::from_string(db.get_database_backend(), query);
+            results.push(db.query_all_raw(statement).await.unwrap());
+            db.rollback().await.unwrap();
+        }
+        results
+    }
+
+    #[tokio::test]
+    async fn a_merged_upsert_updates_only_its_columns() {
+        let results = merged_on_each_backend(
+            "CREATE TEMPORARY TABLE sms_consent (practice_id TEXT NOT NULL, phone TEXT NOT NULL,
+               opted_out BOOLEAN NOT NULL, reason TEXT, changed_at TIMESTAMPTZ NOT NULL,
+               PRIMARY KEY (practice_id, phone));
+             INSERT INTO sms_consent VALUES ('p', 'a', TRUE, 'patient_stop', '2026-01-01T00:00:00Z');",
+            // Two units, merged: one updates its existing row, the other inserts.
+            || vec![consent_reason("a", "x"), consent_reason("b", "y")],
+            "SELECT phone, opted_out, reason FROM sms_consent ORDER BY phone",
+        )
+        .await;
+        for rows in results {
             let got: Vec<(String, bool, Option<String>)> = rows
                 .iter()
                 .map(|r| {
@@ -1285,7 +1298,6 @@ mod tests {
                     ("b".into(), false, Some("y".into())),
                 ]
             );
-            db.rollback().await.unwrap();
         }
     }
 
@@ -1293,54 +1305,31 @@ mod tests {
     /// and moves one that is behind, also in a merged statement.
     #[tokio::test]
     async fn a_forward_upsert_never_moves_a_value_back() {
-        // SQLite, and PostgreSQL when the suite runs against it.
-        let mut urls = vec!["sqlite::memory:".to_owned()];
-        urls.extend(std::env::var("DATABASE_URL").ok());
-        for url in urls {
-            let mut options = sea_orm::ConnectOptions::new(url);
-            options.max_connections(1).min_connections(1);
-            let db = sea_orm::Database::connect(options).await.unwrap();
-            let db = db.begin().await.unwrap();
-            db.execute_unprepared(
-                "CREATE TEMPORARY TABLE read_markers (patient_id TEXT NOT NULL, reader TEXT NOT NULL,
-                   last_read_seq BIGINT NOT NULL, read_at TIMESTAMPTZ NOT NULL,
-                   PRIMARY KEY (patient_id, reader));
-                 INSERT INTO read_markers VALUES ('p', 'a', 5, '2026-01-01T00:00:00Z'),
-                   ('p', 'b', 5, '2026-01-01T00:00:00Z');",
+        let marker = |reader: &str, seq: i64| {
+            use caremsg_entities::read_marker;
+            WriteUnit::new().upsert_forward(
+                read_marker::ActiveModel {
+                    patient_id: sea_orm::ActiveValue::Set("p".into()),
+                    reader: sea_orm::ActiveValue::Set(reader.into()),
+                    last_read_seq: sea_orm::ActiveValue::Set(seq),
+                    read_at: sea_orm::ActiveValue::Set(chrono::Utc::now()),
+                },
+                &[read_marker::Column::PatientId, read_marker::Column::Reader],
+                read_marker::Column::LastReadSeq,
             )
-            .await
-            .unwrap();
-            let marker = |reader: &str, seq: i64| {
-                use caremsg_entities::read_marker;
-                WriteUnit::new().upsert_forward(
-                    read_marker::ActiveModel {
-                        patient_id: sea_orm::ActiveValue::Set("p".into()),
-                        reader: sea_orm::ActiveValue::Set(reader.into()),
-                        last_read_seq: sea_orm::ActiveValue::Set(seq),
-                        read_at: sea_orm::ActiveValue::Set(chrono::Utc::now()),
-                    },
-                    &[read_marker::Column::PatientId, read_marker::Column::Reader],
-                    read_marker::Column::LastReadSeq,
-                )
-            };
-            let job = |unit| Job {
-                unit,
-                reply: oneshot::channel().0,
-            };
+        };
+        let results = merged_on_each_backend(
+            "CREATE TEMPORARY TABLE read_markers (patient_id TEXT NOT NULL, reader TEXT NOT NULL,
+               last_read_seq BIGINT NOT NULL, read_at TIMESTAMPTZ NOT NULL,
+               PRIMARY KEY (patient_id, reader));
+             INSERT INTO read_markers VALUES ('p', 'a', 5, '2026-01-01T00:00:00Z'),
+               ('p', 'b', 5, '2026-01-01T00:00:00Z');",
             // Back (a: 3), forward (b: 7) and new (c: 2), merged into one statement.
-            let batch = [
-                job(marker("a", 3)),
-                job(marker("b", 7)),
-                job(marker("c", 2)),
-            ];
-            run_merged(&db, &batch).await.unwrap();
-            let rows = db
-                .query_all_raw(sea_orm::Statement::from_string(
-                    db.get_database_backend(),
-                    "SELECT reader, last_read_seq FROM read_markers ORDER BY reader",
-                ))
-                .await
-                .unwrap();
+            || vec![marker("a", 3), marker("b", 7), marker("c", 2)],
+            "SELECT reader, last_read_seq FROM read_markers ORDER BY reader",
+        )
+        .await;
+        for rows in results {
             let got: Vec<(String, i64)> = rows
                 .iter()
                 .map(|r| {
@@ -1351,7 +1340,6 @@ mod tests {
                 })
                 .collect();
             assert_eq!(got, [("a".into(), 5), ("b".into(), 7), ("c".into(), 2)]);
-            db.rollback().await.unwrap();
         }
     }
 
