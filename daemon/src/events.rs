@@ -23,6 +23,8 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::Poll;
+#[cfg(test)]
 use std::time::Duration;
 
 use caremsg_config::{ApiClient, Scope};
@@ -33,7 +35,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 use tokio::sync::{broadcast, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::phi::Body;
 
@@ -483,23 +485,7 @@ impl Events {
     /// internal listeners. A message's or status change's staff audience is read (once
     /// per patient, then cached) only when its practice has staff streams open.
     pub async fn publish(&self, event: Event) {
-        let _ = self.inner.wake.send(event.clone());
-        let event = Published::new(event);
-        match &event.event {
-            Event::Notification { user_id, .. } => {
-                self.deliver(|s| s.staff.get(user_id).map(Vec::as_slice), &event);
-            }
-            Event::Message(message) => {
-                let patient = message.patient_id.as_str();
-                self.deliver(|s| s.portal.get(patient).map(Vec::as_slice), &event);
-                self.deliver_to_audience(patient, &message.practice_id, &event)
-                    .await;
-            }
-            Event::SmsStatus(change) => {
-                self.deliver_to_audience(&change.patient_id, &change.practice_id, &event)
-                    .await;
-            }
-        }
+        self.publish_all(vec![event]).await;
     }
 
     /// Publishes a notification to its user's streams (no audience to compute).
@@ -510,58 +496,95 @@ impl Events {
         };
         let _ = self.inner.wake.send(event.clone());
         let event = Published::new(event);
-        if let Event::Notification { user_id, .. } = &event.event {
-            self.deliver(|s| s.staff.get(user_id).map(Vec::as_slice), &event);
+        let streams = lock(&self.inner.streams);
+        if let Event::Notification { user_id, .. } = &event.event
+            && let Some(subs) = streams.staff.get(user_id)
+        {
+            for sub in subs {
+                self.offer(sub, &event);
+            }
         }
     }
 
-    async fn deliver_to_audience(
+    /// Publishes the changes of one commit (a message and the notifications it
+    /// caused, say), as [`Events::publish`] does each, but stream by stream: every
+    /// event for one stream is put in its channel before the next stream gets any, so
+    /// a stream woken by its first event finds the others already waiting and writes
+    /// them all at once (one socket write for a message and its notification, not
+    /// two). Each stream receives its events in the order given.
+    pub async fn publish_all(&self, events: Vec<Event>) {
+        let mut published = Vec::with_capacity(events.len());
+        let mut audiences = Vec::with_capacity(events.len());
+        for event in events {
+            let _ = self.inner.wake.send(event.clone());
+            let audience = match &event {
+                Event::Message(message) => {
+                    self.audience_if_streams(&message.patient_id, &message.practice_id)
+                        .await
+                }
+                Event::SmsStatus(change) => {
+                    self.audience_if_streams(&change.patient_id, &change.practice_id)
+                        .await
+                }
+                Event::Notification { .. } => None,
+            };
+            published.push(Published::new(event));
+            audiences.push(audience);
+        }
+        let streams = lock(&self.inner.streams);
+        // (stream, event) pairs, then grouped by stream keeping each one's order.
+        let mut pairs: Vec<(&Arc<Sub>, usize)> = Vec::new();
+        for (i, (event, audience)) in published.iter().zip(&audiences).enumerate() {
+            let staff = audience.iter().flat_map(|a| a.iter());
+            let lists: Vec<Option<&Vec<Arc<Sub>>>> = match &event.event {
+                Event::Notification { user_id, .. } => vec![streams.staff.get(user_id)],
+                Event::Message(message) => std::iter::once(&streams.portal)
+                    .map(|portal| portal.get(message.patient_id.as_str()))
+                    .chain(staff.map(|user_id| streams.staff.get(user_id)))
+                    .collect(),
+                Event::SmsStatus(_) => staff.map(|user_id| streams.staff.get(user_id)).collect(),
+            };
+            pairs.extend(lists.into_iter().flatten().flatten().map(|sub| (sub, i)));
+        }
+        pairs.sort_by_key(|(sub, _)| sub.id);
+        for (sub, i) in pairs {
+            self.offer(sub, &published[i]);
+        }
+    }
+
+    /// The staff audience of `patient_id`'s events, when its practice has staff
+    /// streams open (`None` otherwise, or when it could not be read).
+    async fn audience_if_streams(
         &self,
         patient_id: &str,
         practice_id: &str,
-        event: &Arc<Published>,
-    ) {
+    ) -> Option<Arc<[String]>> {
         if !lock(&self.inner.streams)
             .staff_per_practice
             .contains_key(practice_id)
         {
-            return;
+            return None;
         }
-        let audience = match self.audience(patient_id).await {
-            Ok(audience) => audience,
+        match self.audience(patient_id).await {
+            Ok(audience) => Some(audience),
             Err(err) => {
                 // The change is stored; streams miss it, as when they lag.
                 tracing::warn!(patient_id, error = %err, "An event's audience could not be read; streams miss it.");
-                return;
-            }
-        };
-        let streams = lock(&self.inner.streams);
-        for user_id in audience.iter() {
-            if let Some(subs) = streams.staff.get(user_id) {
-                self.offer(subs, event);
+                None
             }
         }
     }
 
-    fn deliver(&self, pick: impl FnOnce(&Streams) -> Option<&[Arc<Sub>]>, event: &Arc<Published>) {
-        let streams = lock(&self.inner.streams);
-        if let Some(subs) = pick(&streams) {
-            self.offer(subs, event);
-        }
-    }
-
-    /// Puts `event` into each of `subs`' channels; a full channel ends its stream.
-    fn offer(&self, subs: &[Arc<Sub>], event: &Arc<Published>) {
-        for sub in subs {
-            match sub.tx.try_send(event.clone()) {
-                Ok(()) => {
-                    self.inner.metrics.delivered.inc();
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    sub.end(EndReason::SlowConsumer, &self.inner.metrics);
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+    /// Puts `event` into `sub`'s channel; a full channel ends its stream.
+    fn offer(&self, sub: &Sub, event: &Arc<Published>) {
+        match sub.tx.try_send(event.clone()) {
+            Ok(()) => {
+                self.inner.metrics.delivered.inc();
             }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                sub.end(EndReason::SlowConsumer, &self.inner.metrics);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 
@@ -731,37 +754,41 @@ impl Subscription {
     /// The next event, or why the stream ends: `Err(None)` when the hub is gone,
     /// `Err(Some(reason))` when the daemon ended it, including after `idle` without
     /// an event.
+    #[cfg(test)]
     pub async fn next(&mut self, idle: Duration) -> Result<Arc<Published>, Option<EndReason>> {
-        let at = tokio::time::Instant::now() + idle;
-        loop {
-            if let Some(event) = self.next_before(at, at).await? {
-                return Ok(event);
-            }
+        let received = tokio::select! {
+            biased;
+            () = self.sub.cancel.cancelled() => return Err(self.end_reason()),
+            received = tokio::time::timeout(idle, self.rx.recv()) => received,
+        };
+        match received {
+            Ok(Some(event)) => Ok(event),
+            Ok(None) => Err(None),
+            Err(_) => Err(self.end_idle()),
         }
     }
 
-    /// The next event; `Ok(None)` when `wake` came first (time for a keep-alive);
-    /// the stream ends idle (`Err(Some(Idle))`) when `idle_at` comes first, or as
-    /// [`Subscription::next`] says.
-    pub async fn next_before(
-        &mut self,
-        idle_at: tokio::time::Instant,
-        wake: tokio::time::Instant,
-    ) -> Result<Option<Arc<Published>>, Option<EndReason>> {
-        let received = tokio::select! {
-            biased;
-            () = self.sub.cancel.cancelled() => return Err(self.sub.reason.get().copied()),
-            received = tokio::time::timeout_at(idle_at.min(wake), self.rx.recv()) => received,
-        };
-        match received {
-            Ok(Some(event)) => Ok(Some(event)),
-            Ok(None) => Err(None),
-            Err(_) if wake < idle_at => Ok(None),
-            Err(_) => {
-                self.sub.end(EndReason::Idle, &self.hub.metrics);
-                Err(self.sub.reason.get().copied())
-            }
-        }
+    /// Polls for the next event; `Ready(None)` when the hub is gone.
+    pub fn poll_event(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Option<Arc<Published>>> {
+        self.rx.poll_recv(cx)
+    }
+
+    /// Completes when the daemon ends this stream ([`Subscription::end_reason`] says
+    /// why); made once per stream.
+    pub fn ended(&self) -> WaitForCancellationFutureOwned {
+        self.sub.cancel.clone().cancelled_owned()
+    }
+
+    /// Why the daemon ended this stream, if it did.
+    pub fn end_reason(&self) -> Option<EndReason> {
+        self.sub.reason.get().copied()
+    }
+
+    /// Ends this stream for being idle; returns why it ended (an earlier reason
+    /// wins).
+    pub fn end_idle(&self) -> Option<EndReason> {
+        self.sub.end(EndReason::Idle, &self.hub.metrics);
+        self.end_reason()
     }
 
     /// An event already waiting, if any and the stream was not ended: for writing
@@ -927,22 +954,6 @@ mod tests {
         assert!(
             stream.try_next().is_none(),
             "an ended stream gives nothing more"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_keep_alive_is_due_before_the_idle_end() {
-        let events = hub();
-        let mut stream = events.open(staff("a"), &CLIENT, limits(9, 9, 8)).unwrap();
-        let now = tokio::time::Instant::now();
-        let idle_at = now + Duration::from_secs(3600);
-        assert!(matches!(stream.next_before(idle_at, now).await, Ok(None)));
-        assert_eq!(
-            stream
-                .next_before(now, now + Duration::from_secs(3600))
-                .await
-                .unwrap_err(),
-            Some(EndReason::Idle)
         );
     }
 

@@ -722,7 +722,7 @@ async fn two_way_texting_reaches_the_panel_and_the_starter_with_the_setting_on()
         for _ in 0..2 {
             let mut notify = on_sms_status(&state.db, &config, &change).await.unwrap();
             state.writer.write(notify.take_unit()).await.unwrap();
-            notify.publish(&state);
+            notify.publish(&state).await;
         }
         let rows: Vec<notification::Model> = stored(&d, NotificationKind::SmsStatus)
             .await

@@ -843,18 +843,15 @@ async fn store(
         Author::PatientSms { .. } => {}
     }
     state.metrics.messages_stored.inc();
-    state
-        .events
-        .publish(Event::Message(Arc::new(MessageEvent {
-            patient_id: patient.id.clone(),
-            practice_id: practice.id.clone(),
-            seq,
-            direction,
-            channel,
-            body: msg.body.clone(),
-        })))
-        .await;
-    notify.publish(state);
+    let message = Event::Message(Arc::new(MessageEvent {
+        patient_id: patient.id.clone(),
+        practice_id: practice.id.clone(),
+        seq,
+        direction,
+        channel,
+        body: msg.body.clone(),
+    }));
+    notify.publish_with(state, vec![message]).await;
     Ok((
         seq,
         Stored {

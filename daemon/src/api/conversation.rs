@@ -3,7 +3,11 @@
 //! stream plumbing.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::LazyLock;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -12,6 +16,8 @@ use caremsg_entities::{delivery, message};
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbErr, EntityTrait, FromQueryResult, IdenStatic, Iterable, Value};
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiResult};
@@ -480,56 +486,20 @@ const STREAM_RETRY_AFTER_SECS: &str = "30";
 
 /// The server-sent event stream of `subscription`: the events `shows` lets through
 /// (the hub delivered only what this subscriber may see), keep-alive comments after
-/// `server.sse_keepalive` without an event, a last `end` event when the daemon ends
-/// the stream (access lost, slow consumer, idle), and a plain end when the daemon
-/// stops serving. Events already waiting are written together, in one chunk: a
-/// message and its notification, when both are waiting, cost the stream one socket
-/// write, not two.
+/// `server.sse_keepalive` without a write, a last `end` event when the daemon ends
+/// the stream (access lost, slow consumer, or `events.idle_timeout` without an
+/// event), and a plain end when the daemon stops serving. Events already waiting are
+/// written together, in one chunk: a message and its notification, published
+/// together, cost the stream one socket write, not two.
 pub fn stream(state: &Shared, subscription: Subscription, shows: fn(&Event) -> bool) -> Response {
     let settings = state.settings.load();
-    let idle = settings.events.idle_timeout;
-    let keepalive = settings.server.sse_keepalive;
-    let shutdown = state.shutdown.clone();
-    let start = tokio::time::Instant::now();
-    let chunks = futures::stream::unfold(Some((subscription, start + idle)), move |open| {
-        let shutdown = shutdown.clone();
-        async move {
-            let (mut subscription, mut idle_at) = open?;
-            let wake = tokio::time::Instant::now() + keepalive;
-            loop {
-                let next = tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => return None,
-                    next = subscription.next_before(idle_at, wake) => next,
-                };
-                let first = match next {
-                    Ok(Some(event)) => event,
-                    Ok(None) => {
-                        let chunk = Bytes::from_static(KEEP_ALIVE);
-                        return Some((Ok::<_, Infallible>(chunk), Some((subscription, idle_at))));
-                    }
-                    Err(Some(reason)) => return Some((Ok(end_event(reason)), None)),
-                    Err(None) => return None,
-                };
-                idle_at = tokio::time::Instant::now() + idle;
-                let mut chunk = BytesMut::new();
-                let mut event = Some(first);
-                while let Some(published) = event {
-                    if shows(&published.event) {
-                        chunk.extend_from_slice(&published.wire(wire));
-                    }
-                    event = if chunk.len() < MAX_CHUNK {
-                        subscription.try_next()
-                    } else {
-                        None
-                    };
-                }
-                if !chunk.is_empty() {
-                    return Some((Ok(chunk.freeze()), Some((subscription, idle_at))));
-                }
-            }
-        }
-    });
+    let chunks = EventChunks::new(
+        subscription,
+        shows,
+        state.shutdown.clone(),
+        settings.events.idle_timeout,
+        settings.server.sse_keepalive,
+    );
     (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
@@ -538,4 +508,266 @@ pub fn stream(state: &Shared, subscription: Subscription, shows: fn(&Event) -> b
         axum::body::Body::from_stream(chunks),
     )
         .into_response()
+}
+
+/// The chunks of one event stream ([`stream`]). What it waits on is made once per
+/// stream, not once per event: an event costs a channel receive and a clock read,
+/// and the one timer (keep-alive or idle end, whichever is first) moves only when it
+/// fires early.
+struct EventChunks {
+    subscription: Subscription,
+    shows: fn(&Event) -> bool,
+    // The daemon stops serving: a plain end.
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    // The daemon ended the stream: the `end` event.
+    ended: Pin<Box<WaitForCancellationFutureOwned>>,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    idle: Duration,
+    keepalive: Duration,
+    // The last event received (shown or not): the stream ends `idle` after it.
+    last_event: Instant,
+    // The last chunk written: a keep-alive is due `keepalive` after it.
+    last_write: Instant,
+    done: bool,
+}
+
+impl EventChunks {
+    fn new(
+        subscription: Subscription,
+        shows: fn(&Event) -> bool,
+        shutdown: CancellationToken,
+        idle: Duration,
+        keepalive: Duration,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            ended: Box::pin(subscription.ended()),
+            subscription,
+            shows,
+            shutdown: Box::pin(shutdown.cancelled_owned()),
+            timer: Box::pin(tokio::time::sleep_until(now + keepalive.min(idle))),
+            idle,
+            keepalive,
+            last_event: now,
+            last_write: now,
+            done: false,
+        }
+    }
+
+    /// The stream's last chunk: the `end` event, when the daemon ended it.
+    fn end(&mut self, reason: Option<EndReason>) -> Poll<Option<Result<Bytes, Infallible>>> {
+        self.done = true;
+        Poll::Ready(reason.map(|reason| Ok(end_event(reason))))
+    }
+}
+
+impl futures::Stream for EventChunks {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done || this.shutdown.as_mut().poll(cx).is_ready() {
+            this.done = true;
+            return Poll::Ready(None);
+        }
+        if this.ended.as_mut().poll(cx).is_ready() {
+            let reason = this.subscription.end_reason();
+            return this.end(reason);
+        }
+        while let Poll::Ready(first) = this.subscription.poll_event(cx) {
+            let Some(first) = first else {
+                return this.end(None);
+            };
+            let now = Instant::now();
+            this.last_event = now;
+            let mut chunk = BytesMut::new();
+            let mut event = Some(first);
+            while let Some(published) = event {
+                if (this.shows)(&published.event) {
+                    chunk.extend_from_slice(&published.wire(wire));
+                }
+                event = if chunk.len() < MAX_CHUNK {
+                    this.subscription.try_next()
+                } else {
+                    None
+                };
+            }
+            if !chunk.is_empty() {
+                this.last_write = now;
+                return Poll::Ready(Some(Ok(chunk.freeze())));
+            }
+        }
+        loop {
+            if this.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            let idle_at = this.last_event + this.idle;
+            if now >= idle_at {
+                let reason = this.subscription.end_idle();
+                return this.end(reason);
+            }
+            let keepalive_at = this.last_write + this.keepalive;
+            if now >= keepalive_at {
+                this.last_write = now;
+                this.timer
+                    .as_mut()
+                    .reset((now + this.keepalive).min(idle_at));
+                return Poll::Ready(Some(Ok(Bytes::from_static(KEEP_ALIVE))));
+            }
+            // Events came since the timer was set: it is early; move it.
+            this.timer.as_mut().reset(keepalive_at.min(idle_at));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests: a panic is a failed test.
+
+    use std::sync::Arc;
+
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::events::{AccessChange, EventMetrics, Events};
+
+    const IDLE: Duration = Duration::from_secs(60);
+    const KEEPALIVE: Duration = Duration::from_secs(15);
+
+    fn open(events: &Events, user: &str) -> EventChunks {
+        let subscription = events
+            .open(
+                Subscriber::Staff {
+                    user_id: user.into(),
+                    practice_id: "p".into(),
+                },
+                &ApiClientRef {
+                    name: "c",
+                    token_sha256: "h",
+                },
+                Limits {
+                    max_streams: 9,
+                    per_subscriber: 9,
+                    buffer: 8,
+                },
+            )
+            .unwrap();
+        EventChunks::new(
+            subscription,
+            |_| true,
+            CancellationToken::new(),
+            IDLE,
+            KEEPALIVE,
+        )
+    }
+
+    fn notification(user: &str) -> Event {
+        Event::Notification {
+            user_id: user.into(),
+            notification: Arc::new(caremsg_entities::notification::Model {
+                id: "n".into(),
+                user_id: user.into(),
+                kind: caremsg_entities::NotificationKind::NewPatientMessage,
+                patient_id: "pat".into(),
+                message_seq: None,
+                subject: "s".into(),
+                sms_status: None,
+                read_at: None,
+                created_at: chrono::Utc::now(),
+            }),
+        }
+    }
+
+    fn count(chunk: &Bytes, what: &str) -> usize {
+        chunk
+            .windows(what.len())
+            .filter(|w| *w == what.as_bytes())
+            .count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_alives_follow_quiet_spells_and_an_idle_stream_ends() {
+        let events = Events::new(None, EventMetrics::default(), 16);
+        let mut chunks = open(&events, "a");
+        let start = Instant::now();
+        let chunk = chunks.next().await.unwrap().unwrap();
+        assert_eq!(&chunk[..], KEEP_ALIVE);
+        assert_eq!(start.elapsed(), KEEPALIVE);
+
+        // An event 5 s later: written at once, and the next keep-alive is due a full
+        // keep-alive period after it, not after the last keep-alive.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        events.publish_all(vec![notification("a")]).await;
+        let chunk = chunks.next().await.unwrap().unwrap();
+        assert_eq!(count(&chunk, "event: notification"), 1);
+        let event_at = start.elapsed();
+        assert_eq!(event_at, Duration::from_secs(20));
+        let chunk = chunks.next().await.unwrap().unwrap();
+        assert_eq!(&chunk[..], KEEP_ALIVE);
+        assert_eq!(start.elapsed(), event_at + KEEPALIVE);
+
+        // Keep-alives do not keep a stream alive: it ends `IDLE` after its last
+        // event, with an `end` event, and then the body ends.
+        let mut keep_alives = 0;
+        let last = loop {
+            let chunk = chunks.next().await.unwrap().unwrap();
+            if &chunk[..] != KEEP_ALIVE {
+                break chunk;
+            }
+            keep_alives += 1;
+        };
+        assert_eq!(start.elapsed(), event_at + IDLE);
+        assert_eq!(keep_alives, 2, "at 50 s and 65 s");
+        assert_eq!(count(&last, "event: end"), 1);
+        assert_eq!(count(&last, "\"reason\":\"idle\""), 1);
+        assert!(chunks.next().await.is_none());
+        assert_eq!(events.open_streams(), 1, "held until the body is dropped");
+        drop(chunks);
+        assert_eq!(events.open_streams(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_published_together_are_one_write_in_their_order() {
+        let events = Events::new(None, EventMetrics::default(), 16);
+        let mut a = open(&events, "a");
+        let mut b = open(&events, "b");
+        events
+            .publish_all(vec![
+                notification("a"),
+                notification("b"),
+                notification("a"),
+            ])
+            .await;
+        let chunk = a.next().await.unwrap().unwrap();
+        assert_eq!(count(&chunk, "event: notification"), 2);
+        let chunk = b.next().await.unwrap().unwrap();
+        assert_eq!(count(&chunk, "event: notification"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_whose_user_lost_access_ends_with_the_reason() {
+        let events = Events::new(None, EventMetrics::default(), 16);
+        let mut chunks = open(&events, "a");
+        events.access_changed(AccessChange::User {
+            id: "a",
+            active: false,
+        });
+        let start = Instant::now();
+        let last = chunks.next().await.unwrap().unwrap();
+        assert_eq!(start.elapsed(), Duration::ZERO, "at once");
+        assert_eq!(count(&last, "event: end"), 1);
+        assert_eq!(count(&last, "\"reason\":\"idle\""), 0);
+        assert!(chunks.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopping_daemon_ends_streams_plainly() {
+        let events = Events::new(None, EventMetrics::default(), 16);
+        let mut chunks = open(&events, "a");
+        let stop = CancellationToken::new();
+        chunks.shutdown = Box::pin(stop.clone().cancelled_owned());
+        stop.cancel();
+        assert!(chunks.next().await.is_none());
+    }
 }

@@ -36,6 +36,7 @@ pub struct Report {
     without: Round,
     with: Round,
     events_received: usize,
+    chunks_received: usize,
     audience_reads: f64,
 }
 
@@ -69,8 +70,11 @@ impl std::fmt::Display for Report {
         )?;
         write!(
             f,
-            "  events received on the streams {}; audience reads {} (one per patient)",
-            self.events_received, self.audience_reads
+            "  events received on the streams {} in {} reads ({:.2} events per read); audience reads {} (one per patient)",
+            self.events_received,
+            self.chunks_received,
+            self.events_received as f64 / self.chunks_received.max(1) as f64,
+            self.audience_reads
         )
     }
 }
@@ -134,6 +138,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
         let without = round("without").await?;
 
         let received = Arc::new(AtomicUsize::new(0));
+        let chunks = Arc::new(AtomicUsize::new(0));
         let mut readers = Vec::with_capacity(plan.streams);
         for user in 0..plan.streams {
             let (client, base) = (client.clone(), base.clone());
@@ -153,12 +158,13 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
                 "stream {user}: {}",
                 response.status()
             );
-            let received = received.clone();
+            let (received, chunks) = (received.clone(), chunks.clone());
             readers.push(load.spawn(async move {
                 let mut response = response;
                 while let Ok(Some(chunk)) = response.chunk().await {
                     let events = chunk.windows(7).filter(|w| w == b"event: ").count();
                     received.fetch_add(events, Ordering::Relaxed);
+                    chunks.fetch_add(1, Ordering::Relaxed);
                 }
             }));
         }
@@ -179,6 +185,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
             without,
             with,
             events_received: received.load(Ordering::Relaxed),
+            chunks_received: chunks.load(Ordering::Relaxed),
             audience_reads,
         })
     }

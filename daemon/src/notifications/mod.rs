@@ -51,6 +51,7 @@ use sea_orm::{ColumnTrait, ConnectionTrait, DbErr};
 
 use self::recipients::Recipient;
 use self::settings::Setting;
+use crate::events::Event;
 use crate::state::AppState;
 use crate::writer::{Expect, WriteUnit};
 
@@ -109,8 +110,18 @@ impl Notify {
 
     /// After the commit: pushes the in-app notifications to their users' event
     /// streams and wakes the email dispatcher.
-    pub fn publish(self, state: &AppState) {
+    pub async fn publish(self, state: &AppState) {
+        self.publish_with(state, Vec::new()).await;
+    }
+
+    /// After the commit: publishes `first` (the change that caused the
+    /// notifications, say its message) and then the in-app notifications, together
+    /// ([`Events::publish_all`](crate::events::Events::publish_all): a stream given
+    /// the message and its notification writes both at once), and wakes the email
+    /// dispatcher.
+    pub async fn publish_with(self, state: &AppState, first: Vec<Event>) {
         let emails = self.emails();
+        let mut events = first;
         for Created { row, in_app, email } in self.created {
             let kind = row.kind.as_str();
             if email {
@@ -118,9 +129,13 @@ impl Notify {
             }
             if in_app {
                 state.metrics.notification(kind, "in_app", 1);
-                state.events.notify(row.user_id.clone(), Arc::new(row));
+                events.push(Event::Notification {
+                    user_id: row.user_id.clone(),
+                    notification: Arc::new(row),
+                });
             }
         }
+        state.events.publish_all(events).await;
         if emails > 0 {
             state.gateways.wake();
         }

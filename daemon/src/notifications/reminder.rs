@@ -357,7 +357,7 @@ async fn fire_batch(state: &AppState, now: DateTime<Utc>, group: Vec<Due>) {
                 } else {
                     FireOutcome::Fired
                 };
-                effect.publish(state);
+                effect.publish(state).await;
                 let _ = due.reply.send(Ok(outcome));
             }
         }
@@ -376,7 +376,7 @@ async fn fire_batch(state: &AppState, now: DateTime<Utc>, group: Vec<Due>) {
                                 .map_err(TimerError::from);
                         let result = match result {
                             Ok(FireOutcome::Fired) if had_effect => {
-                                effect.publish(state);
+                                effect.publish(state).await;
                                 Ok(FireOutcome::Fired)
                             }
                             Ok(FireOutcome::Fired) => Ok(FireOutcome::FiredWithoutEffect),

@@ -550,33 +550,29 @@ impl<'a> Change<'a> {
             notify = Some(n);
         }
         self.state.writer.write(unit).await?;
-        if let Some(notify) = notify {
-            notify.publish(self.state);
-        }
+        let mut events = Vec::with_capacity(self.messages.len() + 1);
         for m in &self.messages {
             self.state.metrics.messages_stored.inc();
-            self.state
-                .events
-                .publish(Event::Message(std::sync::Arc::new(MessageEvent {
-                    patient_id: m.patient_id.clone(),
-                    practice_id: self.practice.id.clone(),
-                    seq: m.seq,
-                    direction: m.direction,
-                    channel: m.channel,
-                    body: Phi::new(m.body.clone()),
-                })))
-                .await;
+            events.push(Event::Message(std::sync::Arc::new(MessageEvent {
+                patient_id: m.patient_id.clone(),
+                practice_id: self.practice.id.clone(),
+                seq: m.seq,
+                direction: m.direction,
+                channel: m.channel,
+                body: Phi::new(m.body.clone()),
+            })));
         }
         if let Some((status, reason)) = self.status {
-            self.state
-                .events
-                .publish(Event::SmsStatus(std::sync::Arc::new(SmsStatusEvent {
-                    patient_id: self.patient.id.clone(),
-                    practice_id: self.practice.id.clone(),
-                    status,
-                    reason: reason.map(|r| r.as_str().to_owned()),
-                })))
-                .await;
+            events.push(Event::SmsStatus(std::sync::Arc::new(SmsStatusEvent {
+                patient_id: self.patient.id.clone(),
+                practice_id: self.practice.id.clone(),
+                status,
+                reason: reason.map(|r| r.as_str().to_owned()),
+            })));
+        }
+        match notify {
+            Some(notify) => notify.publish_with(self.state, events).await,
+            None => self.state.events.publish_all(events).await,
         }
         Ok(self.seq)
     }
