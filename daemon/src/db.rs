@@ -54,6 +54,18 @@ pub async fn connect(options: &DbOptions) -> Result<DatabaseConnection, DbError>
     open(options, false).await
 }
 
+/// The file of a SQLite URL (`None` for any other back end, and for an in-memory
+/// database, which only the pool's own connections can see).
+pub fn sqlite_file(url: &str) -> Result<Option<std::path::PathBuf>, DbError> {
+    if !url.starts_with("sqlite:") {
+        return Ok(None);
+    }
+    let options =
+        SqliteConnectOptions::from_str(url).map_err(|e| DbError::InvalidUrl(e.to_string()))?;
+    let path = options.get_filename();
+    Ok((!url.contains(":memory:") && !path.as_os_str().is_empty()).then(|| path.to_owned()))
+}
+
 /// Opens the group-commit writer's own connection to `options.url`: one connection,
 /// kept open for the daemon's life. On SQLite this keeps the writer's page cache
 /// warm — a pooled connection drops its cache whenever another connection has
@@ -221,7 +233,7 @@ pub fn fault(err: &DbErr) -> Option<Fault> {
 }
 
 /// What a SQLite (extended) result code says: the primary code is its low byte.
-fn sqlite_fault(extended: i32) -> Option<Fault> {
+pub(crate) fn sqlite_fault(extended: i32) -> Option<Fault> {
     match extended & 0xff {
         // IOERR: a read, write or sync failed half-way.
         10 => Some(Fault::Interrupted),

@@ -130,21 +130,34 @@ pub async fn start(settings: Settings, options: Options) -> anyhow::Result<Runni
     db.set_metric_callback(move |_| {
         statements.inc();
     });
-    let writer_db = db::connect_writer(&db_options(&settings))
-        .await
-        .context("opening the writer's database connection")?;
     let ha = ha::Ha::start(&settings, metrics.clone());
     let writer_stop = CancellationToken::new();
-    let (writer, writer_task) = Writer::start_fenced(
-        writer_db,
-        WriterOptions {
-            max_batch_units: settings.writer.max_batch_units,
-            queue_depth: settings.writer.queue_depth,
-        },
-        metrics.clone(),
-        writer_stop.clone(),
-        ha.fence(),
-    )
+    let writer_options = WriterOptions {
+        max_batch_units: settings.writer.max_batch_units,
+        queue_depth: settings.writer.queue_depth,
+    };
+    let db_options = db_options(&settings);
+    let (writer, writer_task) = match db::sqlite_file(&db_options.url)? {
+        // SQLite: the writer drives a connection of its own on its thread.
+        Some(path) => Writer::start_sqlite(
+            writer::SqliteStore::new(&path, db_options.busy_timeout),
+            writer_options,
+            metrics.clone(),
+            writer_stop.clone(),
+        ),
+        None => {
+            let writer_db = db::connect_writer(&db_options)
+                .await
+                .context("opening the writer's database connection")?;
+            Writer::start_fenced(
+                writer_db,
+                writer_options,
+                metrics.clone(),
+                writer_stop.clone(),
+                ha.fence(),
+            )
+        }
+    }
     .context("starting the writer's thread")?;
     for warning in settings.warnings() {
         tracing::warn!(field = %warning.field, "Configuration: {}.", warning.message);

@@ -43,11 +43,46 @@ use tokio_util::sync::CancellationToken;
 use crate::ha::Fence;
 use crate::metrics::Metrics;
 
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
 /// Most bind parameters one merged statement may carry (SQLite allows 32,766,
 /// PostgreSQL 65,535).
 const MAX_PARAMS_PER_STATEMENT: usize = 30_000;
 /// Most rows one merged statement may carry.
 const MAX_ROWS_PER_STATEMENT: usize = 1_000;
+
+/// Where a batch's statements run: a sea-orm transaction (PostgreSQL, and SQLite in
+/// unit tests of the writer over an in-memory database), or the writer's own SQLite
+/// connection ([`SqliteStore`]).
+trait Exec {
+    fn backend(&self) -> sea_orm::DbBackend;
+
+    /// Runs `statement`; the rows it changed.
+    async fn run(&self, statement: sea_orm::Statement) -> Result<u64, WriteError>;
+
+    /// Builds and runs a sea-query statement.
+    async fn build_and_run(
+        &self,
+        statement: &impl sea_orm::StatementBuilder,
+    ) -> Result<u64, WriteError> {
+        self.run(statement.build(&self.backend())).await
+    }
+}
+
+impl Exec for sea_orm::DatabaseTransaction {
+    fn backend(&self) -> sea_orm::DbBackend {
+        self.get_database_backend()
+    }
+
+    async fn run(&self, statement: sea_orm::Statement) -> Result<u64, WriteError> {
+        self.execute_raw(statement)
+            .await
+            .map(|result| result.rows_affected())
+            .map_err(|e| WriteError::from_db(&e))
+    }
+}
 
 /// Why a write unit was not committed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -469,23 +504,38 @@ impl Writer {
         stop: CancellationToken,
         fence: Fence,
     ) -> std::io::Result<(Writer, WriterTask)> {
+        Self::spawn(Store::Orm(db), options, metrics, stop, fence)
+    }
+
+    /// [`Writer::start`] on the writer's own SQLite connection to `store`, driven by
+    /// the writer's thread ([`SqliteStore`]): the daemon's writer on SQLite.
+    pub fn start_sqlite(
+        store: SqliteStore,
+        options: WriterOptions,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+    ) -> std::io::Result<(Writer, WriterTask)> {
+        Self::spawn(Store::Sqlite(store), options, metrics, stop, Fence::none())
+    }
+
+    fn spawn(
+        store: Store,
+        options: WriterOptions,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
+        fence: Fence,
+    ) -> std::io::Result<(Writer, WriterTask)> {
         let (jobs, rx) = mpsc::channel(options.queue_depth.max(1));
         let max = options.max_batch_units.max(1);
         let (paused, gate) = watch::channel(false);
         let (finished, done) = oneshot::channel();
         let (health_tx, health) = watch::channel(StorageHealth::Ok);
-        let task = run(
-            Batcher {
-                db,
-                metrics,
-                health: health_tx,
-                fence,
-            },
-            rx,
-            max,
-            stop,
-            gate,
-        );
+        let batcher = Batcher {
+            store,
+            metrics,
+            health: health_tx,
+            fence,
+        };
         // The writer's task runs on a thread of its own, not among the runtime's
         // workers: it is the one serial stage every write passes through, and on a
         // busy worker each of a batch's statements waited behind the HTTP and actor
@@ -495,7 +545,8 @@ impl Writer {
         std::thread::Builder::new()
             .name("caremsg-writer".into())
             .spawn(move || {
-                runtime.block_on(task);
+                // Made on this thread: the SQLite connection it borrows stays here.
+                runtime.block_on(run(batcher, rx, max, stop, gate));
                 let _ = finished.send(());
             })?;
         Ok((
@@ -580,19 +631,26 @@ impl Writer {
     }
 }
 
+/// The writer's database: a sea-orm connection of its own, or (SQLite in the daemon)
+/// a connection the writer's thread drives itself.
+enum Store {
+    Orm(DatabaseConnection),
+    Sqlite(SqliteStore),
+}
+
 /// How often a writer that cannot commit tries a probe write while no batch comes.
 pub const PROBE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What the batch loop commits with, and where it reports.
 struct Batcher {
-    db: DatabaseConnection,
+    store: Store,
     metrics: Arc<Metrics>,
     health: watch::Sender<StorageHealth>,
     fence: Fence,
 }
 
 async fn run(
-    batcher: Batcher,
+    mut batcher: Batcher,
     mut rx: mpsc::Receiver<Job>,
     max: usize,
     stop: CancellationToken,
@@ -666,7 +724,7 @@ impl Batcher {
     /// Commits one batch of which `units` are not empty: the answer of every job in
     /// it, in order. While the storage is failing, a probe write goes first, and if
     /// it fails too the batch is refused without being tried.
-    async fn commit(&self, batch: &[Job], units: usize) -> Vec<Result<(), WriteError>> {
+    async fn commit(&mut self, batch: &[Job], units: usize) -> Vec<Result<(), WriteError>> {
         if self.failing() && !self.probe().await {
             let error = match &*self.health.borrow() {
                 StorageHealth::Failing(reason) => WriteError::Unavailable(reason.clone()),
@@ -675,7 +733,13 @@ impl Batcher {
             return vec![Err(error); batch.len()];
         }
         let result = match self.ready().await {
-            Ok(()) => try_commit(&self.db, &self.fence, batch).await,
+            Ok(()) => match &mut self.store {
+                Store::Orm(db) => try_commit(db, &self.fence, batch).await,
+                Store::Sqlite(store) => match store.conn() {
+                    Ok(conn) => try_commit_sqlite(&sqlite::SqliteTxn(conn), batch).await,
+                    Err(err) => Err(err),
+                },
+            },
             Err(err) => Err(err),
         };
         match result {
@@ -696,18 +760,21 @@ impl Batcher {
     /// The invariant's precondition: the connection the batch will use is outside
     /// any transaction. One that is not (a failed `COMMIT` or `ROLLBACK` left it
     /// inside) is discarded and replaced, and the replacement checked.
-    async fn ready(&self) -> Result<(), WriteError> {
+    async fn ready(&mut self) -> Result<(), WriteError> {
         for _ in 0..2 {
-            match crate::db::outside_transaction(&self.db).await {
-                Ok(true) => return Ok(()),
-                Ok(false) => {
-                    tracing::error!(
-                        "The writer's connection is inside a transaction before a batch; it is discarded and replaced."
-                    );
-                    crate::db::discard_writer_connection(&self.db).await;
-                }
-                Err(err) => return Err(WriteError::not_committed(&err)),
+            let outside = match &mut self.store {
+                Store::Orm(db) => crate::db::outside_transaction(db)
+                    .await
+                    .map_err(|err| WriteError::not_committed(&err))?,
+                Store::Sqlite(store) => store.outside_transaction()?,
+            };
+            if outside {
+                return Ok(());
             }
+            tracing::error!(
+                "The writer's connection is inside a transaction before a batch; it is discarded and replaced."
+            );
+            self.discard().await;
         }
         Err(WriteError::Unavailable(
             "the writer's connection stays inside a transaction".into(),
@@ -716,16 +783,27 @@ impl Batcher {
 
     /// After a failed batch: the connection is discarded (whatever transaction or
     /// savepoints the failure left open end with it) and the storage marked failing.
-    async fn after_failure(&self, error: &WriteError) {
-        crate::db::discard_writer_connection(&self.db).await;
+    async fn after_failure(&mut self, error: &WriteError) {
+        self.discard().await;
         self.fail(error);
+    }
+
+    /// Closes the connection; the next batch or probe opens a new one.
+    async fn discard(&mut self) {
+        match &mut self.store {
+            Store::Orm(db) => crate::db::discard_writer_connection(db).await,
+            Store::Sqlite(store) => store.discard(),
+        }
     }
 
     /// One probe write in a transaction of its own: a real write that changes
     /// nothing ([`probe_write`]). Returns whether it committed, and records that.
-    async fn probe(&self) -> bool {
+    async fn probe(&mut self) -> bool {
         let result = match self.ready().await {
-            Ok(()) => probe_write(&self.db).await,
+            Ok(()) => match &mut self.store {
+                Store::Orm(db) => probe_write(db).await,
+                Store::Sqlite(store) => store.conn().and_then(sqlite::probe_write),
+            },
             Err(err) => Err(err),
         };
         match result {
@@ -835,6 +913,46 @@ async fn try_commit(
     Ok(results)
 }
 
+/// [`try_commit`] on the writer's own SQLite connection (no fence: high availability
+/// needs PostgreSQL). A storage error returns with the transaction open; the caller
+/// discards the connection, which rolls it back.
+async fn try_commit_sqlite(
+    txn: &sqlite::SqliteTxn<'_>,
+    batch: &[Job],
+) -> Result<Vec<Result<(), WriteError>>, WriteError> {
+    txn.control("BEGIN")?;
+    match run_merged(txn, batch).await {
+        Ok(()) => {
+            txn.commit()?;
+            return Ok(vec![Ok(()); batch.len()]);
+        }
+        Err(err) if err.is_storage() => return Err(err),
+        Err(err) => {
+            tracing::debug!(error = %err, units = batch.len(), "A merged batch failed; replaying it unit by unit.")
+        }
+    }
+    txn.control("ROLLBACK")?;
+    txn.control("BEGIN")?;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        txn.control("SAVEPOINT unit")?;
+        match run_unit(txn, &job.unit).await {
+            Ok(()) => {
+                txn.control("RELEASE unit")?;
+                results.push(Ok(()));
+            }
+            Err(err) if err.is_storage() => return Err(err),
+            Err(err) => {
+                txn.control("ROLLBACK TO unit")?;
+                txn.control("RELEASE unit")?;
+                results.push(Err(err));
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(results)
+}
+
 /// Runs `fence` first in a batch's transaction (unless the batch is only watchdog
 /// heartbeats, which write nothing); when it refuses, the answers: the fence's error
 /// for every unit, `Ok` for heartbeats.
@@ -865,7 +983,7 @@ async fn fenced(
 /// tables are inserted in the schema's creation order (parents before children).
 /// Within a unit nothing is reordered: a unit that deletes links and then inserts
 /// new ones has its inserts run after its delete.
-async fn run_merged(conn: &impl ConnectionTrait, batch: &[Job]) -> Result<(), WriteError> {
+async fn run_merged(conn: &impl Exec, batch: &[Job]) -> Result<(), WriteError> {
     type GroupKey = (&'static str, Vec<&'static str>, Conflict);
     let mut order: Vec<GroupKey> = Vec::new();
     let mut groups: HashMap<GroupKey, Vec<&[Value]>> = HashMap::new();
@@ -912,9 +1030,7 @@ async fn run_merged(conn: &impl ConnectionTrait, batch: &[Job]) -> Result<(), Wr
             (MAX_PARAMS_PER_STATEMENT / key.1.len().max(1)).clamp(1, MAX_ROWS_PER_STATEMENT);
         for chunk in rows.chunks(per_statement) {
             let statement = insert_statement(key.0, &key.1, &key.2, chunk)?;
-            conn.execute(&statement)
-                .await
-                .map_err(|e| WriteError::from_db(&e))?;
+            conn.build_and_run(&statement).await?;
         }
     }
     for group in &advances {
@@ -960,7 +1076,7 @@ fn waves<'a>(group: &'a [&'a Advance]) -> Vec<&'a [&'a Advance]> {
 
 /// Runs compare-and-sets of one shape, each on a different row, as one statement;
 /// fails unless every one of them changed its row.
-async fn advance(conn: &impl ConnectionTrait, wave: &[&Advance]) -> Result<(), WriteError> {
+async fn advance(conn: &impl Exec, wave: &[&Advance]) -> Result<(), WriteError> {
     let Some(first) = wave.first() else {
         return Ok(());
     };
@@ -994,15 +1110,10 @@ async fn advance(conn: &impl ConnectionTrait, wave: &[&Advance]) -> Result<(), W
         sets.join(", "),
         rows.join(" OR ")
     );
-    let result = conn
-        .execute_raw(crate::sql::statement(
-            conn.get_database_backend(),
-            &sql,
-            values,
-        ))
-        .await
-        .map_err(|e| WriteError::from_db(&e))?;
-    if result.rows_affected() == wave.len() as u64 {
+    let changed = conn
+        .run(crate::sql::statement(conn.backend(), &sql, values))
+        .await?;
+    if changed == wave.len() as u64 {
         Ok(())
     } else {
         Err(WriteError::Precondition(first.what))
@@ -1010,19 +1121,17 @@ async fn advance(conn: &impl ConnectionTrait, wave: &[&Advance]) -> Result<(), W
 }
 
 /// One unit's operations, in order.
-async fn run_unit(conn: &impl ConnectionTrait, unit: &WriteUnit) -> Result<(), WriteError> {
+async fn run_unit(conn: &impl Exec, unit: &WriteUnit) -> Result<(), WriteError> {
     run_ops(conn, &unit.ops).await
 }
 
-async fn run_ops(conn: &impl ConnectionTrait, ops: &[Op]) -> Result<(), WriteError> {
+async fn run_ops(conn: &impl Exec, ops: &[Op]) -> Result<(), WriteError> {
     for op in ops {
         match op {
             Op::Insert(row) => {
                 let statement =
                     insert_statement(row.table, &row.columns, &row.conflict, &[&row.values])?;
-                conn.execute(&statement)
-                    .await
-                    .map_err(|e| WriteError::from_db(&e))?;
+                conn.build_and_run(&statement).await?;
             }
             Op::Advance(a) => advance(conn, &[a]).await?,
             Op::Exec {
@@ -1036,18 +1145,17 @@ async fn run_ops(conn: &impl ConnectionTrait, ops: &[Op]) -> Result<(), WriteErr
 }
 
 async fn exec(
-    conn: &impl ConnectionTrait,
+    conn: &impl Exec,
     statement: &Statement,
     expect: Expect,
     what: &'static str,
 ) -> Result<(), WriteError> {
-    let result = match statement {
-        Statement::Update(s) => conn.execute(s).await,
-        Statement::Delete(s) => conn.execute(s).await,
-        Statement::Insert(s) => conn.execute(s).await,
-    }
-    .map_err(|e| WriteError::from_db(&e))?;
-    if expect.holds(result.rows_affected()) {
+    let changed = match statement {
+        Statement::Update(s) => conn.build_and_run(s).await,
+        Statement::Delete(s) => conn.build_and_run(s).await,
+        Statement::Insert(s) => conn.build_and_run(s).await,
+    }?;
+    if expect.holds(changed) {
         Ok(())
     } else {
         Err(WriteError::Precondition(what))

@@ -97,6 +97,43 @@ struct Phase {
     deliveries: u64,
     events: u64,
     daemon_cpu: Duration,
+    writer: Writer,
+}
+
+/// The group-commit writer's totals (from its metrics), or their growth over a phase.
+#[derive(Debug, Clone, Copy, Default)]
+struct Writer {
+    batches: f64,
+    units: f64,
+    commit_seconds: f64,
+    // Batches that took 16 ms or less.
+    within_16ms: f64,
+}
+
+impl Writer {
+    fn read(metrics: &crate::metrics::Metrics) -> Self {
+        let text = metrics.render();
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        Self {
+            batches: value("caremsg_writer_batch_units_count"),
+            units: value("caremsg_writer_batch_units_sum"),
+            commit_seconds: value("caremsg_writer_commit_seconds_sum"),
+            within_16ms: value("caremsg_writer_commit_seconds_bucket{le=\"0.016\"}"),
+        }
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            batches: self.batches - before.batches,
+            units: self.units - before.units,
+            commit_seconds: self.commit_seconds - before.commit_seconds,
+            within_16ms: self.within_16ms - before.within_16ms,
+        }
+    }
 }
 
 impl Phase {
@@ -244,6 +281,16 @@ impl std::fmt::Display for Report {
                 "    daemon CPU per request         {:>10.3} ms{ratio}",
                 ms(phase.cpu_per_request())
             )?;
+            let w = phase.writer;
+            writeln!(
+                f,
+                "    writer batches                 {:>10.0}   ({:.1} units each, {:.2} ms per commit, {:.0} over 16 ms, busy {:.0}% of the phase)",
+                w.batches,
+                w.units / w.batches.max(1.0),
+                w.commit_seconds * 1000.0 / w.batches.max(1.0),
+                w.batches - w.within_16ms,
+                w.commit_seconds * 100.0 / phase.took.as_secs_f64().max(1e-9)
+            )?;
         }
         write!(
             f,
@@ -342,7 +389,10 @@ async fn measure(
                     .await
                     .context("ANALYZE before a phase")?;
             }
-            let phase = run_phase(&load, &db, &clinic, &base, name, streams, pick, &plan).await?;
+            let writer = Writer::read(&running.state().metrics);
+            let mut phase =
+                run_phase(&load, &db, &clinic, &base, name, streams, pick, &plan).await?;
+            phase.writer = Writer::read(&running.state().metrics).since(writer);
             phases.push(phase);
         }
         Ok::<_, anyhow::Error>(Report {
