@@ -735,10 +735,16 @@ impl Batcher {
         let result = match self.ready().await {
             Ok(()) => match &mut self.store {
                 Store::Orm(db) => try_commit(db, &self.fence, batch).await,
-                Store::Sqlite(store) => match store.conn() {
-                    Ok(conn) => try_commit_sqlite(&sqlite::SqliteTxn(conn), batch).await,
-                    Err(err) => Err(err),
-                },
+                Store::Sqlite(store) => {
+                    let result = match store.conn() {
+                        Ok(conn) => try_commit_sqlite(&sqlite::SqliteTxn(conn), batch).await,
+                        Err(err) => Err(err),
+                    };
+                    if result.is_ok() {
+                        store.committed();
+                    }
+                    result
+                }
             },
             Err(err) => Err(err),
         };
