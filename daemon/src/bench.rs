@@ -559,10 +559,12 @@ pub async fn write(rows: usize, tasks: usize) -> anyhow::Result<WriteReport> {
             rate(rows, started.elapsed())
         };
         let group_commit = {
-            let db = fresh_db(&dir, "b").await?;
+            // The schema and the practice (through the readers' pool), then the
+            // daemon's writer on SQLite: its own connection on its thread.
+            fresh_db(&dir, "b").await?;
             let stop = CancellationToken::new();
-            let (writer, task) = Writer::start(
-                db.clone(),
+            let (writer, task) = Writer::start_sqlite(
+                crate::writer::SqliteStore::new(&dir.join("b.db"), Duration::from_secs(30)),
                 WriterOptions {
                     max_batch_units: 1024,
                     queue_depth: 8192,

@@ -818,6 +818,22 @@ impl Drop for Subscription {
     }
 }
 
+/// A notification for `user`, for tests of streams.
+#[cfg(test)]
+pub(crate) fn test_notification(user: &str) -> Arc<notification::Model> {
+    Arc::new(notification::Model {
+        id: "n".into(),
+        user_id: user.into(),
+        kind: caremsg_entities::NotificationKind::NewPatientMessage,
+        patient_id: "pat".into(),
+        message_seq: None,
+        subject: "s".into(),
+        sms_status: None,
+        read_at: None,
+        created_at: chrono::Utc::now(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -849,17 +865,7 @@ mod tests {
     }
 
     fn note(user: &str) -> Arc<notification::Model> {
-        Arc::new(notification::Model {
-            id: "n".into(),
-            user_id: user.into(),
-            kind: caremsg_entities::NotificationKind::NewPatientMessage,
-            patient_id: "pat".into(),
-            message_seq: None,
-            subject: "s".into(),
-            sms_status: None,
-            read_at: None,
-            created_at: chrono::Utc::now(),
-        })
+        super::test_notification(user)
     }
 
     #[test]

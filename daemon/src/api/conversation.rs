@@ -625,8 +625,6 @@ impl futures::Stream for EventChunks {
 mod tests {
     #![allow(clippy::unwrap_used)] // Tests: a panic is a failed test.
 
-    use std::sync::Arc;
-
     use futures::StreamExt;
 
     use super::*;
@@ -665,17 +663,7 @@ mod tests {
     fn notification(user: &str) -> Event {
         Event::Notification {
             user_id: user.into(),
-            notification: Arc::new(caremsg_entities::notification::Model {
-                id: "n".into(),
-                user_id: user.into(),
-                kind: caremsg_entities::NotificationKind::NewPatientMessage,
-                patient_id: "pat".into(),
-                message_seq: None,
-                subject: "s".into(),
-                sms_status: None,
-                read_at: None,
-                created_at: chrono::Utc::now(),
-            }),
+            notification: crate::events::test_notification(user),
         }
     }
 
