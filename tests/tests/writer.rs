@@ -43,7 +43,7 @@ async fn setup() -> (tempfile::TempDir, TestDb, DatabaseConnection) {
             updated_at: Set(now),
         })
         .merge(patient_with_conversation("pat"));
-    let (writer, task, stop) = start(&conn);
+    let (writer, task, stop) = start_for(&db, &conn);
     writer.write(unit).await.unwrap();
     stop.cancel();
     task.join().await;
@@ -79,6 +79,32 @@ fn patient_with_conversation(id: &str) -> WriteUnit {
         })
 }
 
+/// The writer the daemon runs on `db`: on a SQLite file its own connection driven by
+/// its thread (`Writer::start_sqlite`), on PostgreSQL a sea-orm connection.
+fn start_for(
+    db: &TestDb,
+    conn: &DatabaseConnection,
+) -> (Writer, caremsgd::writer::WriterTask, CancellationToken) {
+    let Ok(Some(path)) = caremsgd::db::sqlite_file(&db.url()) else {
+        return start(conn);
+    };
+    let stop = CancellationToken::new();
+    let (writer, task) = Writer::start_sqlite(
+        caremsgd::writer::SqliteStore::new(&path, std::time::Duration::from_secs(5)),
+        WriterOptions {
+            max_batch_units: 512,
+            queue_depth: 1024,
+        },
+        Arc::new(Metrics::new()),
+        stop.clone(),
+    )
+    .unwrap();
+    (writer, task, stop)
+}
+
+/// A writer on the sea-orm connection `conn` (on SQLite, the path the daemon no
+/// longer takes; the full-disk test needs it to set `max_page_count` on the writer's
+/// own connection).
 fn start(conn: &DatabaseConnection) -> (Writer, caremsgd::writer::WriterTask, CancellationToken) {
     let stop = CancellationToken::new();
     let (writer, task) = Writer::start(
@@ -115,7 +141,7 @@ fn message(seq: i64) -> message::ActiveModel {
 #[tokio::test]
 async fn a_failing_unit_does_not_fail_its_batch_mates() {
     let (_dir, db, conn) = setup().await;
-    let (writer, task, stop) = start(&conn);
+    let (writer, task, stop) = start_for(&db, &conn);
     writer
         .write(WriteUnit::new().insert(message(1)))
         .await
@@ -195,7 +221,7 @@ fn advance(patient: &str, from: i64, to: i64) -> WriteUnit {
 #[tokio::test]
 async fn compare_and_sets_share_a_batch_and_a_stale_one_fails_alone() {
     let (_dir, db, conn) = setup().await;
-    let (writer, task, stop) = start(&conn);
+    let (writer, task, stop) = start_for(&db, &conn);
     for other in ["pat2", "pat3"] {
         writer
             .write(patient_with_conversation(other))
@@ -266,7 +292,7 @@ async fn compare_and_sets_share_a_batch_and_a_stale_one_fails_alone() {
 #[tokio::test]
 async fn callers_are_answered_only_after_commit() {
     let (_dir, db, conn) = setup().await;
-    let (writer, task, stop) = start(&conn);
+    let (writer, task, stop) = start_for(&db, &conn);
     let other = Database::connect(db.url()).await.unwrap();
     let mut handles = Vec::new();
     for seq in 1..=64_i64 {
