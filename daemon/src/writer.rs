@@ -286,16 +286,7 @@ impl WriteUnit {
         model: A,
         key: &[<A::Entity as EntityTrait>::Column],
     ) -> Self {
-        let key: Vec<&'static str> = key.iter().map(|c| c.as_str()).collect();
-        self.push_row(model, |columns| Conflict::Update {
-            update: columns
-                .iter()
-                .filter(|c| !key.contains(c))
-                .copied()
-                .collect(),
-            key,
-            forward: None,
-        })
+        self.upsert_with(model, key, None)
     }
 
     /// [`WriteUnit::upsert`], except that the existing row is updated only when the
@@ -308,6 +299,17 @@ impl WriteUnit {
         key: &[<A::Entity as EntityTrait>::Column],
         forward: <A::Entity as EntityTrait>::Column,
     ) -> Self {
+        self.upsert_with(model, key, Some(forward.as_str()))
+    }
+
+    /// An upsert keyed by `key` that updates every other column `model` sets
+    /// (only forward in `forward`, when named).
+    fn upsert_with<A: ActiveModelTrait>(
+        self,
+        model: A,
+        key: &[<A::Entity as EntityTrait>::Column],
+        forward: Option<&'static str>,
+    ) -> Self {
         let key: Vec<&'static str> = key.iter().map(|c| c.as_str()).collect();
         self.push_row(model, |columns| Conflict::Update {
             update: columns
@@ -316,7 +318,7 @@ impl WriteUnit {
                 .copied()
                 .collect(),
             key,
-            forward: Some(forward.as_str()),
+            forward,
         })
     }
 

@@ -88,27 +88,33 @@ fn start_for(
     let Ok(Some(path)) = caremsgd::db::sqlite_file(&db.url()) else {
         return start(conn);
     };
-    let stop = CancellationToken::new();
-    let (writer, task) = Writer::start_sqlite(
-        caremsgd::writer::SqliteStore::new(&path, std::time::Duration::from_secs(5)),
-        WriterOptions {
-            max_batch_units: 512,
-            queue_depth: 1024,
-        },
-        Arc::new(Metrics::new()),
-        stop.clone(),
-    )
-    .unwrap();
-    (writer, task, stop)
+    started(|options, metrics, stop| {
+        Writer::start_sqlite(
+            caremsgd::writer::SqliteStore::new(&path, std::time::Duration::from_secs(5)),
+            options,
+            metrics,
+            stop,
+        )
+    })
 }
 
 /// A writer on the sea-orm connection `conn` (on SQLite, the path the daemon no
 /// longer takes; the full-disk test needs it to set `max_page_count` on the writer's
 /// own connection).
 fn start(conn: &DatabaseConnection) -> (Writer, caremsgd::writer::WriterTask, CancellationToken) {
+    started(|options, metrics, stop| Writer::start(conn.clone(), options, metrics, stop))
+}
+
+/// A writer started by `start` with the tests' options, and its stop switch.
+fn started(
+    start: impl FnOnce(
+        WriterOptions,
+        Arc<Metrics>,
+        CancellationToken,
+    ) -> std::io::Result<(Writer, caremsgd::writer::WriterTask)>,
+) -> (Writer, caremsgd::writer::WriterTask, CancellationToken) {
     let stop = CancellationToken::new();
-    let (writer, task) = Writer::start(
-        conn.clone(),
+    let (writer, task) = start(
         WriterOptions {
             max_batch_units: 512,
             queue_depth: 1024,
