@@ -69,6 +69,7 @@ fn full_settings() -> Settings {
         },
         conversations: Conversations {
             idle_timeout: Duration::from_secs(600),
+            max_live: 10_000,
             sms_body_max_chars: 1600,
             portal_body_max_chars: 10_000,
         },

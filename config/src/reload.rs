@@ -223,6 +223,7 @@ fn diff_ha(d: &mut Diff, old: &Ha, new: &Ha) -> Result<(), ReloadRefused> {
 fn diff_conversations(d: &mut Diff, old: &Conversations, new: &Conversations) {
     let Conversations {
         idle_timeout,
+        max_live,
         sms_body_max_chars,
         portal_body_max_chars,
     } = new;
@@ -231,6 +232,7 @@ fn diff_conversations(d: &mut Diff, old: &Conversations, new: &Conversations) {
         &old.idle_timeout,
         idle_timeout,
     );
+    d.reloadable("conversations.max_live", &old.max_live, max_live);
     d.reloadable(
         "conversations.sms_body_max_chars",
         &old.sms_body_max_chars,

@@ -443,6 +443,11 @@ pub struct Conversations {
     /// Default: "10min". Reloadable: yes.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Most conversations held in memory at once. A conversation loaded beyond it
+    /// first unloads the least recently used ones (they are loaded again from the
+    /// database on next use).
+    /// Default: 10000. Reloadable: yes.
+    pub max_live: usize,
     /// Longest message body, in Unicode characters, that will go out by SMS.
     /// Default: 1600. Reloadable: yes.
     pub sms_body_max_chars: usize,
@@ -455,6 +460,7 @@ impl Default for Conversations {
     fn default() -> Self {
         Self {
             idle_timeout: Duration::from_secs(10 * 60),
+            max_live: 10_000,
             sms_body_max_chars: 1600,
             portal_body_max_chars: 10_000,
         }

@@ -351,6 +351,7 @@ impl Settings {
         // conversations
         let conversations = &self.conversations;
         p.positive_duration("conversations.idle_timeout", conversations.idle_timeout);
+        p.at_least_one("conversations.max_live", u64_of(conversations.max_live));
         p.at_least_one(
             "conversations.sms_body_max_chars",
             u64_of(conversations.sms_body_max_chars),
@@ -612,6 +613,7 @@ mod tests {
         check(|s| s.ha.lease_renew = zero, "ha.lease_renew", "zero");
         check(|s| s.database.url = Some("postgres://h/db?pgbouncer=true".into()), "database.url", "session mode");
         check(|s| s.database.url = Some("postgres://h/db?sslmode=require&pool_mode=Transaction".into()), "database.url", "transaction-mode pooler");
+        check(|s| s.conversations.max_live = 0, "conversations.max_live", "at least 1");
         check(|s| s.conversations.sms_body_max_chars = 0, "conversations.sms_body_max_chars", "at least 1");
         check(|s| s.conversations.portal_body_max_chars = 0, "conversations.portal_body_max_chars", "at least 1");
         check(|s| s.gateways[0].concurrency = 0, "gateways[0].concurrency", "at least 1");

@@ -122,6 +122,9 @@ pub struct Metrics {
     pub deliveries_reconcile: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Conversation actors alive, read when scraped.
     pub actors_live: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Conversation actors asked to unload early, to stay within
+    /// `conversations.max_live`.
+    pub actors_unloaded: Counter<u64, AtomicU64>,
     /// Durable timers due and not yet fired, read when scraped.
     pub timers_due: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Outbox deliveries by gateway instance and outcome.
@@ -266,6 +269,12 @@ impl Metrics {
             "Conversation actors alive",
             actors_live.clone(),
         );
+        let actors_unloaded = Counter::default();
+        registry.register(
+            "actors_unloaded",
+            "Conversation actors unloaded early to stay within conversations.max_live",
+            actors_unloaded.clone(),
+        );
         let timers_due = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
         registry.register(
             "timers_due",
@@ -374,6 +383,7 @@ impl Metrics {
             deliveries_reconcile,
             outbox_oldest_seconds,
             actors_live,
+            actors_unloaded,
             timers_due,
             gateway_deliveries,
             gateway_inbound,

@@ -891,6 +891,68 @@ async fn idle_actors_passivate_and_come_back_intact() {
     d.stop().await.unwrap();
 }
 
+/// `conversations.max_live` bounds the conversations held in memory: a new one first
+/// unloads the least recently used, which finishes what it was sent and stops; its
+/// patient's next message starts a new actor that carries on from the database.
+#[tokio::test]
+async fn conversations_in_memory_stay_within_max_live() {
+    let d = TestDaemon::start_with(|text| {
+        text.replace("[sms_auth]", "[conversations]\nmax_live = 4\n\n[sms_auth]")
+    })
+    .await
+    .unwrap();
+    d.practice("p1").await;
+    d.user("p1", "u1", &[]).await;
+    for i in 1..=24 {
+        d.patient("p1", &format!("pat{i}"), &[], &["u1"]).await;
+    }
+    let state = d.daemon().state();
+    let conversations = &state.conversations;
+    for i in 1..=4 {
+        staff_send(&d, "u1", &format!("pat{i}"), "first", None).await;
+    }
+    // pat1 used again: pat2 is now the least recently used.
+    staff_send(&d, "u1", "pat1", "second", None).await;
+    assert_eq!((conversations.live(), conversations.staying()), (4, 4));
+    let (status, _) = staff_send(&d, "u1", "pat5", "first", None).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(conversations.staying(), 4);
+    assert_eq!(state.metrics.actors_unloaded.get(), 1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while conversations.is_live("pat2") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unloaded actor never stopped"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    for kept in ["pat1", "pat3", "pat4", "pat5"] {
+        assert!(conversations.is_live(kept), "{kept} was unloaded");
+    }
+    // pat2's next message carries on from the database.
+    let (status, body) = staff_send(&d, "u1", "pat2", "second", None).await;
+    assert_eq!(
+        (status, body["seq"].as_i64()),
+        (StatusCode::CREATED, Some(2))
+    );
+
+    // Many patients at once: every send is stored, and the bound holds.
+    let sends = (5..=24).map(|i| {
+        let d = &d;
+        async move { staff_send(d, "u1", &format!("pat{i}"), "burst", None).await }
+    });
+    for (status, body) in futures::future::join_all(sends).await {
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    assert!(conversations.staying() <= 4, "{}", conversations.staying());
+    let (status, body) = staff_send(&d, "u1", "pat5", "third", None).await;
+    assert_eq!(
+        (status, body["seq"].as_i64()),
+        (StatusCode::CREATED, Some(3))
+    );
+    d.stop().await.unwrap();
+}
+
 /// A warm actor remembers the patient's rows between portal sends (no read), so this
 /// is the test that what it remembers never outlives an admin change: the very next
 /// portal send after the answer to each admin write sees it.

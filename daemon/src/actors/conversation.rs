@@ -24,7 +24,7 @@ use sea_orm::{
     ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QueryTrait,
 };
 
-use super::{Live, forget, on_main};
+use super::{LiveMap, forget, leave, on_main};
 use crate::audit::AuditEntry;
 use crate::events::{Event, MessageEvent};
 use crate::phi::Phi;
@@ -299,7 +299,7 @@ pub struct ConversationActor {
     // The daemon's state: database, writer, settings, clock, events.
     state: Shared,
     // The registry's map, to remove this actor when it passivates.
-    live: Arc<Mutex<HashMap<String, Live>>>,
+    live: Arc<Mutex<LiveMap>>,
     // What the actor knows of its conversation because only it writes it.
     known: Known,
     // When the actor last handled a message (for passivation).
@@ -311,7 +311,7 @@ impl ConversationActor {
         patient_id: String,
         generation: u64,
         state: Shared,
-        live: Arc<Mutex<HashMap<String, Live>>>,
+        live: Arc<Mutex<LiveMap>>,
     ) -> Self {
         Self {
             patient_id,
@@ -351,6 +351,23 @@ impl Actor for ConversationActor {
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         // Whatever stopped it, the registry must not keep a dead address.
         forget(&self.live, &self.patient_id, self.generation);
+    }
+}
+
+/// Asks the actor to passivate now, to make room in the registry
+/// (`conversations.max_live`): it has handled every message sent before this one; it
+/// stops unless a message for its patient took it back since.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct Passivate;
+
+impl Handler<Passivate> for ConversationActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Passivate, ctx: &mut Context<Self>) {
+        if leave(&self.live, &self.patient_id, self.generation) {
+            ctx.stop();
+        }
     }
 }
 

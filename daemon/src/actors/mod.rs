@@ -2,6 +2,13 @@
 //! a [`ConversationActor`](conversation::ConversationActor) per patient on demand and
 //! forgets it when it passivates.
 //!
+//! The registry holds at most `conversations.max_live` actors that are not leaving: to
+//! start one more, it first asks the least recently used ones to passivate (a sixteenth
+//! of the bound at a time, so that the search for them is paid once per many starts).
+//! An actor asked to leave finishes the messages already in its mailbox, then stops;
+//! until it has, the registry keeps pointing at it, so a patient never has two actors
+//! at once, and a message for it in the meantime takes it back (it stays).
+//!
 //! **Architecture Invariant:** no actor keeps state that is not also in the database.
 //! An actor is a serialiser and a cache: stopping it (passivation, a crash, a
 //! restart) loses nothing; the next one rebuilds from the database.
@@ -16,6 +23,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
 
 use actix::{Actor, Addr, ArbiterHandle, Handler, MailboxError, Message, System};
 
@@ -88,6 +96,66 @@ pub enum ActorError {
 struct Live {
     generation: u64,
     addr: Addr<ConversationActor>,
+    // When the registry last handed out its address.
+    used: Instant,
+    // Asked to passivate to make room, and not taken back since.
+    leaving: bool,
+}
+
+/// The live actors by patient id.
+#[derive(Default)]
+pub(crate) struct LiveMap {
+    actors: HashMap<String, Live>,
+    // How many of `actors` are leaving.
+    leaving: usize,
+}
+
+impl LiveMap {
+    /// Removes the entry of `patient_id`.
+    fn remove(&mut self, patient_id: &str) {
+        if let Some(gone) = self.actors.remove(patient_id)
+            && gone.leaving
+        {
+            self.leaving -= 1;
+        }
+    }
+
+    /// Actors that are not leaving.
+    fn staying(&self) -> usize {
+        self.actors.len() - self.leaving
+    }
+
+    /// Asks the least recently used actors to passivate until one more would keep the
+    /// staying ones within `max` (and a sixteenth of `max` below it, so the next starts
+    /// find room without a search); how many were asked.
+    fn make_room(&mut self, max: usize) -> usize {
+        let staying = self.staying();
+        if staying < max {
+            return 0;
+        }
+        let count = (staying + 1 - max + max / 16).min(staying);
+        let mut oldest: Vec<(Instant, &String)> = self
+            .actors
+            .iter()
+            .filter(|(_, live)| !live.leaving)
+            .map(|(id, live)| (live.used, id))
+            .collect();
+        if count < oldest.len() {
+            oldest.select_nth_unstable_by_key(count, |(used, _)| *used);
+        }
+        let leaving: Vec<String> = oldest[..count]
+            .iter()
+            .map(|(_, id)| (*id).clone())
+            .collect();
+        for id in &leaving {
+            if let Some(live) = self.actors.get_mut(id) {
+                live.leaving = true;
+                live.addr.do_send(conversation::Passivate);
+            }
+        }
+        self.leaving += leaving.len();
+        leaving.len()
+    }
 }
 
 /// Starts, finds and forgets conversation actors.
@@ -95,7 +163,7 @@ pub struct Conversations {
     // Where actors run.
     system: Mutex<ActorSystem>,
     // The live actors by patient id. Shared with the actors, which remove themselves.
-    live: Arc<Mutex<HashMap<String, Live>>>,
+    live: Arc<Mutex<LiveMap>>,
     // Tells a passivating actor whether the registry still points at it.
     generation: AtomicU64,
     // The daemon's state, for new actors (weak: the state owns this registry).
@@ -115,7 +183,13 @@ impl Conversations {
 
     /// How many conversation actors are live.
     pub fn live(&self) -> usize {
-        self.live.lock().map(|l| l.len()).unwrap_or(0)
+        self.live.lock().map(|l| l.actors.len()).unwrap_or(0)
+    }
+
+    /// How many live actors are not leaving (asked to passivate to make room): at
+    /// most `conversations.max_live`.
+    pub fn staying(&self) -> usize {
+        self.live.lock().map(|l| l.staying()).unwrap_or(0)
     }
 
     /// Whether the actor of `patient_id` is live now (it may passivate the next
@@ -123,7 +197,7 @@ impl Conversations {
     pub fn is_live(&self, patient_id: &str) -> bool {
         self.live
             .lock()
-            .map(|l| l.contains_key(patient_id))
+            .map(|l| l.actors.contains_key(patient_id))
             .unwrap_or(false)
     }
 
@@ -151,12 +225,24 @@ impl Conversations {
 
     fn addr(&self, patient_id: &str) -> Result<Addr<ConversationActor>, ActorError> {
         let mut live = self.live.lock().map_err(|_| ActorError::Stopped)?;
-        if let Some(entry) = live.get(patient_id)
+        let live = &mut *live;
+        if let Some(entry) = live.actors.get_mut(patient_id)
             && entry.addr.connected()
         {
+            entry.used = Instant::now();
+            if entry.leaving {
+                // Taken back: its `Passivate` finds it staying and is ignored.
+                entry.leaving = false;
+                live.leaving -= 1;
+            }
             return Ok(entry.addr.clone());
         }
         let state = self.state.upgrade().ok_or(ActorError::Stopped)?;
+        let max = state.settings.load().conversations.max_live;
+        let asked = live.make_room(max);
+        if asked > 0 {
+            state.metrics.actors_unloaded.inc_by(asked as u64);
+        }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let arbiter = self
             .system
@@ -167,11 +253,14 @@ impl Conversations {
         let actor =
             ConversationActor::new(patient_id.to_owned(), generation, state, self.live.clone());
         let addr = ConversationActor::start_in_arbiter(&arbiter, move |_| actor);
-        live.insert(
+        live.remove(patient_id);
+        live.actors.insert(
             patient_id.to_owned(),
             Live {
                 generation,
                 addr: addr.clone(),
+                used: Instant::now(),
+                leaving: false,
             },
         );
         Ok(addr)
@@ -179,7 +268,10 @@ impl Conversations {
 
     fn forget_closed(&self, patient_id: &str) {
         if let Ok(mut live) = self.live.lock()
-            && live.get(patient_id).is_some_and(|l| !l.addr.connected())
+            && live
+                .actors
+                .get(patient_id)
+                .is_some_and(|l| !l.addr.connected())
         {
             live.remove(patient_id);
         }
@@ -188,7 +280,7 @@ impl Conversations {
     /// Stops every actor (shutdown).
     pub fn stop(&self) {
         if let Ok(mut live) = self.live.lock() {
-            live.clear();
+            *live = LiveMap::default();
         }
         if let Ok(mut system) = self.system.lock() {
             system.stop();
@@ -198,11 +290,12 @@ impl Conversations {
 
 /// Removes the actor of `patient_id` from the registry if it is still generation
 /// `generation`; returns whether it was.
-fn forget(live: &Mutex<HashMap<String, Live>>, patient_id: &str, generation: u64) -> bool {
+fn forget(live: &Mutex<LiveMap>, patient_id: &str, generation: u64) -> bool {
     let Ok(mut live) = live.lock() else {
         return false;
     };
     if live
+        .actors
         .get(patient_id)
         .is_some_and(|l| l.generation == generation)
     {
@@ -210,6 +303,25 @@ fn forget(live: &Mutex<HashMap<String, Live>>, patient_id: &str, generation: u64
         true
     } else {
         false
+    }
+}
+
+/// Whether the actor `generation` of `patient_id`, asked to passivate, should stop:
+/// yes (and it is forgotten) unless a message took it back since; yes too if the
+/// registry no longer points at it.
+fn leave(live: &Mutex<LiveMap>, patient_id: &str, generation: u64) -> bool {
+    let Ok(mut live) = live.lock() else {
+        return true;
+    };
+    match live.actors.get(patient_id) {
+        Some(l) if l.generation == generation => {
+            let leaving = l.leaving;
+            if leaving {
+                live.remove(patient_id);
+            }
+            leaving
+        }
+        _ => true,
     }
 }
 
