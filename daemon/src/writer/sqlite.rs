@@ -421,6 +421,53 @@ mod tests {
         );
     }
 
+    /// The automatic checkpoint of the writer's connection: the safety net while the
+    /// checkpointer runs; SQLite's default once it has stopped, noticed at the next
+    /// request, after which the writer's own commits keep the WAL short again.
+    #[test]
+    fn a_stopped_checkpointer_gives_checkpoints_back_to_the_writers_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let mut store = SqliteStore::new(&path, Duration::from_secs(5));
+        let (requests, asked) = std::sync::mpsc::sync_channel(1);
+        store.checkpointer = Some(Checkpointer {
+            requests,
+            commits: 0,
+        });
+        let automatic = |store: &mut SqliteStore| -> i64 {
+            store
+                .conn()
+                .unwrap()
+                .pragma_query_value(None, "wal_autocheckpoint", |row| row.get(0))
+                .unwrap()
+        };
+        assert_eq!(automatic(&mut store), WAL_SAFETY_NET);
+        store
+            .conn()
+            .unwrap()
+            .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT)")
+            .unwrap();
+        // The checkpointer's thread ends.
+        drop(asked);
+        let body = "x".repeat(2000);
+        for i in 0..1500 {
+            let conn = store.conn().unwrap();
+            let txn = SqliteTxn(conn);
+            txn.control("BEGIN").unwrap();
+            conn.execute("INSERT INTO t VALUES (?, ?)", (i, &body))
+                .unwrap();
+            txn.commit().unwrap();
+            store.committed();
+        }
+        assert!(store.checkpointer.is_none(), "the stop was not noticed");
+        assert_eq!(automatic(&mut store), 1_000);
+        // The writer's commits checkpointed: the WAL restarted, well short of the
+        // 1,500 commits' frames.
+        let other = open(&path, Duration::from_secs(5)).unwrap();
+        let (frames, _) = checkpoint(&other).unwrap();
+        assert!(frames < 1_100, "{frames} frames in the WAL");
+    }
+
     #[test]
     fn errors_are_classified_as_the_sqlx_path_classifies_them() {
         let conn = Connection::open_in_memory().unwrap();
