@@ -100,7 +100,12 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
 
 async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
     let ceiling = super::write_ceiling(dir, 50_000).await?;
-    let settings = super::scratch_settings(dir)?;
+    let mut settings = super::scratch_settings(dir)?;
+    // Every conversation stays in memory: the memory figure is per live actor.
+    settings.conversations.max_live = settings
+        .conversations
+        .max_live
+        .max(plan.patients + plan.actors + 1);
     let running = crate::start(settings, crate::Options::default())
         .await
         .context("starting the daemon")?;
