@@ -186,8 +186,8 @@ async fn stable_plans(conn: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Err
 /// PostgreSQL's stock 4.0 prices every index lookup as a disk seek. Measured with
 /// `bench clinic`: once the patients table held 12,000 rows, it planned the staff
 /// list's joins (51 rows) as sequential scans of `patients` and `conversations`
-/// (5.8 ms a list instead of 2.0), and the clinic mix fell from 1,369 to 1,268
-/// requests/s.
+/// (5.8 ms a list instead of 2.0), and the clinic mix fell to 770–1,163 requests/s in
+/// the runs whose `ANALYZE` sample tipped the plan (1,390–1,706 with this setting).
 const RANDOM_PAGE_COST: &str = "1.1";
 
 /// Sets [`RANDOM_PAGE_COST`] for `conn`'s session where nobody set one; one round trip.
