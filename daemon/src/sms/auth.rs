@@ -1253,19 +1253,13 @@ async fn reply(
     provider_message_id: &str,
     body: Body,
 ) -> Result<(i64, ReplyOutcome), SmsError> {
-    let receipt =
-        inbound_receipt::Entity::find_by_id((gateway.to_owned(), provider_message_id.to_owned()))
-            .one(&state.db)
-            .await?;
-    if receipt.is_some() {
-        return Ok((seq, ReplyOutcome::Duplicate));
-    }
     let Some(phone) = patient.mobile_phone.clone() else {
         return Ok((seq, ReplyOutcome::NotForPatient));
     };
     let keyword = keywords::classify(body.expose());
     // The common text: a conversation message from an enabled patient, which no
-    // session or consent row can change.
+    // session or consent row can change. A provider's retry is not looked for first:
+    // the message's receipt refuses it, and only then is it looked up.
     if keyword.is_none() && patient.sms_status == SmsStatus::Enabled {
         return conversation_text(
             state,
@@ -1277,6 +1271,9 @@ async fn reply(
             body,
         )
         .await;
+    }
+    if received_before(state, gateway, provider_message_id).await? {
+        return Ok((seq, ReplyOutcome::Duplicate));
     }
     let pending = pending_session(state, &patient.id).await?;
     let opted_out_number = number_opted_out(state, &practice.id, &phone).await?;
@@ -1404,16 +1401,40 @@ async fn conversation_text(
         rows: Some(crate::actors::conversation::Rows::of(patient, practice)),
         ..SendMessage::inbound_sms(gateway, provider_message_id, body)
     };
-    let (seq, stored) =
-        crate::actors::conversation::try_send(state, &patient_id, Some(seq), message).await?;
-    Ok((
-        seq,
-        if stored.replayed {
-            ReplyOutcome::Duplicate
-        } else {
-            ReplyOutcome::Message(stored.message.seq)
-        },
-    ))
+    match crate::actors::conversation::try_send(state, &patient_id, Some(seq), message).await {
+        Ok((seq, stored)) => Ok((
+            seq,
+            if stored.replayed {
+                ReplyOutcome::Duplicate
+            } else {
+                ReplyOutcome::Message(stored.message.seq)
+            },
+        )),
+        // A retry of a text that was no conversation message the first time (a
+        // date-of-birth reply, a keyword, a text kept in the unmatched log): its
+        // receipt refused the message.
+        Err(err)
+            if !matches!(err, SendError::Unavailable(_))
+                && received_before(state, gateway, provider_message_id).await? =>
+        {
+            Ok((seq, ReplyOutcome::Duplicate))
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Whether a text with this provider message id was received before (its receipt).
+async fn received_before(
+    state: &Shared,
+    gateway: &str,
+    provider_message_id: &str,
+) -> Result<bool, SmsError> {
+    Ok(
+        inbound_receipt::Entity::find_by_id((gateway.to_owned(), provider_message_id.to_owned()))
+            .one(&state.db)
+            .await?
+            .is_some(),
+    )
 }
 
 /// A reply to a pending session that is no keyword: the date of birth, or a wrong
