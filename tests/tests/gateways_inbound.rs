@@ -107,12 +107,16 @@ async fn a_retried_text_first_kept_elsewhere_stays_a_duplicate() {
         let (status, text) = reply(&d, &body).await;
         assert_eq!(status, StatusCode::OK, "{text}");
     }
-    let stored = message::Entity::find()
-        .filter(message::Column::ProviderMessageId.eq("x1"))
-        .count(db(&d))
-        .await
-        .unwrap();
-    assert_eq!(stored, 0, "the retry became a conversation message");
+    let stored = |id: &'static str| {
+        message::Entity::find()
+            .filter(message::Column::ProviderMessageId.eq(id))
+            .count(db(&d))
+    };
+    assert_eq!(
+        stored("x1").await.unwrap(),
+        0,
+        "the retry became a conversation message"
+    );
     assert_eq!(
         inbound_receipt::Entity::find().count(db(&d)).await.unwrap(),
         1
@@ -128,12 +132,7 @@ async fn a_retried_text_first_kept_elsewhere_stays_a_duplicate() {
     let new = json!({"from": MOBILE, "to": practice_number(), "body": "Who is this?", "id": "x2"});
     let (status, text) = reply(&d, &new).await;
     assert_eq!(status, StatusCode::OK, "{text}");
-    let stored = message::Entity::find()
-        .filter(message::Column::ProviderMessageId.eq("x2"))
-        .count(db(&d))
-        .await
-        .unwrap();
-    assert_eq!(stored, 1);
+    assert_eq!(stored("x2").await.unwrap(), 1);
     d.stop().await.unwrap();
 }
 
