@@ -233,8 +233,12 @@ async fn commit_one(
     }
 }
 
-/// Whether `(gateway, id)` was taken in before.
-async fn seen(state: &Shared, gateway: &str, provider_message_id: &str) -> Result<bool, DbErr> {
+/// Whether `(gateway, id)` was taken in before (its receipt).
+pub(crate) async fn seen(
+    state: &Shared,
+    gateway: &str,
+    provider_message_id: &str,
+) -> Result<bool, DbErr> {
     Ok(
         inbound_receipt::Entity::find_by_id((gateway.to_owned(), provider_message_id.to_owned()))
             .one(&state.db)

@@ -1272,7 +1272,7 @@ async fn reply(
         )
         .await;
     }
-    if received_before(state, gateway, provider_message_id).await? {
+    if crate::gateways::inbound::seen(state, gateway, provider_message_id).await? {
         return Ok((seq, ReplyOutcome::Duplicate));
     }
     let pending = pending_session(state, &patient.id).await?;
@@ -1415,26 +1415,12 @@ async fn conversation_text(
         // receipt refused the message.
         Err(err)
             if !matches!(err, SendError::Unavailable(_))
-                && received_before(state, gateway, provider_message_id).await? =>
+                && crate::gateways::inbound::seen(state, gateway, provider_message_id).await? =>
         {
             Ok((seq, ReplyOutcome::Duplicate))
         }
         Err(err) => Err(err.into()),
     }
-}
-
-/// Whether a text with this provider message id was received before (its receipt).
-async fn received_before(
-    state: &Shared,
-    gateway: &str,
-    provider_message_id: &str,
-) -> Result<bool, SmsError> {
-    Ok(
-        inbound_receipt::Entity::find_by_id((gateway.to_owned(), provider_message_id.to_owned()))
-            .one(&state.db)
-            .await?
-            .is_some(),
-    )
 }
 
 /// A reply to a pending session that is no keyword: the date of birth, or a wrong
