@@ -505,6 +505,25 @@ impl Cpu {
     pub(crate) fn daemon(&self) -> Duration {
         self.process.saturating_sub(self.load)
     }
+
+    /// Waits until the daemon is idle: under 2% of a core for 200 ms (at most 10 s).
+    /// Work a round leaves behind (the WAL checkpointer's copy of what it wrote, the
+    /// outbox) then counts in that round, not in whichever round comes next; a round
+    /// that follows another at once would otherwise pay for its predecessor's tail,
+    /// one that follows a pause would not.
+    pub(crate) async fn settle() {
+        const WINDOW: Duration = Duration::from_millis(200);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut before = Cpu::read().daemon();
+        while std::time::Instant::now() < deadline {
+            tokio::time::sleep(WINDOW).await;
+            let now = Cpu::read().daemon();
+            if now.saturating_sub(before) < WINDOW / 50 {
+                return;
+            }
+            before = now;
+        }
+    }
 }
 
 /// utime + stime of a `/proc/…/stat` line, at Linux's 100 ticks per second.

@@ -4,9 +4,13 @@
 //! readers run on the load generator's own thread; the daemon's CPU is the process's
 //! minus that thread's.
 //!
-//! With the streams open, two rounds: the first reads each patient's audience once
-//! (cold, right after the streams opened), the second is the steady state of streams
-//! that stay open all day — the one the target is judged on. Both are printed.
+//! Rounds without streams and rounds with them alternate (`ROUNDS_WITH` of each kind,
+//! one more without), so that both kinds sit at the same mean position in a database
+//! that grows with every round. The round right after the streams first open reads
+//! each patient's audience once (cold) and is printed apart; the target is judged on
+//! the mean of the steady rounds, streams that stay open all day. Every round is
+//! printed with the writer's units per commit: the CPU a message costs depends on
+//! how many messages share a commit, and that varies from round to round.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,12 +29,17 @@ pub struct Plan {
     pub clients: usize,
 }
 
+/// Steady rounds with streams open; one more round without is run.
+const ROUNDS_WITH: usize = 3;
+
 /// One round's figures.
 #[derive(Debug, Clone, Copy)]
 struct Round {
+    tag: &'static str,
     cpu_per_message: Duration,
     per_second: f64,
     reader_statements_per_message: f64,
+    units_per_commit: f64,
 }
 
 impl Round {
@@ -38,6 +47,7 @@ impl Round {
     fn mean(rounds: &[Round]) -> Round {
         let n = rounds.len().max(1) as f64;
         Round {
+            tag: "mean",
             cpu_per_message: rounds
                 .iter()
                 .map(|r| r.cpu_per_message)
@@ -49,6 +59,7 @@ impl Round {
                 .map(|r| r.reader_statements_per_message)
                 .sum::<f64>()
                 / n,
+            units_per_commit: rounds.iter().map(|r| r.units_per_commit).sum::<f64>() / n,
         }
     }
 }
@@ -57,6 +68,8 @@ impl Round {
 #[derive(Debug, Clone)]
 pub struct Report {
     plan: Plan,
+    // Every round, in the order run.
+    rounds: Vec<Round>,
     without: Round,
     first: Round,
     with: Round,
@@ -71,36 +84,59 @@ impl std::fmt::Display for Report {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         let added =
             |round: Round| us(round.cpu_per_message) / us(self.without.cpu_per_message) - 1.0;
-        writeln!(
-            f,
-            "events benchmark: SQLite, {} portal messages per round from {} clients, care teams of 5",
-            self.plan.messages, self.plan.clients
-        )?;
-        for (name, round) in [
-            ("no stream open", self.without),
-            ("streams opened", self.first),
-            ("streams open", self.with),
-        ] {
+        let line = |f: &mut std::fmt::Formatter<'_>, name: &str, round: Round| {
             writeln!(
                 f,
-                "  {name:<16} CPU/message {:>8.0} µs   {:>8.0} messages/s   {:>5.2} reader statements/message",
+                "  {name:<22} CPU/message {:>6.0} µs   {:>6.0} messages/s   {:>5.1} units/commit   {:>5.2} reader statements/message",
                 us(round.cpu_per_message),
                 round.per_second,
+                round.units_per_commit,
                 round.reader_statements_per_message
-            )?;
-        }
+            )
+        };
         writeln!(
             f,
-            "  {} streams add {:+.1}% CPU per message, steady state   (target < 10%: {}); {:+.1}% in the round right after they opened ({} audience reads, one per patient)",
+            "events benchmark: SQLite, {} portal messages per round from {} clients, care teams of 5, {} streams",
+            self.plan.messages, self.plan.clients, self.plan.streams
+        )?;
+        writeln!(
+            f,
+            "  every round, in the order run (none: no stream open; open: streams open, steady; opened: the round right after they first opened):"
+        )?;
+        for round in &self.rounds {
+            line(f, round.tag, *round)?;
+        }
+        let spread = |tag: &str| {
+            let added: Vec<f64> = self
+                .rounds
+                .iter()
+                .filter(|r| r.tag.starts_with(tag))
+                .map(|r| added(*r) * 100.0)
+                .collect();
+            let min = added.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = added.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            format!("{min:+.1}% to {max:+.1}%")
+        };
+        line(f, "mean, no stream open", self.without)?;
+        line(f, "mean, streams open", self.with)?;
+        writeln!(
+            f,
+            "  {} streams add {:+.1}% CPU per message, steady state (mean of {} rounds; each round against the mean without: {})   (target < 10%: {})",
             self.plan.streams,
             added(self.with) * 100.0,
+            ROUNDS_WITH,
+            spread("open"),
             super::verdict(added(self.with) < 0.10),
+        )?;
+        writeln!(
+            f,
+            "  {:+.1}% in the round right after they first opened ({} audience reads, one per patient)",
             added(self.first) * 100.0,
             self.first_audience_reads,
         )?;
         write!(
             f,
-            "  events received on the streams in the steady round {} in {} reads ({:.2} events per read); audience reads {}",
+            "  events received on the streams in the steady rounds {} in {} reads ({:.2} events per read); audience reads {}",
             self.events_received,
             self.chunks_received,
             self.events_received as f64 / self.chunks_received.max(1) as f64,
@@ -148,16 +184,26 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
         let round = |tag: &'static str| {
             let (client, base, load) = (client.clone(), base.clone(), load.clone());
             async move {
+                // Each round starts on an idle daemon and counts the work it leaves
+                // behind (`Cpu::settle`).
+                super::Cpu::settle().await;
                 let statements = metric("caremsg_db_reader_statements_total");
+                let commits = metric("caremsg_writer_batch_units_count");
+                let units = metric("caremsg_writer_batch_units_sum");
                 let cpu = super::Cpu::read();
                 let started = Instant::now();
                 load.spawn(async move { send(&client, &base, plan, patients, tag).await })
                     .await
                     .context("the senders")??;
                 let took = started.elapsed();
+                super::Cpu::settle().await;
                 let statements = metric("caremsg_db_reader_statements_total") - statements;
                 let cpu = super::Cpu::read().daemon().saturating_sub(cpu.daemon());
+                let commits = metric("caremsg_writer_batch_units_count") - commits;
+                let units = metric("caremsg_writer_batch_units_sum") - units;
                 Ok::<_, anyhow::Error>(Round {
+                    tag,
+                    units_per_commit: units / commits.max(1.0),
                     cpu_per_message: cpu / plan.messages as u32,
                     per_second: plan.messages as f64 / took.as_secs_f64(),
                     reader_statements_per_message: statements / plan.messages as f64,
@@ -204,62 +250,79 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
             }
             Ok::<_, anyhow::Error>(readers)
         };
-        // Waits for every event of a round with streams (10 per message) to arrive,
-        // then closes the streams and waits until the daemon has let them all go.
-        let close = |readers: Vec<tokio::task::JoinHandle<()>>| {
+        // Waits until every event of a round with streams (10 per message) is in, or for
+        // `deadline`.
+        let all_in = |deadline: Duration| {
             let received = received.clone();
             async move {
-                let deadline = Instant::now() + Duration::from_secs(10);
+                let deadline = Instant::now() + deadline;
                 while received.load(Ordering::Relaxed) < plan.messages * 10
                     && Instant::now() < deadline
                 {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                for reader in &readers {
-                    reader.abort();
-                }
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while metric("caremsg_event_streams{kind=\"staff\"}") > 0.0 {
-                    anyhow::ensure!(
-                        Instant::now() < deadline,
-                        "the daemon did not let the closed streams go"
-                    );
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Ok::<_, anyhow::Error>(())
             }
         };
-        let mut without = vec![round("without").await?];
-        let readers = open().await?;
-        let audience = metric("caremsg_event_audience_reads_total");
-        let first = round("first").await?;
-        let first_audience_reads = metric("caremsg_event_audience_reads_total") - audience;
-        // Every event of the first round is in before the steady round counts.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while received.load(Ordering::Relaxed) < plan.messages * 10 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        // Waits for every event of a round with streams (10 per message) to arrive,
+        // then closes the streams and waits until the daemon has let them all go.
+        let close = |readers: Vec<tokio::task::JoinHandle<()>>| async move {
+            all_in(Duration::from_secs(10)).await;
+            for reader in &readers {
+                reader.abort();
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while metric("caremsg_event_streams{kind=\"staff\"}") > 0.0 {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the daemon did not let the closed streams go"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok::<_, anyhow::Error>(())
+        };
+        // Distinct tags: each round's `client_txn_id`s are its own.
+        const WITHOUT: [&str; ROUNDS_WITH + 1] = ["none1", "none2", "none3", "none4"];
+        const WITH: [&str; ROUNDS_WITH] = ["open1", "open2", "open3"];
+        let mut rounds = vec![round(WITHOUT[0]).await?];
+        let mut first = None;
+        let (mut events_received, mut chunks_received, mut audience_reads) = (0, 0, 0.0);
+        for (k, tag) in WITH.into_iter().enumerate() {
+            let readers = open().await?;
+            if k == 0 {
+                let audience = metric("caremsg_event_audience_reads_total");
+                let round = round("opened").await?;
+                first = Some((
+                    round,
+                    metric("caremsg_event_audience_reads_total") - audience,
+                ));
+                // Every event of the first round is in before the steady round counts.
+                all_in(Duration::from_secs(10)).await;
+            }
+            received.store(0, Ordering::Relaxed);
+            chunks.store(0, Ordering::Relaxed);
+            let audience = metric("caremsg_event_audience_reads_total");
+            rounds.push(round(tag).await?);
+            audience_reads += metric("caremsg_event_audience_reads_total") - audience;
+            close(readers).await?;
+            events_received += received.load(Ordering::Relaxed);
+            chunks_received += chunks.load(Ordering::Relaxed);
+            rounds.push(round(WITHOUT[k + 1]).await?);
         }
-        received.store(0, Ordering::Relaxed);
-        chunks.store(0, Ordering::Relaxed);
-        let audience = metric("caremsg_event_audience_reads_total");
-        let mut with = vec![round("with").await?];
-        let audience_reads = metric("caremsg_event_audience_reads_total") - audience;
-        let (events_received, chunks_received) = (
-            received.load(Ordering::Relaxed),
-            chunks.load(Ordering::Relaxed),
-        );
-        close(readers).await?;
-        without.push(round("without2").await?);
-        let readers = open().await?;
-        received.store(0, Ordering::Relaxed);
-        with.push(round("with2").await?);
-        close(readers).await?;
-        without.push(round("without3").await?);
+        let (first, first_audience_reads) = first.context("no round with streams")?;
+        let of = |prefix: &str| {
+            let kind: Vec<Round> = rounds
+                .iter()
+                .filter(|r| r.tag.starts_with(prefix))
+                .copied()
+                .collect();
+            Round::mean(&kind)
+        };
         Ok::<_, anyhow::Error>(Report {
             plan,
-            without: Round::mean(&without),
+            without: of("none"),
+            with: of("open"),
             first,
-            with: Round::mean(&with),
+            rounds,
             first_audience_reads,
             events_received,
             chunks_received,
