@@ -101,7 +101,7 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  every round, in the order run (none: no stream open; open: streams open, steady; opened: the round right after they first opened):"
+            "  every steady round, in the order run (none: no stream open; open: streams open):"
         )?;
         for round in &self.rounds {
             line(f, round.tag, *round)?;
