@@ -506,11 +506,12 @@ impl Cpu {
         self.process.saturating_sub(self.load)
     }
 
-    /// Waits until the daemon is idle: under 2% of a core for 200 ms (at most 10 s).
-    /// Work a round leaves behind (the WAL checkpointer's copy of what it wrote, the
-    /// outbox) then counts in that round, not in whichever round comes next; a round
-    /// that follows another at once would otherwise pay for its predecessor's tail,
-    /// one that follows a pause would not.
+    /// Waits until the daemon is idle: 200 ms in which `/proc` charged it no CPU (it
+    /// counts in 10 ms ticks, so an idle daemon is one using well under 5% of a core),
+    /// for at most 10 s. Work a round leaves behind (the WAL checkpointer's copy of
+    /// what it wrote, say) then counts in that round, not in whichever round comes
+    /// next; a round that follows another at once would otherwise pay for its
+    /// predecessor's tail, one that follows a pause would not.
     pub(crate) async fn settle() {
         const WINDOW: Duration = Duration::from_millis(200);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -518,7 +519,7 @@ impl Cpu {
         while std::time::Instant::now() < deadline {
             tokio::time::sleep(WINDOW).await;
             let now = Cpu::read().daemon();
-            if now.saturating_sub(before) < WINDOW / 50 {
+            if now == before {
                 return;
             }
             before = now;

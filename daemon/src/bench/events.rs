@@ -280,7 +280,8 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
             }
             Ok::<_, anyhow::Error>(())
         };
-        // Distinct tags: each round's `client_txn_id`s are its own.
+        // Distinct tags: each round's `client_txn_id`s are its own; a steady round's tag
+        // begins with its kind (`none`, `open`), the means below select by it.
         const WITHOUT: [&str; ROUNDS_WITH + 1] = ["none1", "none2", "none3", "none4"];
         const WITH: [&str; ROUNDS_WITH] = ["open1", "open2", "open3"];
         let mut rounds = vec![round(WITHOUT[0]).await?];
@@ -290,7 +291,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
             let readers = open().await?;
             if k == 0 {
                 let audience = metric("caremsg_event_audience_reads_total");
-                let round = round("opened").await?;
+                let round = round("first").await?;
                 first = Some((
                     round,
                     metric("caremsg_event_audience_reads_total") - audience,
