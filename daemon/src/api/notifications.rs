@@ -10,7 +10,7 @@
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use caremsg_entities::{notification, notification_settings};
+use caremsg_entities::{notification, notification_settings, user};
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryTrait, Value};
@@ -19,7 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Staff};
-use crate::access::{ACCESSIBLE, Denied, patient_for};
+use crate::access::{ACCESSIBLE_IN_PRACTICE, Denied, accessible_in_practice_values, patient_for};
 use crate::audit::AuditEntry;
 use crate::notifications::settings::{
     self, Change, Channels, Prefs, Setting, SettingsError, email_unavailable,
@@ -301,19 +301,17 @@ fn page_limit(limit: Option<u64>) -> ApiResult<u64> {
     }
 }
 
-/// The notifications of `user_id` about patients still active and accessible to the
+/// The notifications of `user` about patients still active and accessible to the
 /// user (the `WHERE` of the list and of the unread count).
-fn visible(user_id: &str) -> (String, Vec<Value>) {
+fn visible(user: &user::Model) -> (String, Vec<Value>) {
+    let mut values = vec![user.id.clone().into()];
+    values.extend(accessible_in_practice_values(user));
     (
         format!(
             "FROM notifications n JOIN patients p ON p.id = n.patient_id \
-             WHERE n.user_id = ? AND p.active = ? AND {ACCESSIBLE}"
+             WHERE n.user_id = ? AND {ACCESSIBLE_IN_PRACTICE}"
         ),
-        vec![
-            user_id.to_owned().into(),
-            true.into(),
-            user_id.to_owned().into(),
-        ],
+        values,
     )
 }
 
@@ -338,7 +336,7 @@ pub async fn list(
         })
         .transpose()?;
     let backend = state.db.get_database_backend();
-    let (from, base) = visible(&staff.user.id);
+    let (from, base) = visible(&staff.user);
 
     let mut sql = format!("SELECT n.* {from}");
     let mut values = base.clone();

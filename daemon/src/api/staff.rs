@@ -2,8 +2,9 @@
 //! marks it read), sending, the Care Team panel, notify-me, and the event stream.
 //!
 //! **Architecture Invariant:** every path here goes through [`patient_for`] (or the
-//! SQL form of the same rule, [`ACCESSIBLE`]): a patient of another practice is a
-//! 404, a restricted one a 403, and neither appears in a list or a search.
+//! SQL form of the same rule for the acting user's practice,
+//! [`ACCESSIBLE_IN_PRACTICE`]): a patient of another practice is a 404, a restricted
+//! one a 403, and neither appears in a list or a search.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -22,7 +23,9 @@ use utoipa::{IntoParams, ToSchema};
 use super::conversation::{self as conv, MessageOut, Page, PageQuery, SendIn};
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Staff};
-use crate::access::{ACCESSIBLE, Access, Denied, may_access, patient_for};
+use crate::access::{
+    ACCESSIBLE_IN_PRACTICE, Access, Denied, accessible_in_practice_values, may_access, patient_for,
+};
 use crate::actors::conversation::{Author, MarkRead, Reader, SendMessage};
 use crate::audit::AuditEntry;
 use crate::events::{AccessChange, Event, Subscriber};
@@ -147,8 +150,8 @@ pub(crate) fn page_limit(limit: Option<u64>) -> ApiResult<u64> {
 ///   moves between pages while a client pages;
 /// - `c`: patients with no message yet, after all the others, by id.
 ///
-/// The access rule ([`ACCESSIBLE`]) is applied in each part before its limit; the red
-/// '!' (`has_unread`) is computed only for the page's rows.
+/// The access rule ([`ACCESSIBLE_IN_PRACTICE`]) is applied in each part before its
+/// limit; the red '!' (`has_unread`) is computed only for the page's rows.
 fn list_page_sql(
     user: &user::Model,
     reader: &str,
@@ -157,24 +160,27 @@ fn list_page_sql(
     limit: u64,
 ) -> (String, Vec<Value>) {
     let page = (limit + 1) as i64;
-    // Mine and accessible, for the care-team row `ct` and its patient `p`.
-    let mine = format!("ct.user_id = ? AND p.active = ? AND p.practice_id = ? AND {ACCESSIBLE}");
-    let mine_values = || -> [Value; 4] {
-        [
-            user.id.clone().into(),
-            true.into(),
-            user.practice_id.clone().into(),
-            user.id.clone().into(),
-        ]
+    // Mine and accessible, for the care-team row `ct` and its patient `p`; the user's
+    // part of the rule is evaluated once per part, not per row.
+    let mine = format!("ct.user_id = ? AND {ACCESSIBLE_IN_PRACTICE}");
+    let mine_values = || -> [Value; 5] {
+        let [a, b, c, d] = accessible_in_practice_values(user);
+        [user.id.clone().into(), a, b, c, d]
     };
+    // Each part carries the page's columns from the rows it has already read: the
+    // patient's, and `last_message_at`, which `ct.activity` copies in the statement
+    // that moves it (the `staff_list` migration), so the page joins nothing again.
     let from = "FROM care_team_members ct JOIN patients p ON p.id = ct.patient_id";
+    let carried = "ct.activity AS last_message_at, p.first_name, p.last_name, \
+                   p.portal_enrolled, p.sms_status";
     let mut values: Vec<Value> = vec![user.id.clone().into(), reader.to_owned().into()];
     let mut parts = Vec::with_capacity(3);
     // a: not active since the snapshot; none left once the cursor is past them.
     let after_dated = cursor.and_then(|c| c.activity.map(|a| (a, c.id.clone())));
     if cursor.is_none() || after_dated.is_some() {
         let mut part = format!(
-            "SELECT * FROM (SELECT ct.patient_id AS id, ct.activity AS activity {from} WHERE {mine} AND ct.activity <= ?"
+            "SELECT * FROM (SELECT ct.patient_id AS id, ct.activity AS activity, {carried} \
+             {from} WHERE {mine} AND ct.activity <= ?"
         );
         values.extend(mine_values());
         values.push(snapshot.into());
@@ -190,7 +196,7 @@ fn list_page_sql(
     let mut part = format!(
         "SELECT * FROM (SELECT ct.patient_id AS id, \
            (SELECT m.created_at FROM messages m WHERE m.patient_id = ct.patient_id \
-              AND m.created_at <= ? ORDER BY m.seq DESC LIMIT 1) AS activity \
+              AND m.created_at <= ? ORDER BY m.seq DESC LIMIT 1) AS activity, {carried} \
          {from} WHERE {mine} AND ct.activity > ?) b"
     );
     values.push(snapshot.into());
@@ -212,7 +218,7 @@ fn list_page_sql(
     parts.push(part);
     // c: no message yet.
     let mut part = format!(
-        "SELECT * FROM (SELECT ct.patient_id AS id, ct.activity AS activity {from} \
+        "SELECT * FROM (SELECT ct.patient_id AS id, ct.activity AS activity, {carried} {from} \
          WHERE {mine} AND ct.activity IS NULL"
     );
     values.extend(mine_values());
@@ -226,14 +232,13 @@ fn list_page_sql(
     values.push(page.into());
     let order = "CASE WHEN t.activity IS NULL THEN 1 ELSE 0 END, t.activity DESC, t.id DESC";
     let sql = format!(
-        "SELECT t.id, t.activity, p.first_name, p.last_name, p.portal_enrolled, p.sms_status, \
-           c.last_message_at, \
+        "SELECT t.id, t.activity, t.first_name, t.last_name, t.portal_enrolled, t.sms_status, \
+           t.last_message_at, \
            CASE WHEN EXISTS (SELECT 1 FROM messages m WHERE m.patient_id = t.id \
               AND m.direction <> 'system' AND (m.author_user_id IS NULL OR m.author_user_id <> ?) \
               AND m.seq > COALESCE((SELECT rm.last_read_seq FROM read_markers rm \
                  WHERE rm.patient_id = t.id AND rm.reader = ?), 0)) THEN 1 ELSE 0 END AS has_unread \
          FROM (SELECT * FROM ({}) t ORDER BY {order} LIMIT ?) t \
-         JOIN patients p ON p.id = t.id JOIN conversations c ON c.patient_id = t.id \
          ORDER BY {order}",
         parts.join(" UNION ALL ")
     );
@@ -419,16 +424,12 @@ pub async fn search(
         }
         criteria.push(format!("({})", all.join(" AND ")));
     }
-    let mut values: Vec<Value> = vec![
-        true.into(),
-        user.practice_id.clone().into(),
-        user.id.clone().into(),
-    ];
+    let mut values: Vec<Value> = accessible_in_practice_values(user).to_vec();
     values.extend(criteria_values);
     let mut sql = format!(
         "SELECT p.id, p.first_name, p.last_name, p.search_name, p.date_of_birth, p.mobile_phone, \
            p.sms_status, p.portal_enrolled \
-         FROM patients p WHERE p.active = ? AND p.practice_id = ? AND {ACCESSIBLE} AND ({})",
+         FROM patients p WHERE {ACCESSIBLE_IN_PRACTICE} AND ({})",
         criteria.join(" OR ")
     );
     if let Some(c) = &cursor {
