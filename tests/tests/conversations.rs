@@ -198,6 +198,27 @@ async fn sends_are_idempotent_and_reach_every_channel() {
         .unwrap();
     assert_eq!(stored.body.as_deref(), Some("By text too\n- User u1"));
     assert_eq!(stored.recipient.as_deref(), Some("+12015550123"));
+    // A page shows each message with its own deliveries, in channel order, as the
+    // send answered them: one delivery for the portal-only messages, two for the last.
+    let (status, page) = staff(
+        &d,
+        Method::GET,
+        "u1",
+        "/v1/staff/patients/pat1/conversation",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let messages = page["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 4);
+    assert_eq!(
+        without_status(messages[0].clone()),
+        without_status(first.clone())
+    );
+    assert_eq!(without_status(messages[3].clone()), without_status(sms));
+    for message in &messages[..3] {
+        assert_eq!(message["deliveries"].as_array().unwrap().len(), 1);
+    }
     d.stop().await.unwrap();
 }
 

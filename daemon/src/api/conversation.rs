@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
-use caremsg_entities::{delivery, message};
+use caremsg_entities::{DeliveryChannel, DeliveryStatus, delivery, message};
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbErr, EntityTrait, FromQueryResult, IdenStatic, Iterable, Value};
 use serde::{Deserialize, Serialize};
@@ -70,9 +70,9 @@ pub struct MessageOut {
 }
 
 impl MessageOut {
-    /// The message with its deliveries.
+    /// The message with its deliveries (those of other messages are skipped).
     pub fn new(message: message::Model, deliveries: &[delivery::Model]) -> Self {
-        let mut deliveries: Vec<DeliveryOut> = deliveries
+        let deliveries = deliveries
             .iter()
             .filter(|d| d.message_id.as_deref() == Some(message.id.as_str()))
             .map(|d| DeliveryOut {
@@ -81,6 +81,11 @@ impl MessageOut {
                 error: d.error_reason.clone(),
             })
             .collect();
+        Self::with(message, deliveries)
+    }
+
+    /// The message with its own deliveries, in channel order.
+    fn with(message: message::Model, mut deliveries: Vec<DeliveryOut>) -> Self {
         deliveries.sort_by(|a, b| a.channel.cmp(&b.channel));
         Self {
             seq: message.seq,
@@ -141,7 +146,7 @@ pub async fn page(state: &Shared, patient_id: &str, query: &PageQuery) -> ApiRes
             "Must be a sequence number of at least 1.",
         ));
     }
-    let (mut messages, deliveries) =
+    let mut messages =
         messages_with_deliveries(&state.db, patient_id, query.before, limit + 1).await?;
     let more = messages.len() as u64 > limit;
     messages.truncate(limit as usize);
@@ -161,10 +166,7 @@ pub async fn page(state: &Shared, patient_id: &str, query: &PageQuery) -> ApiRes
             .map_or(0, |c| c.last_seq),
     };
     Ok(Page {
-        messages: messages
-            .into_iter()
-            .map(|m| MessageOut::new(m, &deliveries))
-            .collect(),
+        messages,
         next_cursor,
         last_seq,
     })
@@ -177,12 +179,12 @@ static PAGE_SQL: [LazyLock<String>; 2] = [
 ];
 
 fn page_sql(before: bool) -> String {
-    let mut columns: Vec<String> = message::Column::iter()
+    let columns: Vec<String> = message::Column::iter()
         .map(|c| format!("m.{0} AS m_{0}", c.as_str()))
         .collect();
-    columns.extend(delivery::Column::iter().map(|c| format!("d.{0} AS d_{0}", c.as_str())));
     format!(
-        "SELECT {} FROM (SELECT * FROM messages WHERE patient_id = ?{} \
+        "SELECT {}, d.channel AS d_channel, d.status AS d_status, d.error_reason AS d_error \
+         FROM (SELECT * FROM messages WHERE patient_id = ?{} \
            ORDER BY seq DESC LIMIT ?) m \
          LEFT JOIN deliveries d ON d.message_id = m.id \
          ORDER BY m.seq DESC, d.channel ASC",
@@ -192,13 +194,15 @@ fn page_sql(before: bool) -> String {
 }
 
 /// The newest `limit` messages of `patient_id` (before sequence number `before`),
-/// newest first, and their deliveries: one statement.
+/// newest first, each with its deliveries: one statement, which reads of a delivery
+/// only what a page shows of it (its copy of the body, the recipient and the rest stay
+/// in the database).
 async fn messages_with_deliveries(
     db: &impl ConnectionTrait,
     patient_id: &str,
     before: Option<i64>,
     limit: u64,
-) -> Result<(Vec<message::Model>, Vec<delivery::Model>), DbErr> {
+) -> Result<Vec<MessageOut>, DbErr> {
     let mut values: Vec<Value> = vec![patient_id.to_owned().into()];
     values.extend(before.map(Value::from));
     values.push(i64::try_from(limit).unwrap_or(i64::MAX).into());
@@ -206,18 +210,28 @@ async fn messages_with_deliveries(
     let rows = db
         .query_all_raw(statement(db.get_database_backend(), sql, values))
         .await?;
-    let mut messages: Vec<message::Model> = Vec::new();
-    let mut deliveries = Vec::new();
+    // A message's rows are adjacent (ordered by seq), one per delivery.
+    let mut messages: Vec<(message::Model, Vec<DeliveryOut>)> = Vec::new();
     for row in rows {
         let id: String = row.try_get("", "m_id")?;
-        if messages.last().is_none_or(|m| m.id != id) {
-            messages.push(message::Model::from_query_result(&row, "m_")?);
+        if messages.last().is_none_or(|(m, _)| m.id != id) {
+            messages.push((message::Model::from_query_result(&row, "m_")?, Vec::new()));
         }
-        if row.try_get::<Option<String>>("", "d_id")?.is_some() {
-            deliveries.push(delivery::Model::from_query_result(&row, "d_")?);
+        if let Some(channel) = row.try_get::<Option<DeliveryChannel>>("", "d_channel")?
+            && let Some((_, deliveries)) = messages.last_mut()
+        {
+            let status: DeliveryStatus = row.try_get("", "d_status")?;
+            deliveries.push(DeliveryOut {
+                channel: channel.as_str().to_owned(),
+                status: status.as_str().to_owned(),
+                error: row.try_get("", "d_error")?,
+            });
         }
     }
-    Ok((messages, deliveries))
+    Ok(messages
+        .into_iter()
+        .map(|(message, deliveries)| MessageOut::with(message, deliveries))
+        .collect())
 }
 
 /// `{body, client_txn_id}` of a send.

@@ -19,6 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiPath, ApiQuery, Staff};
+use super::staff::page_limit;
 use crate::access::{ACCESSIBLE_IN_PRACTICE, Denied, accessible_in_practice_values, patient_for};
 use crate::audit::AuditEntry;
 use crate::notifications::settings::{
@@ -292,13 +293,6 @@ pub struct NotificationList {
 struct Cursor {
     created_at: DateTime<Utc>,
     id: String,
-}
-
-fn page_limit(limit: Option<u64>) -> ApiResult<u64> {
-    match limit.unwrap_or(50) {
-        n @ 1..=200 => Ok(n),
-        _ => Err(ApiError::invalid("limit", "Must be between 1 and 200.")),
-    }
 }
 
 /// The notifications of `user` about patients still active and accessible to the
