@@ -64,6 +64,18 @@ async fn portal_send(d: &TestDaemon, patient: &str, body: &str) -> (StatusCode, 
     .await
 }
 
+/// `GET` of pat1's conversation by staff user `user` (which marks it read).
+async fn open_conversation(d: &TestDaemon, user: &str) -> (StatusCode, Value) {
+    staff(
+        d,
+        Method::GET,
+        user,
+        "/v1/staff/patients/pat1/conversation",
+        None,
+    )
+    .await
+}
+
 /// A message without its deliveries' statuses, which the dispatcher moves on.
 fn without_status(mut message: Value) -> Value {
     if let Some(deliveries) = message["deliveries"].as_array_mut() {
@@ -200,14 +212,7 @@ async fn sends_are_idempotent_and_reach_every_channel() {
     assert_eq!(stored.recipient.as_deref(), Some("+12015550123"));
     // A page shows each message with its own deliveries, in channel order, as the
     // send answered them: one delivery for the portal-only messages, two for the last.
-    let (status, page) = staff(
-        &d,
-        Method::GET,
-        "u1",
-        "/v1/staff/patients/pat1/conversation",
-        None,
-    )
-    .await;
+    let (status, page) = open_conversation(&d, "u1").await;
     assert_eq!(status, StatusCode::OK, "{page}");
     let messages = page["messages"].as_array().unwrap();
     assert_eq!(messages.len(), 4);
@@ -311,14 +316,7 @@ async fn the_red_exclamation_mark() {
     assert!(!unread(&d, "u1", "pat1").await, "an empty conversation");
     portal_send(&d, "pat1", "I have a question").await;
     assert!(unread(&d, "u1", "pat1").await, "the patient's message");
-    let (status, _) = staff(
-        &d,
-        Method::GET,
-        "u1",
-        "/v1/staff/patients/pat1/conversation",
-        None,
-    )
-    .await;
+    let (status, _) = open_conversation(&d, "u1").await;
     assert_eq!(status, StatusCode::OK);
     assert!(!unread(&d, "u1", "pat1").await, "viewing clears it");
     staff_send(&d, "u1", "pat1", "My own answer", None).await;
@@ -738,14 +736,7 @@ async fn portal_flows() {
     );
 
     staff_send(&d, "u1", "pat1", "One more thing", None).await;
-    let (_, page) = staff(
-        &d,
-        Method::GET,
-        "u1",
-        "/v1/staff/patients/pat1/conversation",
-        None,
-    )
-    .await;
+    let (_, page) = open_conversation(&d, "u1").await;
     assert!(page["messages"][2].get("read_by_patient_at").is_none());
     d.clock.advance(chrono::Duration::minutes(5));
     let (status, read) = portal(&d, Method::POST, "/v1/portal/patients/pat1/read", None).await;
@@ -753,14 +744,7 @@ async fn portal_flows() {
         (status, read["last_read_seq"].as_i64()),
         (StatusCode::OK, Some(3))
     );
-    let (_, page) = staff(
-        &d,
-        Method::GET,
-        "u1",
-        "/v1/staff/patients/pat1/conversation",
-        None,
-    )
-    .await;
+    let (_, page) = open_conversation(&d, "u1").await;
     let expected = (d.clock.now()).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
     assert_eq!(
         page["messages"][2]["read_by_patient_at"].as_str(),
