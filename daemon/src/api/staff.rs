@@ -30,7 +30,7 @@ use crate::actors::conversation::{Author, MarkRead, Reader, SendMessage};
 use crate::audit::AuditEntry;
 use crate::events::{AccessChange, Event, Subscriber};
 use crate::phi::Phi;
-use crate::sql::{like_escape, query_all_planned_once, statement};
+use crate::sql::{like_escape, statement};
 use crate::state::Shared;
 use crate::writer::{Expect, WriteUnit};
 
@@ -263,16 +263,10 @@ pub async fn my_patients(
     let reader = caremsg_entities::read_marker::Model::user_reader(&user.id);
     let (sql, values) = list_page_sql(user, &reader, snapshot, cursor.as_ref(), limit);
     let backend = state.db.get_database_backend();
-    let page = statement(backend, &sql, values);
-    // The first page's plan is the same whatever the snapshot (the part "active since
-    // the snapshot" is empty but for a commit racing the request), and on PostgreSQL
-    // planning it cost more than running it. A later page's is not: that part may hold
-    // every patient active while the client paged, and its custom plan is kept.
-    let rows = if cursor.is_none() {
-        query_all_planned_once(&state.db, page).await?
-    } else {
-        state.db.query_all_raw(page).await?
-    };
+    let rows = state
+        .db
+        .query_all_raw(statement(backend, &sql, values))
+        .await?;
     let mut patients = Vec::with_capacity(rows.len());
     let mut last: Option<(Option<DateTime<Utc>>, String)> = None;
     for row in rows.iter().take(limit as usize) {
