@@ -52,33 +52,45 @@ macro_rules! programs_allow_sql {
     };
 }
 
+/// The user's part of the rule in SQL, as a sub-query that has a row when the user
+/// whose id is bound to its `?` is active, of practice `$practice` (a column, or `?`),
+/// and that practice is active. A macro so that [`ACCESSIBLE`] and
+/// [`ACCESSIBLE_IN_PRACTICE`] are one text.
+macro_rules! active_user_sql {
+    ($practice:literal) => {
+        concat!(
+            "SELECT 1 FROM users acc_u \
+       JOIN practices acc_pr ON acc_pr.id = acc_u.practice_id \
+       WHERE acc_u.id = ? AND acc_u.active = TRUE AND acc_pr.active = TRUE \
+         AND acc_u.practice_id = ",
+            $practice
+        )
+    };
+}
+
 /// SQL condition, true when the user whose id is bound to its one `?` may access
 /// patient `p`: the whole rule of [`decide`] — user active, patient active, same
 /// practice, that practice active, and the program rule. Its own aliases (`acc_*`)
 /// never shadow the caller's, so the `?` may be replaced by a column of the outer
 /// query (`u.id`, `ct.user_id`).
 pub const ACCESSIBLE: &str = concat!(
-    "(p.active = TRUE AND EXISTS (SELECT 1 FROM users acc_u \
-       JOIN practices acc_pr ON acc_pr.id = acc_u.practice_id \
-       WHERE acc_u.id = ? AND acc_u.active = TRUE AND acc_pr.active = TRUE \
-         AND acc_u.practice_id = p.practice_id \
-         AND ",
+    "(p.active = TRUE AND EXISTS (",
+    active_user_sql!("p.practice_id"),
+    " AND ",
     programs_allow_sql!("acc_u.id"),
     "))"
 );
 
 /// SQL condition, [`ACCESSIBLE`] for an acting user whose practice is known (the
-/// user's own row): the same rule, with the user's part — active, of that practice,
-/// the practice active — written so that it does not refer to the patient. The
-/// database then evaluates it once per statement, where [`ACCESSIBLE`] looks the user
-/// and the practice up again for every patient row it tests (on the staff list, a
-/// quarter of a page's lookups). Binds [`accessible_in_practice_values`]; the program
-/// part is [`PROGRAMS_ALLOW`]'s text.
+/// user's own row): the same rule and the same texts, with the user's part compared
+/// with a bound practice instead of the patient's, so that it does not refer to the
+/// patient. The database then evaluates it once per statement, where [`ACCESSIBLE`]
+/// looks the user and the practice up again for every patient row it tests (on the
+/// staff list, a quarter of a page's lookups). Binds [`accessible_in_practice_values`].
 pub const ACCESSIBLE_IN_PRACTICE: &str = concat!(
-    "(p.active = TRUE AND p.practice_id = ? AND EXISTS (SELECT 1 FROM users acc_u \
-       JOIN practices acc_pr ON acc_pr.id = acc_u.practice_id \
-       WHERE acc_u.id = ? AND acc_u.active = TRUE AND acc_pr.active = TRUE \
-         AND acc_u.practice_id = ?) AND ",
+    "(p.active = TRUE AND p.practice_id = ? AND EXISTS (",
+    active_user_sql!("?"),
+    ") AND ",
     programs_allow_sql!("?"),
     ")"
 );
@@ -667,6 +679,9 @@ mod tests {
         });
         assert_eq!(ACCESSIBLE_IN_PRACTICE.matches('?').count(), values.len());
         assert!(ACCESSIBLE_IN_PRACTICE.ends_with(&format!("{PROGRAMS_ALLOW})")));
+        // The user's part is one text in both forms.
+        assert!(ACCESSIBLE.contains(active_user_sql!("p.practice_id")));
+        assert!(ACCESSIBLE_IN_PRACTICE.contains(active_user_sql!("?")));
         assert_eq!(PATIENT_FOR_SQL.matches('?').count(), 4);
     }
 
