@@ -103,7 +103,11 @@ pub enum Which {
     /// Event streams: the CPU per portal message with no staff stream open and with
     /// `streams` open (one per user; care teams of five), on SQLite.
     Events {
-        /// Staff event streams to hold open.
+        /// Staff users (one patient per five of them, each with a care team of five).
+        #[arg(long, default_value_t = 2_000)]
+        users: usize,
+        /// Staff event streams to hold open, one per user, from the first user on (at
+        /// most `users`; 0 runs the same rounds as a control, no stream ever open).
         #[arg(long, default_value_t = 2_000)]
         streams: usize,
         /// Portal messages per measured round.
@@ -235,11 +239,13 @@ pub async fn run(which: Which) -> anyhow::Result<()> {
             Ok(())
         }
         Which::Events {
+            users,
             streams,
             messages,
             clients,
         } => {
             let plan = events::Plan {
+                users,
                 streams,
                 messages,
                 clients,
