@@ -92,6 +92,41 @@ async fn a_reply_posted_twice_reaches_the_conversation_once() {
     d.stop().await.unwrap();
 }
 
+/// A sender's number as the provider gave it need not be E.164: the practice's
+/// country normalises it before the patient is looked for. Only an exact E.164 is
+/// looked for in the statement that finds the practice; any other form is looked for
+/// again, normalised, and reaches the same conversation. A number that matches no
+/// patient either way goes to the unmatched log, normalised.
+#[tokio::test]
+async fn a_text_from_the_patients_number_in_any_format_reaches_the_conversation() {
+    let d = TestDaemon::start().await.unwrap();
+    setup(&d, SmsStatus::Enabled).await;
+    let forms = [MOBILE, "(201) 555-0123", "+1 201 555 0123", "2015550123"];
+    for (i, from) in forms.iter().enumerate() {
+        let body = json!({"from": from, "to": practice_number(), "body": "Thank you!", "id": format!("f{i}")});
+        let (status, text) = reply(&d, &body).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+    let stored = message::Entity::find()
+        .filter(message::Column::PatientId.eq("pat1"))
+        .filter(message::Column::Direction.eq(caremsg_entities::Direction::FromPatient))
+        .all(db(&d))
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.len(),
+        forms.len(),
+        "every form reaches pat1's conversation"
+    );
+    let body = json!({"from": "(201) 555-0199", "to": practice_number(), "body": "Hello?", "id": "f-other"});
+    let (status, text) = reply(&d, &body).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let unmatched = unmatched_inbound::Entity::find().all(db(&d)).await.unwrap();
+    assert_eq!(unmatched.len(), 1);
+    assert_eq!(unmatched[0].from_phone, "+12015550199");
+    d.stop().await.unwrap();
+}
+
 /// A provider's retry of a text that was no conversation message the first time (kept
 /// in the unmatched log while the patient was pending) is still a duplicate once the
 /// patient's texts are conversation messages: answered 200, stored nowhere again.
@@ -400,9 +435,10 @@ async fn an_opt_out_event_opts_the_number_out_of_the_practice() {
 }
 
 /// The database reads of a text from an enabled patient, the actor warm (issue #15:
-/// the costliest request kind of the clinic benchmark): the practice by its number,
-/// the patient by the sender's number, the patient with its practice as the actor
-/// sees them (one read), the notification recipients. A provider's retry is not
+/// the costliest request kind of the clinic benchmark): the practice by its number
+/// with the patient on the sender's number as the provider gave it (E.164: one
+/// read), the patient with its practice as the actor sees them (one read), the
+/// notification recipients. A provider's retry is not
 /// looked for first: the receipt's and the message's unique keys refuse it, and only
 /// then are the message and the receipt looked up. No session or consent row is read
 /// for a text that is no keyword.
@@ -427,6 +463,6 @@ async fn a_warm_conversation_text_reads_only_what_it_must() {
     }
     let own = fewest - scrape;
     println!("reads: conversation text {own}");
-    assert!(own <= 4.0, "a conversation text: {own} reads");
+    assert!(own <= 3.0, "a conversation text: {own} reads");
     d.stop().await.unwrap();
 }

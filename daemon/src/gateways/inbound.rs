@@ -40,7 +40,10 @@ use caremsg_plugin_host::{Event, ReceiptStatus};
 use chrono::{DateTime, Utc};
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::{Expr, OnConflict};
-use sea_orm::{ColumnTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait};
+use sea_orm::{
+    ActiveEnum, ColumnTrait, DbErr, EntityTrait, FromQueryResult, IdenStatic, Iterable,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -291,12 +294,11 @@ pub fn is_duplicate(error: &WriteError) -> bool {
 /// answers SPEC.md gives such numbers (`sms::auth::unmatched`).
 pub async fn route(state: &Shared, sms: InboundSms) -> Result<EventOutcome, InboundError> {
     let db = &state.db;
-    let practice = practice_sms_number::Entity::find_by_id(sms.to.expose().clone())
-        .find_also_related(practice::Entity)
-        .one(db)
-        .await?
-        .and_then(|(_, practice)| practice)
-        .filter(|p| p.active);
+    let (practice, on_number_as_given) =
+        match practice_and_patient_on(db, &sms.to, &sms.from).await? {
+            Some((practice, patient)) if practice.active => (Some(practice), patient),
+            _ => (None, None),
+        };
     let from = match &practice {
         Some(practice) => normalise(&sms.from, &practice.country),
         None => sms.from.clone(),
@@ -304,27 +306,39 @@ pub async fn route(state: &Shared, sms: InboundSms) -> Result<EventOutcome, Inbo
     // The patient pending or enabled on this number (at most one); else, for a
     // keyword, the patient who opted out on it most recently, whose conversation
     // records the keyword.
-    let mut matched = None;
+    let mut matched: Option<String> = None;
     if let Some(practice) = &practice {
         let on_number = || {
             patient::Entity::find()
+                .select_only()
+                .column(patient::Column::Id)
                 .filter(patient::Column::PracticeId.eq(practice.id.as_str()))
                 .filter(patient::Column::MobilePhone.eq(from.expose().as_str()))
                 .filter(patient::Column::Active.eq(true))
         };
-        matched = on_number()
-            .filter(patient::Column::SmsStatus.is_in([SmsStatus::Pending, SmsStatus::Enabled]))
-            .one(db)
-            .await?;
+        // The statement that found the practice looked for the number as the provider
+        // gave it; that answer stands when the practice's normalisation leaves it as
+        // it is (E.164, as most providers send), else the normalised number is looked
+        // for.
+        matched = if from.expose() == sms.from.expose() {
+            on_number_as_given
+        } else {
+            on_number()
+                .filter(patient::Column::SmsStatus.is_in([SmsStatus::Pending, SmsStatus::Enabled]))
+                .into_tuple()
+                .one(db)
+                .await?
+        };
         if matched.is_none() && crate::sms::keywords::classify(sms.body.expose()).is_some() {
             matched = on_number()
                 .filter(patient::Column::SmsStatus.eq(SmsStatus::OptedOut))
                 .order_by_desc(patient::Column::UpdatedAt)
+                .into_tuple()
                 .one(db)
                 .await?;
         }
     }
-    if let Some(patient) = matched {
+    if let Some(patient_id) = matched {
         // Keywords, date-of-birth replies and conversation messages: the SMS
         // authentication decides, in the patient's actor.
         let op = crate::sms::auth::SmsOp::Reply {
@@ -335,7 +349,7 @@ pub async fn route(state: &Shared, sms: InboundSms) -> Result<EventOutcome, Inbo
         let outcome = state
             .conversations
             .send(
-                &patient.id,
+                &patient_id,
                 crate::actors::conversation::Sms {
                     client: format!("gateway:{}", sms.gateway),
                     op,
@@ -408,6 +422,49 @@ pub async fn route(state: &Shared, sms: InboundSms) -> Result<EventOutcome, Inbo
         }
     }
 }
+
+/// The practice of the SMS number `to` (active or not) and, in the same statement,
+/// the active patient pending or enabled on `from` exactly as given (at most one) —
+/// what [`route`] reads first. `None` when no practice has that number.
+async fn practice_and_patient_on(
+    db: &impl sea_orm::ConnectionTrait,
+    to: &Phone,
+    from: &Phone,
+) -> Result<Option<(practice::Model, Option<String>)>, DbErr> {
+    let values: Vec<sea_orm::Value> = vec![
+        from.expose().clone().into(),
+        SmsStatus::Pending.to_value().into(),
+        SmsStatus::Enabled.to_value().into(),
+        to.expose().clone().into(),
+    ];
+    let Some(row) = db
+        .query_one_raw(crate::sql::statement(
+            db.get_database_backend(),
+            &PRACTICE_AND_PATIENT_ON_SQL,
+            values,
+        ))
+        .await?
+    else {
+        return Ok(None);
+    };
+    let practice = practice::Model::from_query_result(&row, "pr_")?;
+    let patient: Option<String> = row.try_get("", "on_number")?;
+    Ok(Some((practice, patient)))
+}
+
+static PRACTICE_AND_PATIENT_ON_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let columns: Vec<String> = practice::Column::iter()
+        .map(|c| format!("pr.{0} AS pr_{0}", c.as_str()))
+        .collect();
+    format!(
+        "SELECT {}, (SELECT p.id FROM patients p WHERE p.practice_id = pr.id \
+               AND p.mobile_phone = ? AND p.active = TRUE AND p.sms_status IN (?, ?) \
+               LIMIT 1) AS on_number \
+             FROM practice_sms_numbers n JOIN practices pr ON pr.id = n.practice_id \
+             WHERE n.number = ?",
+        columns.join(", ")
+    )
+});
 
 /// `number` as E.164 in `country`, or as given when it does not parse.
 fn normalise(number: &Phone, country: &str) -> Phone {
