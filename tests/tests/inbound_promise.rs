@@ -125,6 +125,91 @@ async fn enable(d: &TestDaemon, user: &str, patient: &str, phone: &str, id: &str
     assert_eq!(sms_status(d, user, patient).await, "enabled");
 }
 
+/// Posts a text from MOBILE to p1 with provider id `id`: the status, whether a
+/// `Retry-After` came with it, and the body.
+async fn post_text(d: &TestDaemon, id: &str) -> (StatusCode, bool, String) {
+    let response = d
+        .http
+        .post(format!("{}/v1/hooks/loopback", d.base))
+        .json(&json!({"from": MOBILE, "to": number_of("p1"), "body": "Are you there?", "id": id}))
+        .send()
+        .await
+        .unwrap();
+    let retry_after = response.headers().get("retry-after").is_some();
+    (
+        response.status(),
+        retry_after,
+        response.text().await.unwrap(),
+    )
+}
+
+/// The messages stored with provider id `id`.
+async fn stored_texts(d: &TestDaemon, id: &str) -> u64 {
+    message::Entity::find()
+        .filter(message::Column::ProviderMessageId.eq(id))
+        .count(db(d))
+        .await
+        .unwrap()
+}
+
+/// A text that arrives while the database cannot be read (every reader connection
+/// busy past `database.connect_timeout`) is refused with 503 and `Retry-After`, so
+/// the provider retries, and nothing of it is stored; the retry, once the database
+/// answers again, is stored once. (Every read of the inbound route fails the same
+/// way: the practice's, the patient's, a retry's receipt lookup.)
+#[tokio::test]
+async fn a_text_the_database_cannot_read_for_is_refused_and_kept_on_retry() {
+    let d = TestDaemon::start_with(|text| {
+        text.replacen(
+            "[database]\n",
+            "[database]\nmax_connections = 2\nconnect_timeout = \"1s\"\n",
+            1,
+        )
+    })
+    .await
+    .unwrap();
+    enabled_clinic(&d).await;
+    // Every reader connection taken (the test's own reads wait until they are back).
+    let (mut sqlite, mut postgres) = (Vec::new(), Vec::new());
+    match db(&d).get_database_backend() {
+        sea_orm::DbBackend::Postgres => {
+            let pool = db(&d).get_postgres_connection_pool();
+            for _ in 0..2 {
+                postgres.push(pool.acquire().await.unwrap());
+            }
+        }
+        _ => {
+            let pool = db(&d).get_sqlite_connection_pool();
+            for _ in 0..2 {
+                sqlite.push(pool.acquire().await.unwrap());
+            }
+        }
+    }
+    let (status, retry_after, body) = post_text(&d, "db-down-1").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("storage_unavailable"), "{body}");
+    assert!(
+        retry_after,
+        "a refused text tells the provider when to retry"
+    );
+    drop((sqlite, postgres));
+    assert_eq!(
+        stored_texts(&d, "db-down-1").await,
+        0,
+        "nothing of a refused text is stored"
+    );
+    for _ in 0..2 {
+        let (status, _, body) = post_text(&d, "db-down-1").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(
+        stored_texts(&d, "db-down-1").await,
+        1,
+        "the retry is stored, once"
+    );
+    d.stop().await.unwrap();
+}
+
 /// Rule 1, the reproduction: with the production example's kind of
 /// per-sender limit, four quick texts and a STOP are all kept, and the STOP opts the
 /// patient out.
