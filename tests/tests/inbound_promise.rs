@@ -159,10 +159,11 @@ async fn stored_texts(d: &TestDaemon, id: &str) -> u64 {
 /// way: the practice's, the patient's, a retry's receipt lookup.)
 #[tokio::test]
 async fn a_text_the_database_cannot_read_for_is_refused_and_kept_on_retry() {
+    const READERS: usize = 2;
     let d = TestDaemon::start_with(|text| {
         text.replacen(
             "[database]\n",
-            "[database]\nmax_connections = 2\nconnect_timeout = \"1s\"\n",
+            &format!("[database]\nmax_connections = {READERS}\nconnect_timeout = \"1s\"\n"),
             1,
         )
     })
@@ -174,13 +175,13 @@ async fn a_text_the_database_cannot_read_for_is_refused_and_kept_on_retry() {
     match db(&d).get_database_backend() {
         sea_orm::DbBackend::Postgres => {
             let pool = db(&d).get_postgres_connection_pool();
-            for _ in 0..2 {
+            for _ in 0..READERS {
                 postgres.push(pool.acquire().await.unwrap());
             }
         }
         _ => {
             let pool = db(&d).get_sqlite_connection_pool();
-            for _ in 0..2 {
+            for _ in 0..READERS {
                 sqlite.push(pool.acquire().await.unwrap());
             }
         }

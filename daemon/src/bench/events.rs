@@ -268,17 +268,15 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
             }
             Ok::<_, anyhow::Error>(readers)
         };
-        // Waits until every event of a round with streams (a message and a notification
-        // per care-team member with a stream open: 10 per message when every user has one)
-        // is in, or for
-        // `deadline`.
+        // Waits until every event of a round with streams is in (a message and a
+        // notification per care-team member with a stream open: 10 per message when
+        // every user has one), or for `deadline`.
+        let expected = events_expected(plan);
         let all_in = |deadline: Duration| {
             let received = received.clone();
             async move {
                 let deadline = Instant::now() + deadline;
-                while received.load(Ordering::Relaxed) < events_expected(plan)
-                    && Instant::now() < deadline
-                {
+                while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
@@ -358,16 +356,15 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
     result
 }
 
-/// One practice, `users` users and `users / 5` portal-enrolled patients, each with a
-/// care team of five users of its own, through the admin API. Returns the patients.
 /// Patients of a clinic of `users` staff users: one per five users (at least one).
 fn patients_of(users: usize) -> usize {
     (users / 5).max(1)
 }
 
-/// The care team of patient `patient` ([`seed`]): users by number.
+/// The care team of patient `patient` ([`seed`]): five users by number (`users` is
+/// at least 1: [`run`] refuses 0).
 fn team_of(patient: usize, users: usize) -> impl Iterator<Item = usize> {
-    (0..5).map(move |i| (patient * 5 + i) % users.max(1))
+    (0..5).map(move |i| (patient * 5 + i) % users)
 }
 
 /// The events a round's messages put on the open streams: a message event and a
@@ -383,6 +380,8 @@ fn events_expected(plan: Plan) -> usize {
         .sum()
 }
 
+/// One practice, `users` users and [`patients_of`] them portal-enrolled patients,
+/// each with the care team [`team_of`], through the admin API. Returns the patients.
 async fn seed(client: &reqwest::Client, base: &str, users: usize) -> anyhow::Result<usize> {
     let put = |path: String, body: serde_json::Value| async move {
         super::admin_put(client, base, &path, body).await

@@ -294,49 +294,42 @@ pub fn is_duplicate(error: &WriteError) -> bool {
 /// answers SPEC.md gives such numbers (`sms::auth::unmatched`).
 pub async fn route(state: &Shared, sms: InboundSms) -> Result<EventOutcome, InboundError> {
     let db = &state.db;
-    let (practice, on_number_as_given) =
-        match practice_and_patient_on(db, &sms.to, &sms.from).await? {
-            Some((practice, patient)) if practice.active => (Some(practice), patient),
-            _ => (None, None),
-        };
-    let from = match &practice {
-        Some(practice) => normalise(&sms.from, &practice.country),
-        None => sms.from.clone(),
-    };
-    // The patient pending or enabled on this number (at most one); else, for a
-    // keyword, the patient who opted out on it most recently, whose conversation
-    // records the keyword.
-    let mut matched: Option<String> = None;
-    if let Some(practice) = &practice {
-        let on_number = || {
-            patient::Entity::find()
-                .select_only()
-                .column(patient::Column::Id)
-                .filter(patient::Column::PracticeId.eq(practice.id.as_str()))
-                .filter(patient::Column::MobilePhone.eq(from.expose().as_str()))
-                .filter(patient::Column::Active.eq(true))
-        };
-        // The statement that found the practice looked for the number as the provider
-        // gave it; that answer stands when the practice's normalisation leaves it as
-        // it is (E.164, as most providers send), else the normalised number is looked
-        // for.
-        matched = if from.expose() == sms.from.expose() {
-            on_number_as_given
-        } else {
-            on_number()
-                .filter(patient::Column::SmsStatus.is_in([SmsStatus::Pending, SmsStatus::Enabled]))
-                .into_tuple()
-                .one(db)
-                .await?
-        };
-        if matched.is_none() && crate::sms::keywords::classify(sms.body.expose()).is_some() {
-            matched = on_number()
-                .filter(patient::Column::SmsStatus.eq(SmsStatus::OptedOut))
-                .order_by_desc(patient::Column::UpdatedAt)
-                .into_tuple()
-                .one(db)
-                .await?;
+    // The practice texted and the patient pending or enabled on the sender's number
+    // (at most one), in one statement. The number is looked for as the provider gave
+    // it; when the practice's country normalises it to another form (anything but
+    // E.164, which most providers send), the statement runs again with that form.
+    let mut found = practice_and_patient_on(db, &sms.to, &sms.from).await?;
+    let mut from = sms.from.clone();
+    if let Some((practice, _)) = &found
+        && practice.active
+    {
+        let normalised = normalise(&sms.from, &practice.country);
+        if normalised.expose() != sms.from.expose() {
+            found = practice_and_patient_on(db, &sms.to, &normalised).await?;
+            from = normalised;
         }
+    }
+    let (practice, mut matched) = match found {
+        Some((practice, patient)) if practice.active => (Some(practice), patient),
+        _ => (None, None),
+    };
+    // Else, for a keyword, the patient who opted out on this number most recently,
+    // whose conversation records the keyword.
+    if let Some(practice) = &practice
+        && matched.is_none()
+        && crate::sms::keywords::classify(sms.body.expose()).is_some()
+    {
+        matched = patient::Entity::find()
+            .select_only()
+            .column(patient::Column::Id)
+            .filter(patient::Column::PracticeId.eq(practice.id.as_str()))
+            .filter(patient::Column::MobilePhone.eq(from.expose().as_str()))
+            .filter(patient::Column::Active.eq(true))
+            .filter(patient::Column::SmsStatus.eq(SmsStatus::OptedOut))
+            .order_by_desc(patient::Column::UpdatedAt)
+            .into_tuple()
+            .one(db)
+            .await?;
     }
     if let Some(patient_id) = matched {
         // Keywords, date-of-birth replies and conversation messages: the SMS
@@ -424,8 +417,8 @@ pub async fn route(state: &Shared, sms: InboundSms) -> Result<EventOutcome, Inbo
 }
 
 /// The practice of the SMS number `to` (active or not) and, in the same statement,
-/// the active patient pending or enabled on `from` exactly as given (at most one) —
-/// what [`route`] reads first. `None` when no practice has that number.
+/// the id of the active patient pending or enabled on `from`, compared as given (at
+/// most one). `None` when no practice has that number.
 async fn practice_and_patient_on(
     db: &impl sea_orm::ConnectionTrait,
     to: &Phone,
