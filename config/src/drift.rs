@@ -96,6 +96,7 @@ fn full_settings() -> Settings {
             max_streams_per_subscriber: 16,
             buffer: 256,
             idle_timeout: Duration::from_secs(1800),
+            coalesce: Duration::from_millis(100),
         },
         gateways: vec![Gateway {
             name: "g".to_owned(),

@@ -185,6 +185,7 @@ fn diff_events(d: &mut Diff, old: &Events, new: &Events) {
         max_streams_per_subscriber,
         buffer,
         idle_timeout,
+        coalesce,
     } = new;
     d.reloadable("events.max_streams", &old.max_streams, max_streams);
     d.reloadable(
@@ -194,6 +195,7 @@ fn diff_events(d: &mut Diff, old: &Events, new: &Events) {
     );
     d.reloadable("events.buffer", &old.buffer, buffer);
     d.reloadable("events.idle_timeout", &old.idle_timeout, idle_timeout);
+    d.reloadable("events.coalesce", &old.coalesce, coalesce);
 }
 
 fn diff_writer(d: &mut Diff, old: &Writer, new: &Writer) -> Result<(), ReloadRefused> {

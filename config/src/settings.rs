@@ -205,6 +205,15 @@ pub struct Events {
     /// Default: "30min". Reloadable: yes (applies to streams opened after the reload).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// An event that arrives within this long of a stream's last write of events
+    /// waits for the end of that spell and is written with whatever else arrived in
+    /// it: under a burst a stream makes one socket write per spell, not one per
+    /// commit. The first event after a quiet spell is written at once, so a lone
+    /// event is never delayed; in a burst an event is at most this late. "0s" writes
+    /// every commit's events as they come. At most "1s".
+    /// Default: "100ms". Reloadable: yes (applies to streams opened after the reload).
+    #[serde(with = "humantime_serde")]
+    pub coalesce: Duration,
 }
 
 impl Default for Events {
@@ -214,6 +223,7 @@ impl Default for Events {
             max_streams_per_subscriber: 16,
             buffer: 256,
             idle_timeout: Duration::from_secs(30 * 60),
+            coalesce: Duration::from_millis(100),
         }
     }
 }

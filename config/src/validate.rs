@@ -15,6 +15,9 @@ pub const SMS_TEMPLATE_MAX_CHARS: usize = 160;
 /// Placeholders an SMS template may use.
 const SMS_PLACEHOLDERS: &[&str] = &["practice"];
 
+/// The longest `events.coalesce` accepted.
+const MAX_COALESCE: Duration = Duration::from_secs(1);
+
 /// Placeholders a notification email template may use.
 const EMAIL_PLACEHOLDERS: &[&str] = &["practice", "kind", "link"];
 
@@ -333,6 +336,12 @@ impl Settings {
         );
         p.at_least_one("events.buffer", u64_of(self.events.buffer));
         p.positive_duration("events.idle_timeout", self.events.idle_timeout);
+        if self.events.coalesce > MAX_COALESCE {
+            p.push(
+                "events.coalesce",
+                "must be at most 1s: staff and portal screens would lag behind visibly",
+            );
+        }
 
         // writer
         p.at_least_one(
@@ -542,6 +551,15 @@ mod tests {
     }
 
     #[test]
+    fn coalesce_may_be_zero_or_up_to_a_second() {
+        for coalesce in [Duration::ZERO, Duration::from_secs(1)] {
+            let mut s = valid();
+            s.events.coalesce = coalesce;
+            assert!(s.validate().is_ok(), "{coalesce:?}");
+        }
+    }
+
+    #[test]
     fn health_interval_is_at_least_a_second() {
         check(
             |s| s.gateways[0].health_interval = std::time::Duration::from_millis(10),
@@ -600,6 +618,7 @@ mod tests {
         check(|s| s.conversations.idle_timeout = zero, "conversations.idle_timeout", "zero");
         check(|s| s.sms_auth.window = zero, "sms_auth.window", "zero");
         check(|s| s.notifications.unread_reminder_after = zero, "notifications.unread_reminder_after", "zero");
+        check(|s| s.events.coalesce = Duration::from_millis(1_001), "events.coalesce", "at most 1s");
         // Counts.
         check(|s| s.sms_auth.max_attempts = 0, "sms_auth.max_attempts", "at least 1");
         check(|s| s.server.max_body_bytes = 0, "server.max_body_bytes", "at least 1");

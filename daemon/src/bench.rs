@@ -116,6 +116,10 @@ pub enum Which {
         /// Concurrent senders.
         #[arg(long, default_value_t = 16)]
         clients: usize,
+        /// The streams' `events.coalesce`, in milliseconds (default: the daemon's
+        /// default).
+        #[arg(long)]
+        coalesce_ms: Option<u64>,
     },
     /// The traffic a clinic really sends, over real HTTP, seeded through the admin API
     /// and the real SMS flow: the clinic mix with and without staff event streams, then
@@ -243,12 +247,17 @@ pub async fn run(which: Which) -> anyhow::Result<()> {
             streams,
             messages,
             clients,
+            coalesce_ms,
         } => {
             let plan = events::Plan {
                 users,
                 streams,
                 messages,
                 clients,
+                coalesce: coalesce_ms.map_or_else(
+                    || caremsg_config::Events::default().coalesce,
+                    Duration::from_millis,
+                ),
             };
             println!("{}", events::run(plan).await?);
             Ok(())

@@ -504,15 +504,20 @@ const STREAM_RETRY_AFTER_SECS: &str = "30";
 /// the stream (access lost, slow consumer, or `events.idle_timeout` without an
 /// event), and a plain end when the daemon stops serving. Events already waiting are
 /// written together, in one chunk: a message and its notification, published
-/// together, cost the stream one socket write, not two.
+/// together, cost the stream one socket write, not two. An event that arrives within
+/// `events.coalesce` of the stream's last write of events waits for the end of that
+/// spell and goes out with whatever else arrived in it ([`EventChunks`]).
 pub fn stream(state: &Shared, subscription: Subscription, shows: fn(&Event) -> bool) -> Response {
     let settings = state.settings.load();
     let chunks = EventChunks::new(
         subscription,
         shows,
         state.shutdown.clone(),
-        settings.events.idle_timeout,
-        settings.server.sse_keepalive,
+        Timing {
+            idle: settings.events.idle_timeout,
+            keepalive: settings.server.sse_keepalive,
+            coalesce: settings.events.coalesce,
+        },
     );
     (
         [
@@ -524,10 +529,30 @@ pub fn stream(state: &Shared, subscription: Subscription, shows: fn(&Event) -> b
         .into_response()
 }
 
+/// The times of one event stream, read from the settings when it opens.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    // No event for this long: the stream ends (`idle`).
+    idle: Duration,
+    // No write for this long: a keep-alive comment.
+    keepalive: Duration,
+    // Events arriving within this long of the last write of events wait for the end
+    // of the spell and are written together.
+    coalesce: Duration,
+}
+
 /// The chunks of one event stream ([`stream`]). What it waits on is made once per
 /// stream, not once per event: an event costs a channel receive and a clock read,
-/// and the one timer (keep-alive or idle end, whichever is first) moves only when it
-/// fires early.
+/// and the one timer (keep-alive, idle end or the end of a coalescing spell,
+/// whichever is first) moves only when it fires early or a spell begins.
+///
+/// Coalescing: the first event after a quiet spell is written at once; events that
+/// arrive within `coalesce` of that write are taken off the channel, rendered into
+/// `pending` and written together when the spell ends, or at once when `pending`
+/// reaches [`MAX_CHUNK`]. Under a burst a stream makes at most one write per spell
+/// instead of one per commit; a lone event is never delayed. The channel stays empty
+/// while events wait, so a consumer is still judged slow only when its connection
+/// stops taking writes (then `pending` is full and nothing drains the channel).
 struct EventChunks {
     subscription: Subscription,
     shows: fn(&Event) -> bool,
@@ -536,12 +561,17 @@ struct EventChunks {
     // The daemon ended the stream: the `end` event.
     ended: Pin<Box<WaitForCancellationFutureOwned>>,
     timer: Pin<Box<tokio::time::Sleep>>,
-    idle: Duration,
-    keepalive: Duration,
+    timing: Timing,
     // The last event received (shown or not): the stream ends `idle` after it.
     last_event: Instant,
     // The last chunk written: a keep-alive is due `keepalive` after it.
     last_write: Instant,
+    // The last chunk of events written: events are held until `coalesce` after it.
+    last_events_write: Instant,
+    // Events received and rendered, not yet written (at most about `MAX_CHUNK`).
+    pending: BytesMut,
+    // The channel said the hub is gone: write what is pending, then end.
+    hub_gone: bool,
     done: bool,
 }
 
@@ -550,8 +580,7 @@ impl EventChunks {
         subscription: Subscription,
         shows: fn(&Event) -> bool,
         shutdown: CancellationToken,
-        idle: Duration,
-        keepalive: Duration,
+        timing: Timing,
     ) -> Self {
         let now = Instant::now();
         Self {
@@ -559,11 +588,16 @@ impl EventChunks {
             subscription,
             shows,
             shutdown: Box::pin(shutdown.cancelled_owned()),
-            timer: Box::pin(tokio::time::sleep_until(now + keepalive.min(idle))),
-            idle,
-            keepalive,
+            timer: Box::pin(tokio::time::sleep_until(
+                now + timing.keepalive.min(timing.idle),
+            )),
+            timing,
             last_event: now,
             last_write: now,
+            // A stream's first event is written at once.
+            last_events_write: now.checked_sub(timing.coalesce).unwrap_or(now),
+            pending: BytesMut::new(),
+            hub_gone: false,
             done: false,
         }
     }
@@ -572,6 +606,18 @@ impl EventChunks {
     fn end(&mut self, reason: Option<EndReason>) -> Poll<Option<Result<Bytes, Infallible>>> {
         self.done = true;
         Poll::Ready(reason.map(|reason| Ok(end_event(reason))))
+    }
+
+    /// Writes the pending events.
+    fn flush(&mut self, now: Instant) -> Poll<Option<Result<Bytes, Infallible>>> {
+        self.last_write = now;
+        self.last_events_write = now;
+        Poll::Ready(Some(Ok(self.pending.split().freeze())))
+    }
+
+    /// When the pending events are to be written (`None`: nothing pending).
+    fn flush_at(&self) -> Option<Instant> {
+        (!self.pending.is_empty()).then(|| self.last_events_write + self.timing.coalesce)
     }
 }
 
@@ -588,49 +634,64 @@ impl futures::Stream for EventChunks {
             let reason = this.subscription.end_reason();
             return this.end(reason);
         }
-        while let Poll::Ready(first) = this.subscription.poll_event(cx) {
-            let Some(first) = first else {
-                return this.end(None);
-            };
-            let now = Instant::now();
-            this.last_event = now;
-            let mut chunk = BytesMut::new();
-            let mut event = Some(first);
-            while let Some(published) = event {
-                if (this.shows)(&published.event) {
-                    chunk.extend_from_slice(&published.wire(wire));
+        // Take what waits on the channel, up to a chunk's worth.
+        let mut received = false;
+        while !this.hub_gone && this.pending.len() < MAX_CHUNK {
+            match this.subscription.poll_event(cx) {
+                Poll::Ready(Some(published)) => {
+                    received = true;
+                    if (this.shows)(&published.event) {
+                        this.pending.extend_from_slice(&published.wire(wire));
+                    }
                 }
-                event = if chunk.len() < MAX_CHUNK {
-                    this.subscription.try_next()
-                } else {
-                    None
-                };
+                Poll::Ready(None) => this.hub_gone = true,
+                Poll::Pending => break,
             }
-            if !chunk.is_empty() {
-                this.last_write = now;
-                return Poll::Ready(Some(Ok(chunk.freeze())));
+        }
+        let now = Instant::now();
+        if received {
+            this.last_event = now;
+        }
+        if let Some(flush_at) = this.flush_at() {
+            if now >= flush_at || this.pending.len() >= MAX_CHUNK || this.hub_gone {
+                return this.flush(now);
             }
+            // A spell began: the timer must fire by its end.
+            if this.timer.deadline() > flush_at {
+                this.timer.as_mut().reset(flush_at);
+            }
+        }
+        if this.hub_gone {
+            return this.end(None);
         }
         loop {
             if this.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
             let now = Instant::now();
-            let idle_at = this.last_event + this.idle;
-            if now >= idle_at {
-                let reason = this.subscription.end_idle();
-                return this.end(reason);
+            let idle_at = this.last_event + this.timing.idle;
+            let keepalive_at = this.last_write + this.timing.keepalive;
+            match this.flush_at() {
+                // Events wait: written at the end of their spell, or sooner when a
+                // keep-alive would be due (a write of events keeps the stream open).
+                Some(flush_at) if now >= flush_at.min(keepalive_at) => return this.flush(now),
+                Some(_) => {}
+                None if now >= idle_at => {
+                    let reason = this.subscription.end_idle();
+                    return this.end(reason);
+                }
+                None => {}
             }
-            let keepalive_at = this.last_write + this.keepalive;
             if now >= keepalive_at {
                 this.last_write = now;
-                this.timer
-                    .as_mut()
-                    .reset((now + this.keepalive).min(idle_at));
+                let next = (now + this.timing.keepalive).min(idle_at);
+                this.timer.as_mut().reset(next);
                 return Poll::Ready(Some(Ok(Bytes::from_static(KEEP_ALIVE))));
             }
             // Events came since the timer was set: it is early; move it.
-            this.timer.as_mut().reset(keepalive_at.min(idle_at));
+            let next = keepalive_at.min(idle_at);
+            let next = this.flush_at().map_or(next, |flush_at| next.min(flush_at));
+            this.timer.as_mut().reset(next);
         }
     }
 }
@@ -646,8 +707,13 @@ mod tests {
 
     const IDLE: Duration = Duration::from_secs(60);
     const KEEPALIVE: Duration = Duration::from_secs(15);
+    const COALESCE: Duration = Duration::from_millis(100);
 
     fn open(events: &Events, user: &str) -> EventChunks {
+        open_with(events, user, 8)
+    }
+
+    fn open_with(events: &Events, user: &str, buffer: usize) -> EventChunks {
         let subscription = events
             .open(
                 Subscriber::Staff {
@@ -661,7 +727,7 @@ mod tests {
                 Limits {
                     max_streams: 9,
                     per_subscriber: 9,
-                    buffer: 8,
+                    buffer,
                 },
             )
             .unwrap();
@@ -669,8 +735,11 @@ mod tests {
             subscription,
             |_| true,
             CancellationToken::new(),
-            IDLE,
-            KEEPALIVE,
+            Timing {
+                idle: IDLE,
+                keepalive: KEEPALIVE,
+                coalesce: COALESCE,
+            },
         )
     }
 
@@ -745,6 +814,100 @@ mod tests {
         assert_eq!(count(&chunk, "event: notification"), 2);
         let chunk = b.next().await.unwrap().unwrap();
         assert_eq!(count(&chunk, "event: notification"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_event_goes_out_at_once_and_a_burst_waits_for_the_end_of_its_spell() {
+        let events = Events::new(None, EventMetrics::default(), 16);
+        let mut chunks = open(&events, "a");
+        let start = Instant::now();
+        events.publish_all(vec![notification("a")]).await;
+        let chunk = chunks.next().await.unwrap().unwrap();
+        assert_eq!(count(&chunk, "event: notification"), 1);
+        assert_eq!(start.elapsed(), Duration::ZERO, "the first event: at once");
+
+        // Two commits within the spell: one write, at its end, with both.
+        tokio::time::advance(Duration::from_millis(10)).await;
+        events.publish_all(vec![notification("a")]).await;
+        tokio::time::advance(Duration::from_millis(40)).await;
+        events.publish_all(vec![notification("a")]).await;
+        let chunk = chunks.next().await.unwrap().unwrap();
+        assert_eq!(count(&chunk, "event: notification"), 2);
+        assert_eq!(start.elapsed(), COALESCE);
+
+        // After a quiet spell, the next event goes out at once again.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let published_at = start.elapsed();
+        events.publish_all(vec![notification("a")]).await;
+        let chunk = chunks.next().await.unwrap().unwrap();
+        assert_eq!(count(&chunk, "event: notification"), 1);
+        assert_eq!(start.elapsed(), published_at);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spell_that_gathers_a_full_chunk_writes_it_without_waiting() {
+        let events = Events::new(None, EventMetrics::default(), 16);
+        let mut chunks = open_with(&events, "a", 4_096);
+        events.publish_all(vec![notification("a")]).await;
+        let one = chunks.next().await.unwrap().unwrap().len();
+        let start = Instant::now();
+        let burst = MAX_CHUNK / one + 10;
+        events
+            .publish_all((0..burst).map(|_| notification("a")).collect())
+            .await;
+        let full = chunks.next().await.unwrap().unwrap();
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "a full chunk does not wait"
+        );
+        assert!(full.len() >= MAX_CHUNK, "{}", full.len());
+        let rest = chunks.next().await.unwrap().unwrap();
+        assert_eq!(
+            start.elapsed(),
+            COALESCE,
+            "the rest waits for the spell's end"
+        );
+        assert_eq!(
+            count(&full, "event: notification") + count(&rest, "event: notification"),
+            burst,
+            "nothing lost, nothing twice"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_coalescing_off_every_commit_is_written_as_it_comes() {
+        let events = Events::new(None, EventMetrics::default(), 16);
+        let mut chunks = open(&events, "a");
+        chunks.timing.coalesce = Duration::ZERO;
+        let start = Instant::now();
+        for k in 1..=3u32 {
+            events.publish_all(vec![notification("a")]).await;
+            let chunk = chunks.next().await.unwrap().unwrap();
+            assert_eq!(count(&chunk, "event: notification"), 1);
+            assert_eq!(start.elapsed(), Duration::from_millis(10) * (k - 1));
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_held_for_a_spell_are_not_shown_after_access_is_lost() {
+        let events = Events::new(None, EventMetrics::default(), 16);
+        let mut chunks = open(&events, "a");
+        events.publish_all(vec![notification("a")]).await;
+        chunks.next().await.unwrap().unwrap();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        events.publish_all(vec![notification("a")]).await;
+        // The stream takes the event off its channel and holds it for the spell.
+        assert!(futures::poll!(chunks.next()).is_pending());
+        events.access_changed(AccessChange::User {
+            id: "a",
+            active: false,
+        });
+        let last = chunks.next().await.unwrap().unwrap();
+        assert_eq!(count(&last, "event: end"), 1);
+        assert_eq!(count(&last, "event: notification"), 0);
+        assert!(chunks.next().await.is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -157,7 +157,8 @@ pub async fn mark_read(
         description = "Server-sent events, each `event: <name>` and one `data:` line of JSON: \
         `message` (a message of this conversation), `lagged` (events were missed: re-read \
         the conversation), and a last `end` (`{\"reason\"}`) when the daemon ends the stream. \
-        Comments (`:`) every `server.sse_keepalive` keep it open. No `id:` and no replay: \
+        Comments (`:`) every `server.sse_keepalive` keep it open. Under a burst, events within `events.coalesce` \
+        of the last write wait for the end of that spell and are written together. No `id:` and no replay: \
         after a reconnect, re-read the conversation."),
         (status = 409, body = super::error::ErrorBody, description = "`portal_disabled`, `portal_not_enrolled`"),
         (status = 429, body = super::error::ErrorBody, description = "`too_many_streams`: this patient has `events.max_streams_per_subscriber` open"),

@@ -751,7 +751,8 @@ pub async fn stop_notifying_me(
         `message` (a message of a patient on my list I may access), `notification` (addressed \
         to me), `sms_status` (a patient on my list), `lagged` (events were missed: re-read), \
         and a last `end` (`{\"reason\"}`) when the daemon ends the stream. Comments (`:`) \
-        every `server.sse_keepalive` keep it open. No `id:` and no replay: after a reconnect, \
+        every `server.sse_keepalive` keep it open. Under a burst, events within `events.coalesce` \
+        of the last write wait for the end of that spell and are written together. No `id:` and no replay: after a reconnect, \
         re-read what is shown."),
         (status = 429, body = super::error::ErrorBody, description = "`too_many_streams`: this user has `events.max_streams_per_subscriber` open"),
         (status = 503, body = super::error::ErrorBody, description = "`stream_capacity`: `events.max_streams` are open")),

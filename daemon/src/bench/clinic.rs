@@ -96,6 +96,8 @@ struct Phase {
     notifications: u64,
     deliveries: u64,
     events: u64,
+    // The streams' reads (each one chunk or more the daemon wrote).
+    event_reads: u64,
     daemon_cpu: Duration,
     writer: Writer,
 }
@@ -265,7 +267,13 @@ impl std::fmt::Display for Report {
                 phase.notifications, phase.deliveries
             )?;
             if is_mix {
-                writeln!(f, "    event stream events delivered  {:>10}", phase.events)?;
+                writeln!(
+                    f,
+                    "    event stream events delivered  {:>10}   (in {} reads, {:.1} events per read)",
+                    phase.events,
+                    phase.event_reads,
+                    phase.events as f64 / phase.event_reads.max(1) as f64
+                )?;
             }
             let ratio = match portal_cpu {
                 Some(portal) if is_list && !portal.is_zero() => format!(
@@ -670,14 +678,16 @@ async fn run_phase(
     let before = Counts::read(db).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let events = Arc::new(AtomicU64::new(0));
+    let reads = Arc::new(AtomicU64::new(0));
     let opened = Arc::new(AtomicUsize::new(0));
     let mut stream_tasks = Vec::new();
     for s in 0..streams {
-        let (client, base, stop, events, opened) = (
+        let (client, base, stop, events, reads, opened) = (
             clinic.client.clone(),
             base.to_owned(),
             stop.clone(),
             events.clone(),
+            reads.clone(),
             opened.clone(),
         );
         let user = format!("cu{}", s % clinic.users);
@@ -699,6 +709,7 @@ async fn run_phase(
                     Ok(Some(Ok(chunk))) => {
                         let n = chunk.windows(6).filter(|w| w == b"event:").count();
                         events.fetch_add(n as u64, Ordering::Relaxed);
+                        reads.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(_) => return,
                     Err(_) => {}
@@ -760,6 +771,7 @@ async fn run_phase(
         task.abort();
     }
     phase.events = events.load(Ordering::Relaxed);
+    phase.event_reads = reads.load(Ordering::Relaxed);
     let after = Counts::read(db).await?;
     phase.stored_messages = after.messages - before.messages;
     phase.notifications = after.notifications - before.notifications;

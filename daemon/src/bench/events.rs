@@ -29,6 +29,8 @@ pub struct Plan {
     pub messages: usize,
     /// Concurrent senders.
     pub clients: usize,
+    /// The streams' `events.coalesce`.
+    pub coalesce: Duration,
 }
 
 /// Steady rounds with streams open; one more round without is run.
@@ -98,12 +100,13 @@ impl std::fmt::Display for Report {
         };
         writeln!(
             f,
-            "events benchmark: SQLite, {} staff users, {} patients with care teams of 5, {} portal messages per round from {} clients, {} streams",
+            "events benchmark: SQLite, {} staff users, {} patients with care teams of 5, {} portal messages per round from {} clients, {} streams (events.coalesce {} ms)",
             self.plan.users,
             patients_of(self.plan.users),
             self.plan.messages,
             self.plan.clients,
-            self.plan.streams
+            self.plan.streams,
+            self.plan.coalesce.as_millis()
         )?;
         writeln!(
             f,
@@ -170,6 +173,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
 async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
     let mut settings = super::scratch_settings(dir)?;
     settings.events.max_streams = plan.streams + 16;
+    settings.events.coalesce = plan.coalesce;
     // Each stream holds a connection; past the cap the oldest idle ones are closed.
     settings.server.max_connections = settings
         .server
@@ -461,6 +465,7 @@ mod tests {
             streams,
             messages,
             clients: 1,
+            coalesce: Duration::ZERO,
         }
     }
 
