@@ -791,13 +791,10 @@ impl Subscription {
         self.end_reason()
     }
 
-    /// An event already waiting, if any and the stream was not ended: for writing
-    /// several events at once.
-    pub fn try_next(&mut self) -> Option<Arc<Published>> {
-        if self.sub.cancel.is_cancelled() {
-            return None;
-        }
-        self.rx.try_recv().ok()
+    /// Whether the daemon ended this stream: events taken after that are not
+    /// written.
+    pub fn is_ended(&self) -> bool {
+        self.sub.cancel.is_cancelled()
     }
 }
 
@@ -942,25 +939,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn waiting_events_are_taken_together_until_the_stream_ends() {
+    async fn a_stream_knows_at_once_that_it_was_ended() {
         let events = hub();
-        let mut stream = events.open(staff("a"), &CLIENT, limits(9, 9, 8)).unwrap();
-        for _ in 0..3 {
-            events.notify("a".into(), note("a"));
-        }
-        assert!(stream.next(Duration::from_secs(5)).await.is_ok());
-        assert!(stream.try_next().is_some());
-        assert!(stream.try_next().is_some());
-        assert!(stream.try_next().is_none(), "nothing more is waiting");
-        events.notify("a".into(), note("a"));
+        let stream = events.open(staff("a"), &CLIENT, limits(9, 9, 8)).unwrap();
+        assert!(!stream.is_ended());
         events.access_changed(AccessChange::User {
             id: "a",
             active: false,
         });
-        assert!(
-            stream.try_next().is_none(),
-            "an ended stream gives nothing more"
-        );
+        assert!(stream.is_ended());
+        assert_eq!(stream.end_reason(), Some(EndReason::AccessRevoked));
     }
 
     #[tokio::test]

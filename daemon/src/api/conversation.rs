@@ -648,6 +648,12 @@ impl futures::Stream for EventChunks {
                 Poll::Pending => break,
             }
         }
+        // Ended while events were taken (access lost, a reload): none of them is
+        // written, nor anything pending.
+        if this.subscription.is_ended() {
+            let reason = this.subscription.end_reason();
+            return this.end(reason);
+        }
         let now = Instant::now();
         if received {
             this.last_event = now;

@@ -9,6 +9,7 @@
 //! Two-Way Texting on) is its own rule.
 
 use std::collections::BTreeSet;
+use std::sync::LazyLock;
 
 use caremsg_entities::Direction;
 use caremsg_entities::read_marker::READER_USER_PREFIX;
@@ -86,10 +87,15 @@ fn placeholders(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 
+/// The settings' names in the result rows (`s_<column>`, as [`select_columns`]
+/// names them), made once.
+static SETTING_ALIASES: LazyLock<Vec<String>> =
+    LazyLock::new(|| COLUMNS.iter().map(|c| format!("s_{c}")).collect());
+
 fn recipient(row: &QueryResult, in_panel: bool) -> Result<Recipient, DbErr> {
     let mut values = [None; 9];
-    for (value, column) in values.iter_mut().zip(COLUMNS) {
-        *value = row.try_get::<Option<bool>>("", &format!("s_{column}"))?;
+    for (value, alias) in values.iter_mut().zip(SETTING_ALIASES.iter()) {
+        *value = row.try_get::<Option<bool>>("", alias)?;
     }
     Ok(Recipient {
         patient_id: row.try_get("", "patient_id")?,
@@ -107,6 +113,27 @@ fn recipient(row: &QueryResult, in_panel: bool) -> Result<Recipient, DbErr> {
     })
 }
 
+/// [`in_panels`]'s statement up to its patients' placeholders (the rest varies with
+/// the number of patients and users), made once.
+///
+/// CROSS JOIN keeps SQLite's join order: from the panel rows to their users. Left to
+/// itself, without statistics, it may prefer walking every user of the practice
+/// (`u.practice_id = p.practice_id` matches an index), ten times slower for a team of
+/// ten in a practice of a thousand. PostgreSQL plans it as a plain join.
+static IN_PANELS_HEAD: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM care_team_members ct \
+           CROSS JOIN patients p CROSS JOIN practices pr CROSS JOIN users u \
+           LEFT JOIN notification_settings s ON s.user_id = u.id {} \
+         WHERE p.id = ct.patient_id AND pr.id = p.practice_id AND u.id = ct.user_id \
+           AND u.active = ? AND p.active = ? AND pr.active = ? AND u.practice_id = p.practice_id \
+           AND {} AND ct.patient_id IN (",
+        select_columns(),
+        marker_join(),
+        accessible_to_row_user(),
+    )
+});
+
 /// The users in the Care Team panels of `patients` who may be notified about them
 /// (whatever their settings), optionally only those among `users`, in no particular
 /// order. Unknown or deleted patients have none.
@@ -118,22 +145,7 @@ pub async fn in_panels(
     if patients.is_empty() || users.is_some_and(BTreeSet::is_empty) {
         return Ok(Vec::new());
     }
-    // CROSS JOIN keeps SQLite's join order: from the panel rows to their users. Left
-    // to itself, without statistics, it may prefer walking every user of the practice
-    // (`u.practice_id = p.practice_id` matches an index), ten times slower for a
-    // team of ten in a practice of a thousand. PostgreSQL plans it as a plain join.
-    let mut sql = format!(
-        "SELECT {} FROM care_team_members ct \
-           CROSS JOIN patients p CROSS JOIN practices pr CROSS JOIN users u \
-           LEFT JOIN notification_settings s ON s.user_id = u.id {} \
-         WHERE p.id = ct.patient_id AND pr.id = p.practice_id AND u.id = ct.user_id \
-           AND u.active = ? AND p.active = ? AND pr.active = ? AND u.practice_id = p.practice_id \
-           AND {} AND ct.patient_id IN ({})",
-        select_columns(),
-        marker_join(),
-        accessible_to_row_user(),
-        placeholders(patients.len()),
-    );
+    let mut sql = format!("{}{})", *IN_PANELS_HEAD, placeholders(patients.len()));
     let mut values: Vec<Value> = vec![true.into(), true.into(), true.into()];
     values.extend(patients.iter().map(|p| Value::from(p.clone())));
     if let Some(users) = users {
@@ -158,7 +170,31 @@ pub async fn for_sms_status(
     patient_id: &str,
     started_by: Option<&str>,
 ) -> Result<Vec<Recipient>, DbErr> {
-    let sql = format!(
+    let values: Vec<Value> = vec![
+        patient_id.to_owned().into(),
+        true.into(),
+        true.into(),
+        true.into(),
+        Value::from(started_by.map(str::to_owned)),
+    ];
+    let rows = db
+        .query_all_raw(statement(
+            db.get_database_backend(),
+            &FOR_SMS_STATUS,
+            values,
+        ))
+        .await?;
+    rows.iter()
+        .map(|row| {
+            let in_panel: i32 = row.try_get("", "in_panel")?;
+            recipient(row, in_panel != 0)
+        })
+        .collect()
+}
+
+/// [`for_sms_status`]'s statement, made once.
+static FOR_SMS_STATUS: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "SELECT {}, CASE WHEN EXISTS (SELECT 1 FROM care_team_members ct \
              WHERE ct.patient_id = p.id AND ct.user_id = u.id) THEN 1 ELSE 0 END AS in_panel \
          FROM patients p \
@@ -172,24 +208,8 @@ pub async fn for_sms_status(
         select_columns(),
         marker_join(),
         accessible_to_row_user(),
-    );
-    let values: Vec<Value> = vec![
-        patient_id.to_owned().into(),
-        true.into(),
-        true.into(),
-        true.into(),
-        Value::from(started_by.map(str::to_owned)),
-    ];
-    let rows = db
-        .query_all_raw(statement(db.get_database_backend(), &sql, values))
-        .await?;
-    rows.iter()
-        .map(|row| {
-            let in_panel: i32 = row.try_get("", "in_panel")?;
-            recipient(row, in_panel != 0)
-        })
-        .collect()
-}
+    )
+});
 
 #[cfg(test)]
 mod tests {
