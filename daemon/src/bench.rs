@@ -156,6 +156,10 @@ pub enum Which {
         /// e.g. `postgres://postgres@127.0.0.1:5432/postgres`, instead of SQLite.
         #[arg(long)]
         postgres: Option<String>,
+        /// The streams' `events.coalesce`, in milliseconds (default: the daemon's
+        /// default).
+        #[arg(long)]
+        coalesce_ms: Option<u64>,
     },
     /// Active–passive failover with two real `caremsgd` processes on one fresh
     /// PostgreSQL database: portal and staff sends over HTTP, the active daemon
@@ -254,10 +258,7 @@ pub async fn run(which: Which) -> anyhow::Result<()> {
                 streams,
                 messages,
                 clients,
-                coalesce: coalesce_ms.map_or_else(
-                    || caremsg_config::Events::default().coalesce,
-                    Duration::from_millis,
-                ),
+                coalesce: coalesce(coalesce_ms),
             };
             println!("{}", events::run(plan).await?);
             Ok(())
@@ -272,6 +273,7 @@ pub async fn run(which: Which) -> anyhow::Result<()> {
             seconds,
             load_threads,
             postgres,
+            coalesce_ms,
         } => {
             let plan = clinic::Plan {
                 patients,
@@ -283,6 +285,7 @@ pub async fn run(which: Which) -> anyhow::Result<()> {
                 seconds,
                 load_threads,
                 postgres,
+                coalesce: coalesce(coalesce_ms),
             };
             println!("{}", clinic::run(plan).await?);
             Ok(())
@@ -558,6 +561,14 @@ fn ticks(stat: &str) -> Duration {
     };
     // After ')': state is field 0; utime and stime are fields 11 and 12.
     Duration::from_millis((field(11) + field(12)) * 10)
+}
+
+/// A benchmark's `--coalesce-ms`, or the daemon's default `events.coalesce`.
+fn coalesce(ms: Option<u64>) -> Duration {
+    ms.map_or_else(
+        || caremsg_config::Events::default().coalesce,
+        Duration::from_millis,
+    )
 }
 
 fn verdict(ok: bool) -> &'static str {

@@ -9,9 +9,9 @@
 //! the patients' own DOB replies during the load (only during seeding), TLS, and
 //! network latency (loopback).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -41,6 +41,8 @@ pub struct Plan {
     pub load_threads: usize,
     /// A PostgreSQL server to create a fresh database on, instead of SQLite.
     pub postgres: Option<String>,
+    /// The streams' `events.coalesce`.
+    pub coalesce: Duration,
 }
 
 /// A request kind of the mix.
@@ -98,6 +100,9 @@ struct Phase {
     events: u64,
     // The streams' reads (each one chunk or more the daemon wrote).
     event_reads: u64,
+    // How long after its portal send was answered a message reached the first
+    // stream, sorted (the portal sends whose message that stream showed).
+    event_delays: Vec<Duration>,
     daemon_cpu: Duration,
     writer: Writer,
 }
@@ -275,6 +280,17 @@ impl std::fmt::Display for Report {
                     phase.events as f64 / phase.event_reads.max(1) as f64
                 )?;
             }
+            if !phase.event_delays.is_empty() {
+                writeln!(
+                    f,
+                    "    event after the send's answer  p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms   ({} portal sends on the first stream; events.coalesce {} ms)",
+                    ms(at(&phase.event_delays, 0.5)),
+                    ms(at(&phase.event_delays, 0.99)),
+                    ms(at(&phase.event_delays, 1.0)),
+                    phase.event_delays.len(),
+                    p.coalesce.as_millis()
+                )?;
+            }
             let ratio = match portal_cpu {
                 Some(portal) if is_list && !portal.is_zero() => format!(
                     "   ({:.1}x a portal send's; target <= 2x: {})",
@@ -345,6 +361,7 @@ async fn measure(
     )?;
     let mut settings = super::scratch_settings_with_gateways(dir)?;
     settings.database.url = database_url;
+    settings.events.coalesce = plan.coalesce;
     for gateway in &mut settings.gateways {
         gateway.library = library.clone();
         gateway.config = serde_json::json!({ "outbox": dir.join("loopback-outbox.jsonl") });
@@ -433,6 +450,9 @@ struct Clinic {
     big_team: usize,
     client: reqwest::Client,
     next_id: AtomicU64,
+    // While a phase with streams runs: when each portal send was answered, by
+    // (patient, seq) (bounded by the phase's sends; emptied by each such phase).
+    answered: Mutex<Option<HashMap<(usize, i64), Instant>>>,
 }
 
 impl Clinic {
@@ -447,6 +467,7 @@ impl Clinic {
                 .build()
                 .unwrap_or_default(),
             next_id: AtomicU64::new(0),
+            answered: Mutex::new(None),
         }
     }
 
@@ -657,11 +678,48 @@ impl Clinic {
             Ok(response) => {
                 let ok = response.status().is_success();
                 // Reads are consumed whole, as a client would.
-                ok && response.bytes().await.is_ok()
+                let Ok(answer) = response.bytes().await else {
+                    return false;
+                };
+                if ok && kind == Kind::PortalSend {
+                    self.answered(p, &answer);
+                }
+                ok
             }
             Err(_) => false,
         }
     }
+
+    /// Notes when the portal send to patient `p` that stored `answer` was answered,
+    /// while a phase with streams counts the events' delay.
+    fn answered(&self, p: usize, answer: &[u8]) {
+        let at = Instant::now();
+        let mut answered = self.answered.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(answered) = answered.as_mut()
+            && let Some(seq) = serde_json::from_slice::<serde_json::Value>(answer)
+                .ok()
+                .and_then(|v| v["seq"].as_i64())
+        {
+            answered.insert((p, seq), at);
+        }
+    }
+}
+
+/// The `message` events of `chunk` as (patient number, seq): `cp<p>` patients only.
+fn messages_in(chunk: &[u8]) -> impl Iterator<Item = (usize, i64)> + '_ {
+    chunk
+        .split(|b| *b == b'\n')
+        .filter_map(|line| line.strip_prefix(b"data: "))
+        .filter_map(|data| serde_json::from_slice::<serde_json::Value>(data).ok())
+        .filter(|event| event.get("direction").is_some())
+        .filter_map(|event| {
+            let p = event["patient_id"]
+                .as_str()?
+                .strip_prefix("cp")?
+                .parse()
+                .ok()?;
+            Some((p, event["seq"].as_i64()?))
+        })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -679,6 +737,11 @@ async fn run_phase(
     let stop = Arc::new(AtomicBool::new(false));
     let events = Arc::new(AtomicU64::new(0));
     let reads = Arc::new(AtomicU64::new(0));
+    // When the first stream received each message (bounded by the phase's sends).
+    let shown: Arc<Mutex<HashMap<(usize, i64), Instant>>> = Arc::default();
+    if streams > 0 {
+        *clinic.answered.lock().unwrap_or_else(|e| e.into_inner()) = Some(HashMap::new());
+    }
     let opened = Arc::new(AtomicUsize::new(0));
     let mut stream_tasks = Vec::new();
     for s in 0..streams {
@@ -690,6 +753,7 @@ async fn run_phase(
             reads.clone(),
             opened.clone(),
         );
+        let shown = (s == 0).then(|| shown.clone());
         let user = format!("cu{}", s % clinic.users);
         stream_tasks.push(load.spawn(async move {
             let response = client
@@ -710,6 +774,13 @@ async fn run_phase(
                         let n = chunk.windows(6).filter(|w| w == b"event:").count();
                         events.fetch_add(n as u64, Ordering::Relaxed);
                         reads.fetch_add(1, Ordering::Relaxed);
+                        if let Some(shown) = &shown {
+                            let at = Instant::now();
+                            let mut shown = shown.lock().unwrap_or_else(|e| e.into_inner());
+                            for message in messages_in(&chunk) {
+                                shown.entry(message).or_insert(at);
+                            }
+                        }
                     }
                     Ok(_) => return,
                     Err(_) => {}
@@ -772,6 +843,18 @@ async fn run_phase(
     }
     phase.events = events.load(Ordering::Relaxed);
     phase.event_reads = reads.load(Ordering::Relaxed);
+    let answered = clinic
+        .answered
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or_default();
+    let shown = std::mem::take(&mut *shown.lock().unwrap_or_else(|e| e.into_inner()));
+    phase.event_delays = shown
+        .iter()
+        .filter_map(|(message, at)| Some(at.saturating_duration_since(*answered.get(message)?)))
+        .collect();
+    phase.event_delays.sort_unstable();
     let after = Counts::read(db).await?;
     phase.stored_messages = after.messages - before.messages;
     phase.notifications = after.notifications - before.notifications;
@@ -802,6 +885,16 @@ impl Counts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_message_events_of_the_clinics_patients_are_timed() {
+        let chunk = b"event: message\ndata: {\"patient_id\":\"cp17\",\"seq\":4,\"direction\":\"from_patient\",\"channel\":\"portal\",\"body\":\"x\"}\n\n\
+            event: notification\ndata: {\"id\":\"n1\",\"patient_id\":\"cp17\",\"kind\":\"new_patient_message\"}\n\n\
+            event: message\ndata: {\"patient_id\":\"other\",\"seq\":1,\"direction\":\"from_patient\"}\n\n\
+            event: message\ndata: {\"patient_id\":\"cp3\",\"seq\":9,\"direction\":\"to_patient\"}\n\n";
+        let found: Vec<(usize, i64)> = messages_in(chunk).collect();
+        assert_eq!(found, vec![(17, 4), (3, 9)]);
+    }
 
     #[test]
     fn the_mix_has_the_clinic_shares() {
