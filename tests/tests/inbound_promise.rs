@@ -20,7 +20,9 @@ use caremsgd::gateways::{consent, outbox};
 use caremsgd::prune;
 use reqwest::{Method, StatusCode};
 use sea_orm::ActiveValue::Set;
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
+};
 use serde_json::{Value, json};
 
 const MOBILE: &str = "+12015550123";
@@ -208,6 +210,65 @@ async fn a_text_the_database_cannot_read_for_is_refused_and_kept_on_retry() {
         1,
         "the retry is stored, once"
     );
+    d.stop().await.unwrap();
+}
+
+/// A text whose receipt lookup cannot be read (the route found the practice; then the
+/// read of `inbound_receipts` fails: the table is renamed away under the daemon) is
+/// refused with 503 and `Retry-After` and leaves nothing in the unmatched log; the
+/// provider's retry, once the table is back, is logged once (posted twice). The
+/// test above fails the route's first read; this one fails a later read alone.
+#[tokio::test]
+async fn a_text_whose_receipt_cannot_be_read_is_refused_and_kept_on_retry() {
+    const STRANGER: &str = "+12015550999";
+    let d = TestDaemon::start().await.unwrap();
+    enabled_clinic(&d).await;
+    let post = |id: &'static str| {
+        let d = &d;
+        async move {
+            let response = d
+                .http
+                .post(format!("{}/v1/hooks/loopback", d.base))
+                .json(&json!({"from": STRANGER, "to": number_of("p1"), "body": "Who is this?", "id": id}))
+                .send()
+                .await
+                .unwrap();
+            let retry_after = response.headers().get("retry-after").is_some();
+            (
+                response.status(),
+                retry_after,
+                response.text().await.unwrap(),
+            )
+        }
+    };
+    let logged = || async {
+        unmatched_inbound::Entity::find()
+            .filter(unmatched_inbound::Column::ProviderMessageId.eq("receipt-down-1"))
+            .count(db(&d))
+            .await
+            .unwrap()
+    };
+    db(&d)
+        .execute_unprepared("ALTER TABLE inbound_receipts RENAME TO inbound_receipts_away")
+        .await
+        .unwrap();
+    let (status, retry_after, body) = post("receipt-down-1").await;
+    db(&d)
+        .execute_unprepared("ALTER TABLE inbound_receipts_away RENAME TO inbound_receipts")
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("storage_unavailable"), "{body}");
+    assert!(
+        retry_after,
+        "a refused text tells the provider when to retry"
+    );
+    assert_eq!(logged().await, 0, "nothing of a refused text is kept");
+    for _ in 0..2 {
+        let (status, _, body) = post("receipt-down-1").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(logged().await, 1, "the retry is kept, once");
     d.stop().await.unwrap();
 }
 
