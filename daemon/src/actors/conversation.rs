@@ -266,8 +266,9 @@ struct Known {
     unread_by_patient: Option<bool>,
     // The patient's and practice's rows as this actor last read them, with the
     // admin-write generation taken before that read (`access::Users::generation`):
-    // used only while no admin request has written since, and forgotten by every
-    // SMS step (the only other writer of the patient's row).
+    // used only while no admin request has written since. SMS steps are the only
+    // other writer of the patient's row: every step forgets them but a text stored
+    // as a conversation message, which changes neither row (`sms::auth::run`).
     rows: Option<(Box<Rows>, u64)>,
 }
 
@@ -434,19 +435,22 @@ impl Handler<Sms> for ConversationActor {
         let state = self.state.clone();
         let patient_id = self.patient_id.clone();
         let last_seq = self.known.last_seq;
+        // Taken: a step that may change the rows leaves none to put back.
+        let rows = self.known.rows.take();
         let work = on_main(&state.runtime.clone(), async move {
-            crate::sms::auth::run(&state, &patient_id, last_seq, &msg.client, msg.op).await
+            crate::sms::auth::run(&state, &patient_id, last_seq, rows, &msg.client, msg.op).await
         });
-        AtomicResponse::new(Box::pin(work.into_actor(self).map(|outcome, actor, _| {
-            let (last_seq, result) = outcome.unwrap_or((
-                None,
-                Err(crate::sms::auth::SmsError::Storage(
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(|ran, actor, _| {
+            let ran = ran.unwrap_or_else(|| crate::sms::auth::Ran {
+                last_seq: None,
+                rows: None,
+                result: Err(crate::sms::auth::SmsError::Storage(
                     "the SMS task failed".into(),
                 )),
-            ));
-            actor.known.last_seq = last_seq;
-            actor.known.rows = None;
-            result
+            });
+            actor.known.last_seq = ran.last_seq;
+            actor.known.rows = ran.rows;
+            ran.result
         })))
     }
 }

@@ -30,7 +30,7 @@ use serde::Serialize;
 use super::keywords::{self, Keyword};
 use super::reply::{PendingReply, pending_reply};
 use super::texts::{self, PracticeName, Template};
-use crate::actors::conversation::{SendError, SendMessage};
+use crate::actors::conversation::{Rows, SendError, SendMessage};
 use crate::audit::AuditEntry;
 use crate::events::{Event, MessageEvent, SmsStatusEvent};
 use crate::phi::{Body, Phi};
@@ -188,7 +188,8 @@ pub enum ReplyOutcome {
     Duplicate,
     /// Handled by the authentication (keyword, date of birth, wrong attempt).
     Handled,
-    /// Stored as a conversation message.
+    /// Stored as a conversation message: the step changed neither the patient's nor
+    /// the practice's row, so its actor keeps them for the next text ([`run`]).
     Message(i64),
     /// Not for this patient after all (not pending or enabled): the caller logs it.
     NotForPatient,
@@ -773,18 +774,46 @@ async fn pending_session(
         .await
 }
 
+/// The patient's and practice's rows as an actor remembers them, with the
+/// admin-write generation taken before they were read ([`crate::access::Users`]).
+pub type Remembered = (Box<Rows>, u64);
+
+/// What an SMS step leaves its actor knowing.
+#[derive(Debug)]
+pub struct Ran {
+    /// The conversation's newest sequence number, when known.
+    pub last_seq: Option<i64>,
+    /// The rows the step used, when it left them as they were: only a conversation
+    /// text from an enabled patient changes neither row; every other step may.
+    pub rows: Option<Remembered>,
+    /// What the step did.
+    pub result: Result<ReplyOutcome, SmsError>,
+}
+
 /// Runs `op` for `patient_id`, whose conversation's newest sequence number is
-/// `last_seq` (read from the database when unknown). Returns the new `last_seq`.
+/// `last_seq` (read from the database when unknown). A patient's text uses the rows
+/// the actor `remembered` when no admin request has written since they were read;
+/// every other step reads them (the actor is the only other writer of the patient's
+/// row, and every step but a conversation text may change it).
 pub async fn run(
     state: &Shared,
     patient_id: &str,
     last_seq: Option<i64>,
+    remembered: Option<Remembered>,
     client: &str,
     op: SmsOp,
-) -> (Option<i64>, Result<ReplyOutcome, SmsError>) {
-    match try_run(state, patient_id, last_seq, client, op).await {
-        Ok((seq, outcome)) => (Some(seq), Ok(outcome)),
-        Err(err) => (None, Err(err)),
+) -> Ran {
+    match try_run(state, patient_id, last_seq, remembered, client, op).await {
+        Ok((seq, outcome, rows)) => Ran {
+            last_seq: Some(seq),
+            rows,
+            result: Ok(outcome),
+        },
+        Err(err) => Ran {
+            last_seq: None,
+            rows: None,
+            result: Err(err),
+        },
     }
 }
 
@@ -808,23 +837,42 @@ async fn try_run(
     state: &Shared,
     patient_id: &str,
     last_seq: Option<i64>,
+    remembered: Option<Remembered>,
     client: &str,
     op: SmsOp,
-) -> Result<(i64, ReplyOutcome), SmsError> {
+) -> Result<(i64, ReplyOutcome, Option<Remembered>), SmsError> {
     // The admin upsert also reactivates a deactivated patient: it reads its own rows.
     let op = match op {
         SmsOp::AdminNumber { unit, mobile_phone } => {
             let mobile_phone = mobile_phone.map(Phi::into_inner);
-            return admin_number(state, patient_id, last_seq, unit.0, mobile_phone).await;
+            let (seq, outcome) =
+                admin_number(state, patient_id, last_seq, unit.0, mobile_phone).await?;
+            return Ok((seq, outcome, None));
         }
         op => op,
     };
-    // Both active, in one read.
-    let (patient, practice) = crate::access::active_patient(&state.db, patient_id)
-        .await?
-        .ok_or(SmsError::NotFound)?;
+    // Taken before the read: rows read under an older generation are not used.
+    let generation = state.users.generation();
+    let remembered = remembered.filter(|(rows, seen)| {
+        *seen == generation
+            && matches!(op, SmsOp::Reply { .. })
+            && rows.patient.id == patient_id
+            && rows.patient.active
+            && rows.practice.active
+    });
+    let (patient, practice) = match remembered {
+        Some((rows, _)) => (rows.patient, rows.practice),
+        // Both active, in one read.
+        None => crate::access::active_patient(&state.db, patient_id)
+            .await?
+            .ok_or(SmsError::NotFound)?,
+    };
     let seq = last_seq_of(state, patient_id, last_seq).await?;
-    match op {
+    // A text that turns out a conversation message leaves both rows as they are: the
+    // actor keeps them for its next text.
+    let unchanged =
+        matches!(op, SmsOp::Reply { .. }).then(|| Rows::of(patient.clone(), practice.clone()));
+    let (seq, outcome) = match op {
         SmsOp::Start {
             staff,
             mobile_phone,
@@ -856,7 +904,11 @@ async fn try_run(
         SmsOp::AdminNumber { .. } => Err(SmsError::Storage(
             "an admin upsert reached the SMS dispatch".into(),
         )),
-    }
+    }?;
+    let kept = unchanged
+        .filter(|_| matches!(outcome, ReplyOutcome::Message(_)))
+        .map(|rows| (rows, generation));
+    Ok((seq, outcome, kept))
 }
 
 /// What the conversation says when a new number turns texting off.
@@ -1398,7 +1450,7 @@ async fn conversation_text(
     let patient_id = patient.id.clone();
     // The rows this actor just read: the message needs no second read.
     let message = SendMessage {
-        rows: Some(crate::actors::conversation::Rows::of(patient, practice)),
+        rows: Some(Rows::of(patient, practice)),
         ..SendMessage::inbound_sms(gateway, provider_message_id, body)
     };
     match crate::actors::conversation::try_send(state, &patient_id, Some(seq), message).await {
