@@ -130,10 +130,15 @@ async fn enable(d: &TestDaemon, user: &str, patient: &str, phone: &str, id: &str
 /// Posts a text from MOBILE to p1 with provider id `id`: the status, whether a
 /// `Retry-After` came with it, and the body.
 async fn post_text(d: &TestDaemon, id: &str) -> (StatusCode, bool, String) {
+    post_text_from(d, MOBILE, id).await
+}
+
+/// [`post_text`] from `from`.
+async fn post_text_from(d: &TestDaemon, from: &str, id: &str) -> (StatusCode, bool, String) {
     let response = d
         .http
         .post(format!("{}/v1/hooks/loopback", d.base))
-        .json(&json!({"from": MOBILE, "to": number_of("p1"), "body": "Are you there?", "id": id}))
+        .json(&json!({"from": from, "to": number_of("p1"), "body": "Are you there?", "id": id}))
         .send()
         .await
         .unwrap();
@@ -223,24 +228,7 @@ async fn a_text_whose_receipt_cannot_be_read_is_refused_and_kept_on_retry() {
     const STRANGER: &str = "+12015550999";
     let d = TestDaemon::start().await.unwrap();
     enabled_clinic(&d).await;
-    let post = |id: &'static str| {
-        let d = &d;
-        async move {
-            let response = d
-                .http
-                .post(format!("{}/v1/hooks/loopback", d.base))
-                .json(&json!({"from": STRANGER, "to": number_of("p1"), "body": "Who is this?", "id": id}))
-                .send()
-                .await
-                .unwrap();
-            let retry_after = response.headers().get("retry-after").is_some();
-            (
-                response.status(),
-                retry_after,
-                response.text().await.unwrap(),
-            )
-        }
-    };
+    let post = |id: &'static str| post_text_from(&d, STRANGER, id);
     let logged = || async {
         unmatched_inbound::Entity::find()
             .filter(unmatched_inbound::Column::ProviderMessageId.eq("receipt-down-1"))
