@@ -16,7 +16,9 @@ use caremsgd::gateways::inbound::{self, EventOutcome};
 use reqwest::StatusCode;
 use sea_orm::ActiveValue::Set;
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter,
+};
 use serde_json::{Value, json};
 
 const MOBILE: &str = "+12015550123";
@@ -446,11 +448,8 @@ async fn an_opt_out_event_opts_the_number_out_of_the_practice() {
 /// Background work only adds reads, so the fewest of five tries is the text's own.
 #[tokio::test]
 async fn a_warm_conversation_text_reads_only_what_it_must() {
-    let d = TestDaemon::start().await.unwrap();
-    setup(&d, SmsStatus::Enabled).await;
-    let (status, _) = reply(&d, &warm_text(99)).await;
-    assert_eq!(status, StatusCode::OK);
-    let own = fewest_reads_of_a_text(&d, 0, false).await;
+    let d = warm_daemon().await;
+    let own = fewest_reads_of_a_text(&d, 0, Before::Nothing).await;
     println!("reads: conversation text {own}");
     assert!(own <= 2.0, "a conversation text: {own} reads");
     d.stop().await.unwrap();
@@ -461,12 +460,9 @@ async fn a_warm_conversation_text_reads_only_what_it_must() {
 /// (one read more than a text after a text).
 #[tokio::test]
 async fn after_an_admin_write_a_text_reads_the_patient_again() {
-    let d = TestDaemon::start().await.unwrap();
-    setup(&d, SmsStatus::Enabled).await;
-    let (status, _) = reply(&d, &warm_text(99)).await;
-    assert_eq!(status, StatusCode::OK);
-    let warm = fewest_reads_of_a_text(&d, 0, false).await;
-    let after_admin = fewest_reads_of_a_text(&d, 10, true).await;
+    let d = warm_daemon().await;
+    let warm = fewest_reads_of_a_text(&d, 0, Before::Nothing).await;
+    let after_admin = fewest_reads_of_a_text(&d, 10, Before::AnAdminWrite).await;
     assert!(
         after_admin >= warm + 1.0,
         "after an admin write {after_admin} reads, after a text {warm}"
@@ -474,20 +470,67 @@ async fn after_an_admin_write_a_text_reads_the_patient_again() {
     d.stop().await.unwrap();
 }
 
+/// A text that fails (its receipt's table renamed away under the daemon, so neither
+/// its write nor the lookup after it can run) makes the actor forget the rows it
+/// kept: the text after it reads the patient with its practice again.
+#[tokio::test]
+async fn after_a_failed_text_the_next_reads_the_patient_again() {
+    let d = warm_daemon().await;
+    let warm = fewest_reads_of_a_text(&d, 0, Before::Nothing).await;
+    let after_failure = fewest_reads_of_a_text(&d, 10, Before::AFailedText).await;
+    assert!(
+        after_failure >= warm + 1.0,
+        "after a failed text {after_failure} reads, after a text {warm}"
+    );
+    d.stop().await.unwrap();
+}
+
+/// A daemon whose enabled patient's actor has taken one text.
+async fn warm_daemon() -> TestDaemon {
+    let d = TestDaemon::start().await.unwrap();
+    setup(&d, SmsStatus::Enabled).await;
+    let (status, _) = reply(&d, &warm_text(99)).await;
+    assert_eq!(status, StatusCode::OK);
+    d
+}
+
 /// A text from the enabled patient with provider id `w<i>`.
 fn warm_text(i: usize) -> Value {
     json!({"from": MOBILE, "to": practice_number(), "body": "Thank you!", "id": format!("w{i}")})
 }
 
-/// The fewest reads of five texts (ids from `first`), each after an admin write
-/// (a re-upsert of the care-team user) when `after_admin`. Background work only adds
-/// reads, so the fewest is the text's own.
-async fn fewest_reads_of_a_text(d: &TestDaemon, first: usize, after_admin: bool) -> f64 {
+/// What comes before each text whose reads are counted.
+#[derive(Clone, Copy)]
+enum Before {
+    Nothing,
+    /// A re-upsert of the care-team user.
+    AnAdminWrite,
+    /// A text that fails: its receipt's table is renamed away, then back.
+    AFailedText,
+}
+
+/// The fewest reads of five texts (ids from `first`), each after `before`.
+/// Background work only adds reads, so the fewest is the text's own.
+async fn fewest_reads_of_a_text(d: &TestDaemon, first: usize, before: Before) -> f64 {
     let reads = "caremsg_db_reader_statements_total";
     let (mut scrape, mut fewest) = (f64::MAX, f64::MAX);
     for i in first..first + 5 {
-        if after_admin {
-            d.user("p1", "u1", &[]).await;
+        match before {
+            Before::Nothing => {}
+            Before::AnAdminWrite => d.user("p1", "u1", &[]).await,
+            Before::AFailedText => {
+                let rename = |from: &str, to: &str| format!("ALTER TABLE {from} RENAME TO {to}");
+                db(d)
+                    .execute_unprepared(&rename("inbound_receipts", "inbound_receipts_away"))
+                    .await
+                    .unwrap();
+                let (status, body) = reply(d, &warm_text(100 + i)).await;
+                db(d)
+                    .execute_unprepared(&rename("inbound_receipts_away", "inbound_receipts"))
+                    .await
+                    .unwrap();
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+            }
         }
         let first = d.metric(reads).await;
         let before = d.metric(reads).await;

@@ -264,12 +264,32 @@ struct Known {
     markers: HashMap<String, i64>,
     // Whether a staff message is not yet stamped read by the patient; `None`: not known.
     unread_by_patient: Option<bool>,
-    // The patient's and practice's rows as this actor last read them, with the
-    // admin-write generation taken before that read (`access::Users::generation`):
-    // used only while no admin request has written since. SMS steps are the only
-    // other writer of the patient's row: every step forgets them but a text stored
-    // as a conversation message, which changes neither row (`sms::auth::run`).
-    rows: Option<(Box<Rows>, u64)>,
+    // The patient's and practice's rows as this actor last read them: used only
+    // while no admin request has written since. SMS steps are the only other writer
+    // of the patient's row: every step forgets them but a text stored as a
+    // conversation message, which changes neither row (`sms::auth::run`).
+    rows: Option<Remembered>,
+}
+
+/// The patient's and practice's rows as an actor last read them, filed under the
+/// admin-write generation taken before that read (`access::Users::generation`).
+#[derive(Debug)]
+pub struct Remembered {
+    rows: Box<Rows>,
+    generation: u64,
+}
+
+impl Remembered {
+    /// Files `rows`, read after `generation` was taken.
+    pub fn new(rows: Box<Rows>, generation: u64) -> Self {
+        Self { rows, generation }
+    }
+
+    /// The rows, if no admin request has written since they were read: the
+    /// generation is still `now`.
+    pub fn current(self, now: u64) -> Option<Box<Rows>> {
+        (self.generation == now).then_some(self.rows)
+    }
 }
 
 impl Known {
@@ -513,13 +533,14 @@ async fn try_send_known(
     let generation = state.users.generation();
     let given = msg.rows.take().filter(|rows| rows.patient.id == patient_id);
     // What this actor read for an earlier patient message, if no admin request has
-    // written since (and no SMS step ran: those forget it).
+    // written since (and no SMS step but a conversation text ran: the others forget
+    // it).
     let remembered = match (&given, &msg.author) {
         (None, Author::Patient | Author::PatientSms { .. }) => known_state
             .rows
             .take()
-            .filter(|(_, seen)| *seen == generation)
-            .map(|(rows, _)| *rows),
+            .and_then(|remembered| remembered.current(generation))
+            .map(|rows| *rows),
         _ => None,
     };
     let read_here = given.is_none();
@@ -555,7 +576,7 @@ async fn try_send_known(
         return Err(SendError::NotFound);
     }
     if read_here {
-        known_state.rows = Some((Box::new(rows.clone()), generation));
+        known_state.rows = Some(Remembered::new(Box::new(rows.clone()), generation));
     }
     let Rows {
         patient, practice, ..

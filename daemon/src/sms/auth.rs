@@ -30,7 +30,7 @@ use serde::Serialize;
 use super::keywords::{self, Keyword};
 use super::reply::{PendingReply, pending_reply};
 use super::texts::{self, PracticeName, Template};
-use crate::actors::conversation::{Rows, SendError, SendMessage};
+use crate::actors::conversation::{Remembered, Rows, SendError, SendMessage};
 use crate::audit::AuditEntry;
 use crate::events::{Event, MessageEvent, SmsStatusEvent};
 use crate::phi::{Body, Phi};
@@ -774,10 +774,6 @@ async fn pending_session(
         .await
 }
 
-/// The patient's and practice's rows as an actor remembers them, with the
-/// admin-write generation taken before they were read ([`crate::access::Users`]).
-pub type Remembered = (Box<Rows>, u64);
-
 /// What an SMS step leaves its actor knowing.
 #[derive(Debug)]
 pub struct Ran {
@@ -853,15 +849,11 @@ async fn try_run(
     };
     // Taken before the read: rows read under an older generation are not used.
     let generation = state.users.generation();
-    let remembered = remembered.filter(|(rows, seen)| {
-        *seen == generation
-            && matches!(op, SmsOp::Reply { .. })
-            && rows.patient.id == patient_id
-            && rows.patient.active
-            && rows.practice.active
-    });
+    let remembered = remembered
+        .filter(|_| matches!(op, SmsOp::Reply { .. }))
+        .and_then(|remembered| remembered.current(generation));
     let (patient, practice) = match remembered {
-        Some((rows, _)) => (rows.patient, rows.practice),
+        Some(rows) => (rows.patient, rows.practice),
         // Both active, in one read.
         None => crate::access::active_patient(&state.db, patient_id)
             .await?
@@ -907,7 +899,7 @@ async fn try_run(
     }?;
     let kept = unchanged
         .filter(|_| matches!(outcome, ReplyOutcome::Message(_)))
-        .map(|rows| (rows, generation));
+        .map(|rows| Remembered::new(rows, generation));
     Ok((seq, outcome, kept))
 }
 
