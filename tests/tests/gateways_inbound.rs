@@ -460,14 +460,7 @@ async fn a_warm_conversation_text_reads_only_what_it_must() {
 /// (one read more than a text after a text).
 #[tokio::test]
 async fn after_an_admin_write_a_text_reads_the_patient_again() {
-    let d = warm_daemon().await;
-    let warm = fewest_reads_of_a_text(&d, 0, Before::Nothing).await;
-    let after_admin = fewest_reads_of_a_text(&d, 10, Before::AnAdminWrite).await;
-    assert!(
-        after_admin >= warm + 1.0,
-        "after an admin write {after_admin} reads, after a text {warm}"
-    );
-    d.stop().await.unwrap();
+    assert_the_next_text_reads_again(Before::AnAdminWrite).await;
 }
 
 /// A text that fails (its receipt's table renamed away under the daemon, so neither
@@ -475,12 +468,17 @@ async fn after_an_admin_write_a_text_reads_the_patient_again() {
 /// kept: the text after it reads the patient with its practice again.
 #[tokio::test]
 async fn after_a_failed_text_the_next_reads_the_patient_again() {
+    assert_the_next_text_reads_again(Before::AFailedText).await;
+}
+
+/// A text after `before` reads at least one statement more than a text after a text.
+async fn assert_the_next_text_reads_again(before: Before) {
     let d = warm_daemon().await;
     let warm = fewest_reads_of_a_text(&d, 0, Before::Nothing).await;
-    let after_failure = fewest_reads_of_a_text(&d, 10, Before::AFailedText).await;
+    let after = fewest_reads_of_a_text(&d, 10, before).await;
     assert!(
-        after_failure >= warm + 1.0,
-        "after a failed text {after_failure} reads, after a text {warm}"
+        after >= warm + 1.0,
+        "after {before:?} {after} reads, after a text {warm}"
     );
     d.stop().await.unwrap();
 }
@@ -500,7 +498,7 @@ fn warm_text(i: usize) -> Value {
 }
 
 /// What comes before each text whose reads are counted.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum Before {
     Nothing,
     /// A re-upsert of the care-team user.
