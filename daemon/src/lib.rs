@@ -24,6 +24,7 @@ pub mod prune;
 pub mod reload;
 pub mod sms;
 pub mod sql;
+pub mod sqlite_tuning;
 pub mod state;
 pub mod timers;
 pub mod watchdog;

@@ -61,6 +61,8 @@ enum PluginCommand {
 }
 
 fn main() -> ExitCode {
+    // First, while this is the process's only thread and nothing has touched SQLite.
+    let sqlite = caremsgd::sqlite_tuning::install();
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return check_config(file);
@@ -86,6 +88,9 @@ fn main() -> ExitCode {
         }
     };
     let log_filter = init_tracing(&settings);
+    if let Err(refused) = sqlite {
+        tracing::warn!(%refused, "SQLite keeps its default allocator and page cache.");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1,8 +1,9 @@
 //! Tidy check over every Rust file of the workspace (not only `plugins/`): `unsafe` is
 //! allowed only in the plugin host's loader, the SDK's export shims (and those of the
-//! frozen SDK 1.0 copy the ABI tests build), and the one
-//! documented exception in `daemon/src/db.rs` (SQLite's query-planner stability
-//! switch, which sqlx does not expose).
+//! frozen SDK 1.0 copy the ABI tests build), and the
+//! documented SQLite exceptions: `daemon/src/db.rs` (the query-planner stability
+//! switch, which sqlx does not expose) and `daemon/src/sqlite_tuning.rs` (the
+//! process-wide allocator and page cache settings).
 
 #![allow(clippy::expect_used, clippy::unwrap_used, reason = "tests fail loudly")]
 
@@ -48,6 +49,7 @@ fn unsafe_code_is_allowed_only_where_architecture_md_says() {
         allowed,
         [
             "daemon/src/db.rs",
+            "daemon/src/sqlite_tuning.rs",
             "plugins/host/src/ffi.rs",
             "plugins/sdk/src/ffi.rs",
             "plugins/sdk/src/lib.rs",
