@@ -61,8 +61,10 @@ enum PluginCommand {
 }
 
 fn main() -> ExitCode {
-    // First, while this is the process's only thread and nothing has touched SQLite.
-    let sqlite = caremsgd::sqlite_tuning::install();
+    // SAFETY: the first thing the process does, on its only thread: nothing has
+    // touched SQLite and no other thread exists to.
+    #[allow(unsafe_code)]
+    let sqlite = unsafe { caremsgd::sqlite_tuning::install() };
     let cli = Cli::parse();
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return check_config(file);

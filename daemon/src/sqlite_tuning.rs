@@ -18,9 +18,11 @@
 //!   clinic mix. [`Keys`] wraps SQLite's own cache and skips a truncation when no page
 //!   it holds can be at or past the limit, not counting that parked number.
 //!
-//! Library users (the tests, which start daemons in-process) keep SQLite's defaults
-//! unless they call [`install`] first; the binary's tests (`tests/tests/kill.rs` and
-//! the other spawned daemons) and `tests/tests/sqlite_tuning.rs` run with it.
+//! Library users (the tests, which start daemons in-process) keep SQLite's defaults:
+//! [`install`] is `unsafe` because nothing can check its precondition once other
+//! threads may use SQLite. The tests that run the binary (`daemon/tests/faults.rs`:
+//! SIGKILL under load, a full disk) and `daemon/tests/sqlite_tuning.rs` (a process of
+//! its own) run with both settings.
 
 // FFI to SQLite's C configuration interface: every `unsafe` block says why it holds.
 #![allow(unsafe_code)]
@@ -48,12 +50,14 @@ impl std::fmt::Display for Refused {
 }
 
 /// Makes the settings above, once per process; later calls return the first
-/// outcome. Call it before anything in the process uses SQLite, from one thread.
-/// Each setting is independent: one refused leaves the others made.
-pub fn install() -> Result<(), Refused> {
+/// outcome. Each setting is independent: one refused leaves the others made.
+///
+/// # Safety
+/// No other thread may call SQLite while the first call runs (`sqlite3_config` is not
+/// thread-safe): call it before anything in the process can use SQLite.
+pub unsafe fn install() -> Result<(), Refused> {
     static DONE: OnceLock<Result<(), Refused>> = OnceLock::new();
-    // SAFETY: the caller runs this before any other SQLite call in the process, so
-    // no other thread is inside SQLite while `sqlite3_config` runs.
+    // SAFETY: the caller's promise is `configure`'s.
     *DONE.get_or_init(|| unsafe { configure() })
 }
 

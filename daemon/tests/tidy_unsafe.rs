@@ -3,7 +3,8 @@
 //! frozen SDK 1.0 copy the ABI tests build), and the
 //! documented SQLite exceptions: `daemon/src/db.rs` (the query-planner stability
 //! switch, which sqlx does not expose) and `daemon/src/sqlite_tuning.rs` (the
-//! process-wide allocator and page cache settings).
+//! process-wide allocator and page cache settings), with the two callers of its
+//! `unsafe fn install` (`daemon/src/main.rs`, `daemon/tests/sqlite_tuning.rs`).
 
 #![allow(clippy::expect_used, clippy::unwrap_used, reason = "tests fail loudly")]
 
@@ -49,7 +50,9 @@ fn unsafe_code_is_allowed_only_where_architecture_md_says() {
         allowed,
         [
             "daemon/src/db.rs",
+            "daemon/src/main.rs",
             "daemon/src/sqlite_tuning.rs",
+            "daemon/tests/sqlite_tuning.rs",
             "plugins/host/src/ffi.rs",
             "plugins/sdk/src/ffi.rs",
             "plugins/sdk/src/lib.rs",
