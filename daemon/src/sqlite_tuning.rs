@@ -56,9 +56,26 @@ impl std::fmt::Display for Refused {
 /// No other thread may call SQLite while the first call runs (`sqlite3_config` is not
 /// thread-safe): call it before anything in the process can use SQLite.
 pub unsafe fn install() -> Result<(), Refused> {
-    static DONE: OnceLock<Result<(), Refused>> = OnceLock::new();
     // SAFETY: the caller's promise is `configure`'s.
-    *DONE.get_or_init(|| unsafe { configure() })
+    *INSTALLED.get_or_init(|| unsafe { configure() })
+}
+
+/// [`install`]'s outcome, once it ran.
+static INSTALLED: OnceLock<Result<(), Refused>> = OnceLock::new();
+
+/// Which SQLite this process runs, in a benchmark's words: the settings and the
+/// commits' truncations they skipped, or why SQLite keeps its defaults.
+pub fn describe() -> String {
+    match INSTALLED.get() {
+        Some(Ok(())) => {
+            let (skipped, passed) = truncations();
+            format!(
+                "mimalloc and the page-cache wrapper ({skipped} truncations skipped, {passed} run)"
+            )
+        }
+        Some(Err(refused)) => format!("its defaults ({refused})"),
+        None => "its defaults (the settings were not installed)".to_owned(),
+    }
 }
 
 /// Page cache truncations at a commit: (skipped: nothing could be past the limit,

@@ -175,6 +175,8 @@ fn ms(d: Duration) -> f64 {
 pub struct Report {
     plan: Plan,
     backend: &'static str,
+    // Which SQLite ran (`sqlite_tuning::describe`, at the end).
+    sqlite: String,
     seeding: Duration,
     phases: Vec<Phase>,
 }
@@ -196,6 +198,9 @@ impl std::fmt::Display for Report {
             self.seeding.as_secs_f64()
         )?;
         let postgres = self.backend == "PostgreSQL";
+        if !postgres {
+            writeln!(f, "  SQLite runs with {}", self.sqlite)?;
+        }
         let (rate_target, p99_target) = if postgres {
             (1200.0, Duration::from_millis(100))
         } else {
@@ -424,6 +429,7 @@ async fn measure(
         Ok::<_, anyhow::Error>(Report {
             plan: plan.clone(),
             backend,
+            sqlite: crate::sqlite_tuning::describe(),
             seeding,
             phases,
         })
