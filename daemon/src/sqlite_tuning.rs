@@ -5,7 +5,9 @@
 //! the writer busy 96% of the mix):
 //!
 //! - **SQLite allocates with mimalloc**, the daemon's allocator, not glibc's malloc
-//!   (`_int_malloc`, `unlink_chunk` and `malloc` were 6% of the writer's thread).
+//!   (`_int_malloc`, `unlink_chunk` and `malloc` were 6% of the writer's thread). It
+//!   costs about 50 MB more peak resident memory (SQLite's 4.3 KiB page buffers fall in
+//!   mimalloc's 5 KiB size class) for about 6% of the daemon's CPU per request.
 //! - **A commit does not scan the whole page cache for nothing.** At the end of every
 //!   write transaction SQLite drops the cached pages past the database's end
 //!   (`pager_end_transaction` → `xTruncate`). Its cache (`pcache1`) keeps the largest
