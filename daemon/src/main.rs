@@ -91,7 +91,7 @@ fn main() -> ExitCode {
     };
     let log_filter = init_tracing(&settings);
     if let Err(refused) = sqlite {
-        tracing::warn!(%refused, "SQLite keeps its default allocator and page cache.");
+        tracing::warn!(%refused, "SQLite refused a setting of caremsg's and keeps its default for it.");
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -66,7 +66,8 @@ pub unsafe fn install() -> Result<(), Refused> {
 static INSTALLED: OnceLock<Result<(), Refused>> = OnceLock::new();
 
 /// Which SQLite this process runs, in a benchmark's words: the settings and the
-/// commits' truncations they skipped, or why SQLite keeps its defaults.
+/// commits' truncations they skipped, or the setting SQLite refused (the others may
+/// have been made), or that none was installed.
 pub fn describe() -> String {
     match INSTALLED.get() {
         Some(Ok(())) => {
@@ -75,7 +76,7 @@ pub fn describe() -> String {
                 "mimalloc and the page-cache wrapper ({skipped} truncations skipped, {passed} run)"
             )
         }
-        Some(Err(refused)) => format!("its defaults ({refused})"),
+        Some(Err(refused)) => format!("a default: {refused}"),
         None => "its defaults (the settings were not installed)".to_owned(),
     }
 }
