@@ -116,9 +116,6 @@ unsafe fn configure() -> Result<(), Refused> {
     malloc.and(pcache)
 }
 
-// SQLite's allocator: mimalloc, which returns blocks aligned to at least 16 bytes
-// (SQLite needs 8) and knows each block's size (`xSize`), so no header is added.
-
 /// `Ok` when SQLite answered `SQLITE_OK` to `setting`.
 fn answered(setting: &'static str, code: c_int) -> Result<(), Refused> {
     if code == ffi::SQLITE_OK {
@@ -137,6 +134,9 @@ fn bytes(n: c_int) -> usize {
 fn int(n: usize) -> c_int {
     c_int::try_from(n).unwrap_or(c_int::MAX)
 }
+
+// SQLite's allocator: mimalloc, which returns blocks aligned to at least 16 bytes
+// (SQLite needs 8) and knows each block's size (`xSize`), so no header is added.
 
 unsafe extern "C" fn mem_malloc(n: c_int) -> *mut c_void {
     // SAFETY: mimalloc's malloc takes any size.
@@ -214,20 +214,59 @@ impl Keys {
     }
 }
 
-/// SQLite's own page cache, whose methods the wrapper calls.
-struct Default(ffi::sqlite3_pcache_methods2);
+type Pcache = ffi::sqlite3_pcache;
+type Page = ffi::sqlite3_pcache_page;
 
-// SAFETY: the table holds function pointers and SQLite's `pArg`, which SQLite's own
-// cache uses from any connection's thread.
-unsafe impl Send for Default {}
-unsafe impl Sync for Default {}
+/// SQLite's own page cache, whose methods the wrapper calls: every one present
+/// ([`Methods::of`] is `None` otherwise, and the wrapper is not installed).
+struct Methods {
+    arg: *mut c_void,
+    init: unsafe extern "C" fn(*mut c_void) -> c_int,
+    shutdown: unsafe extern "C" fn(*mut c_void),
+    create: unsafe extern "C" fn(c_int, c_int, c_int) -> *mut Pcache,
+    cachesize: unsafe extern "C" fn(*mut Pcache, c_int),
+    pagecount: unsafe extern "C" fn(*mut Pcache) -> c_int,
+    fetch: unsafe extern "C" fn(*mut Pcache, c_uint, c_int) -> *mut Page,
+    unpin: unsafe extern "C" fn(*mut Pcache, *mut Page, c_int),
+    rekey: unsafe extern "C" fn(*mut Pcache, *mut Page, c_uint, c_uint),
+    truncate: unsafe extern "C" fn(*mut Pcache, c_uint),
+    destroy: unsafe extern "C" fn(*mut Pcache),
+    shrink: unsafe extern "C" fn(*mut Pcache),
+}
 
-static DEFAULT: OnceLock<Default> = OnceLock::new();
+impl Methods {
+    fn of(table: &ffi::sqlite3_pcache_methods2) -> Option<Self> {
+        Some(Self {
+            arg: table.pArg,
+            init: table.xInit?,
+            shutdown: table.xShutdown?,
+            create: table.xCreate?,
+            cachesize: table.xCachesize?,
+            pagecount: table.xPagecount?,
+            fetch: table.xFetch?,
+            unpin: table.xUnpin?,
+            rekey: table.xRekey?,
+            truncate: table.xTruncate?,
+            destroy: table.xDestroy?,
+            shrink: table.xShrink?,
+        })
+    }
+}
 
-/// One cache: SQLite's, and its [`Keys`]. SQLite calls a cache's methods from the
-/// connection that owns it, one call at a time.
+// SAFETY: function pointers, and SQLite's `pArg`, which SQLite's own cache uses from
+// any connection's thread.
+unsafe impl Send for Methods {}
+unsafe impl Sync for Methods {}
+
+/// SQLite's cache's methods, saved before the wrapper is installed, which is the only
+/// way SQLite can call the `pc_` functions below.
+static DEFAULT: OnceLock<Methods> = OnceLock::new();
+
+/// One cache: SQLite's, the methods that serve it, and its [`Keys`]. SQLite calls a
+/// cache's methods from the connection that owns it, one call at a time.
 struct Cache {
-    inner: *mut ffi::sqlite3_pcache,
+    inner: *mut Pcache,
+    methods: &'static Methods,
     keys: Keys,
 }
 
@@ -236,22 +275,12 @@ struct Cache {
 unsafe fn wrap_page_cache() -> Result<(), Refused> {
     // SAFETY: GETPCACHE2 fills a `sqlite3_pcache_methods2` (installing SQLite's
     // default cache first if none is set).
-    let mut methods: ffi::sqlite3_pcache_methods2 = unsafe { std::mem::zeroed() };
+    let mut table: ffi::sqlite3_pcache_methods2 = unsafe { std::mem::zeroed() };
     answered("SQLITE_CONFIG_GETPCACHE2", unsafe {
-        ffi::sqlite3_config(ffi::SQLITE_CONFIG_GETPCACHE2, &raw mut methods)
+        ffi::sqlite3_config(ffi::SQLITE_CONFIG_GETPCACHE2, &raw mut table)
     })?;
-    let complete = methods.xInit.is_some()
-        && methods.xShutdown.is_some()
-        && methods.xCreate.is_some()
-        && methods.xCachesize.is_some()
-        && methods.xPagecount.is_some()
-        && methods.xFetch.is_some()
-        && methods.xUnpin.is_some()
-        && methods.xRekey.is_some()
-        && methods.xTruncate.is_some()
-        && methods.xDestroy.is_some()
-        && methods.xShrink.is_some();
-    if !complete || DEFAULT.set(Default(methods)).is_err() {
+    let saved = Methods::of(&table).is_some_and(|methods| DEFAULT.set(methods).is_ok());
+    if !saved {
         return answered("SQLITE_CONFIG_PCACHE2", ffi::SQLITE_MISUSE);
     }
     let wrapper = ffi::sqlite3_pcache_methods2 {
@@ -275,126 +304,95 @@ unsafe fn wrap_page_cache() -> Result<(), Refused> {
     })
 }
 
-/// SQLite's cache's method `pick`ed. Always there: the table is saved, every method
-/// checked, before the wrapper is installed, which is the only way SQLite can call the
-/// functions below (none of which may panic: they are called from C).
-fn default<T>(pick: impl FnOnce(&ffi::sqlite3_pcache_methods2) -> Option<T>) -> Option<T> {
-    DEFAULT.get().and_then(|saved| pick(&saved.0))
-}
-
 /// A wrapped cache: `p` is what [`pc_create`] returned.
-unsafe fn cache<'a>(p: *mut ffi::sqlite3_pcache) -> &'a mut Cache {
+unsafe fn cache<'a>(p: *mut Pcache) -> &'a mut Cache {
     // SAFETY: `p` came from `Box::into_raw` in `pc_create` and is not yet destroyed;
     // SQLite calls one cache's methods one at a time.
     unsafe { &mut *p.cast::<Cache>() }
 }
 
-// The wrapper's methods: each calls SQLite's with the wrapped cache.
+// The wrapper's methods: each calls SQLite's with the wrapped cache; none may panic
+// (they are called from C).
 // SAFETY (every call below): the arguments are SQLite's own, passed through, with the
 // cache pointer SQLite's cache gave `pc_create`.
 
 unsafe extern "C" fn pc_init(_: *mut c_void) -> c_int {
-    default(|d| Some((d.xInit?, d.pArg))).map_or(ffi::SQLITE_MISUSE, |(f, arg)| unsafe { f(arg) })
+    DEFAULT
+        .get()
+        .map_or(ffi::SQLITE_MISUSE, |d| unsafe { (d.init)(d.arg) })
 }
 
 unsafe extern "C" fn pc_shutdown(_: *mut c_void) {
-    if let Some((f, arg)) = default(|d| Some((d.xShutdown?, d.pArg))) {
-        unsafe { f(arg) }
+    if let Some(d) = DEFAULT.get() {
+        unsafe { (d.shutdown)(d.arg) }
     }
 }
 
-unsafe extern "C" fn pc_create(
-    page_size: c_int,
-    extra: c_int,
-    purgeable: c_int,
-) -> *mut ffi::sqlite3_pcache {
-    let Some(create) = default(|d| d.xCreate) else {
+unsafe extern "C" fn pc_create(page_size: c_int, extra: c_int, purgeable: c_int) -> *mut Pcache {
+    let Some(methods) = DEFAULT.get() else {
         return std::ptr::null_mut();
     };
-    let inner = unsafe { create(page_size, extra, purgeable) };
+    let inner = unsafe { (methods.create)(page_size, extra, purgeable) };
     if inner.is_null() {
         return inner;
     }
     Box::into_raw(Box::new(Cache {
         inner,
+        methods,
         keys: Keys::new(page_size),
     }))
     .cast()
 }
 
-unsafe extern "C" fn pc_cachesize(p: *mut ffi::sqlite3_pcache, pages: c_int) {
-    if let Some(f) = default(|d| d.xCachesize) {
-        unsafe { f(cache(p).inner, pages) }
-    }
-}
-
-unsafe extern "C" fn pc_pagecount(p: *mut ffi::sqlite3_pcache) -> c_int {
-    default(|d| d.xPagecount).map_or(0, |f| unsafe { f(cache(p).inner) })
-}
-
-unsafe extern "C" fn pc_fetch(
-    p: *mut ffi::sqlite3_pcache,
-    key: c_uint,
-    create: c_int,
-) -> *mut ffi::sqlite3_pcache_page {
-    let Some(fetch) = default(|d| d.xFetch) else {
-        return std::ptr::null_mut();
-    };
+unsafe extern "C" fn pc_cachesize(p: *mut Pcache, pages: c_int) {
     let cache = unsafe { cache(p) };
-    let page = unsafe { fetch(cache.inner, key, create) };
+    unsafe { (cache.methods.cachesize)(cache.inner, pages) }
+}
+
+unsafe extern "C" fn pc_pagecount(p: *mut Pcache) -> c_int {
+    let cache = unsafe { cache(p) };
+    unsafe { (cache.methods.pagecount)(cache.inner) }
+}
+
+unsafe extern "C" fn pc_fetch(p: *mut Pcache, key: c_uint, create: c_int) -> *mut Page {
+    let cache = unsafe { cache(p) };
+    let page = unsafe { (cache.methods.fetch)(cache.inner, key, create) };
     if !page.is_null() {
         cache.keys.holds(key);
     }
     page
 }
 
-unsafe extern "C" fn pc_unpin(
-    p: *mut ffi::sqlite3_pcache,
-    page: *mut ffi::sqlite3_pcache_page,
-    discard: c_int,
-) {
-    if let Some(f) = default(|d| d.xUnpin) {
-        unsafe { f(cache(p).inner, page, discard) }
-    }
+unsafe extern "C" fn pc_unpin(p: *mut Pcache, page: *mut Page, discard: c_int) {
+    let cache = unsafe { cache(p) };
+    unsafe { (cache.methods.unpin)(cache.inner, page, discard) }
 }
 
-unsafe extern "C" fn pc_rekey(
-    p: *mut ffi::sqlite3_pcache,
-    page: *mut ffi::sqlite3_pcache_page,
-    old: c_uint,
-    new: c_uint,
-) {
+unsafe extern "C" fn pc_rekey(p: *mut Pcache, page: *mut Page, old: c_uint, new: c_uint) {
     let cache = unsafe { cache(p) };
-    if let Some(f) = default(|d| d.xRekey) {
-        unsafe { f(cache.inner, page, old, new) }
-    }
+    unsafe { (cache.methods.rekey)(cache.inner, page, old, new) }
     cache.keys.holds(new);
 }
 
-unsafe extern "C" fn pc_truncate(p: *mut ffi::sqlite3_pcache, limit: c_uint) {
+unsafe extern "C" fn pc_truncate(p: *mut Pcache, limit: c_uint) {
     let cache = unsafe { cache(p) };
     if !cache.keys.truncate(limit) {
         SKIPPED.fetch_add(1, Ordering::Relaxed);
         return;
     }
     PASSED.fetch_add(1, Ordering::Relaxed);
-    if let Some(f) = default(|d| d.xTruncate) {
-        unsafe { f(cache.inner, limit) }
-    }
+    unsafe { (cache.methods.truncate)(cache.inner, limit) }
 }
 
-unsafe extern "C" fn pc_destroy(p: *mut ffi::sqlite3_pcache) {
+unsafe extern "C" fn pc_destroy(p: *mut Pcache) {
     // SAFETY: SQLite destroys a cache once, and calls none of its methods after.
     let cache = unsafe { Box::from_raw(p.cast::<Cache>()) };
-    if let Some(f) = default(|d| d.xDestroy) {
-        unsafe { f(cache.inner) }
-    }
+    unsafe { (cache.methods.destroy)(cache.inner) }
 }
 
-unsafe extern "C" fn pc_shrink(p: *mut ffi::sqlite3_pcache) {
-    if let Some(f) = default(|d| d.xShrink) {
-        unsafe { f(cache(p).inner) }
-    }
+unsafe extern "C" fn pc_shrink(p: *mut Pcache) {
+    let cache = unsafe { cache(p) };
+    unsafe { (cache.methods.shrink)(cache.inner) }
 }
 
 #[cfg(test)]
