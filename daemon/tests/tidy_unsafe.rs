@@ -3,8 +3,9 @@
 //! frozen SDK 1.0 copy the ABI tests build), and the
 //! documented SQLite exceptions: `daemon/src/db.rs` (the query-planner stability
 //! switch, which sqlx does not expose) and `daemon/src/sqlite_tuning.rs` (the
-//! process-wide allocator and page cache settings), with the two callers of its
-//! `unsafe fn install` (`daemon/src/main.rs`, `daemon/tests/sqlite_tuning.rs`).
+//! process-wide allocator and page cache settings), with the three callers of its
+//! `unsafe fn install` (`daemon/src/main.rs`, `daemon/tests/sqlite_tuning.rs`,
+//! `daemon/tests/sqlite_tuning_refused.rs`).
 
 #![allow(clippy::expect_used, clippy::unwrap_used, reason = "tests fail loudly")]
 
@@ -53,6 +54,7 @@ fn unsafe_code_is_allowed_only_where_architecture_md_says() {
             "daemon/src/main.rs",
             "daemon/src/sqlite_tuning.rs",
             "daemon/tests/sqlite_tuning.rs",
+            "daemon/tests/sqlite_tuning_refused.rs",
             "plugins/host/src/ffi.rs",
             "plugins/sdk/src/ffi.rs",
             "plugins/sdk/src/lib.rs",
