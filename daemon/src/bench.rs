@@ -486,7 +486,7 @@ const LOAD_THREAD: &str = "bench-load";
 /// The load generator's own runtime, on `threads` threads named [`LOAD_THREAD`], so
 /// that [`Cpu`] tells its CPU from the daemon's. Shut it down with
 /// `shutdown_background` (a runtime cannot be dropped inside another).
-fn load_runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn load_runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
         .thread_name(LOAD_THREAD)
@@ -546,7 +546,7 @@ impl Cpu {
 }
 
 /// utime + stime of a `/proc/…/stat` line, at Linux's 100 ticks per second.
-fn ticks(stat: &str) -> Duration {
+pub(crate) fn ticks(stat: &str) -> Duration {
     // The command name may hold spaces: the fields start after its closing ')'.
     let fields: Vec<&str> = stat
         .rsplit_once(')')

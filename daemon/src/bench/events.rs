@@ -81,6 +81,7 @@ pub struct Report {
     events_received: usize,
     chunks_received: usize,
     audience_reads: f64,
+    floor: Floor,
 }
 
 impl std::fmt::Display for Report {
@@ -147,16 +148,139 @@ impl std::fmt::Display for Report {
             added(self.first) * 100.0,
             self.first_audience_reads,
         )?;
-        write!(
+        writeln!(
             f,
             "  events received on the streams in the steady rounds {} in {} reads ({:.2} events per read); audience reads {}",
             self.events_received,
             self.chunks_received,
             self.events_received as f64 / self.chunks_received.max(1) as f64,
             self.audience_reads
+        )?;
+        // The streams' cost per write, what the target allows a write, and the floor.
+        let writes_per_message =
+            self.chunks_received as f64 / (ROUNDS_WITH * self.plan.messages).max(1) as f64;
+        let per_write = |d: f64| d / writes_per_message.max(f64::MIN_POSITIVE);
+        let added = us(self.with.cpu_per_message) - us(self.without.cpu_per_message);
+        let allowed = per_write(0.10 * us(self.without.cpu_per_message));
+        let floor = us(self.floor.per_write);
+        write!(
+            f,
+            "  per write to a stream ({writes_per_message:.2} per message): the streams add {:.1} µs; the target allows {allowed:.1} µs\n  \
+             the floor: one bare loopback TCP write of {} bytes to a waiting reader, {} writes over {} sockets, costs its writer {floor:.1} µs ({:.2}x the target's allowance)",
+            per_write(added),
+            self.floor.size,
+            self.floor.writes,
+            self.floor.sockets,
+            floor / allowed.max(f64::MIN_POSITIVE),
         )
     }
 }
+
+/// The floor under a write to a stream on this machine ([`loopback_floor`]).
+#[derive(Debug, Clone, Copy)]
+struct Floor {
+    size: usize,
+    writes: usize,
+    sockets: usize,
+    per_write: Duration,
+}
+
+/// The CPU one bare loopback TCP write of `size` bytes costs its writer, measured on a
+/// thread of its own: writes go round `sockets` connections whose readers (tasks on
+/// `load`, the load generator's runtime) wait for them, in bursts of a commit's
+/// deliveries ([`FLOOR_BURST`]) a millisecond apart. No HTTP, no async runtime on the
+/// writer's side, none of the daemon's code: the system call and what the kernel does
+/// for it on loopback — which includes the reader's side of TCP and waking the reader,
+/// work a remote client's machine would do. Also counted: a `nanosleep` per burst.
+async fn loopback_floor(
+    load: &tokio::runtime::Handle,
+    sockets: usize,
+    size: usize,
+    writes: usize,
+) -> anyhow::Result<Floor> {
+    let (sockets, size) = (sockets.max(1), size.max(1));
+    let writes = writes.div_ceil(FLOOR_BURST).max(1) * FLOOR_BURST;
+    // A backlog for every socket at once (std's is 128), then a blocking listener for
+    // the writer's own thread.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let listener = socket
+        .listen(u32::try_from(sockets).unwrap_or(u32::MAX))
+        .context("the floor's listener")?
+        .into_std()?;
+    listener.set_nonblocking(false)?;
+    let addr = listener.local_addr()?;
+    let writer = std::thread::Builder::new()
+        .name("bench-floor".into())
+        .spawn(move || -> anyhow::Result<Duration> {
+            let mut accepted = Vec::with_capacity(sockets);
+            for _ in 0..sockets {
+                let (socket, _) = listener.accept()?;
+                // As the daemon's connections (`http.rs`).
+                socket.set_nodelay(true)?;
+                accepted.push(socket);
+            }
+            let chunk = vec![b'x'; size];
+            let thread_cpu = || {
+                std::fs::read_to_string("/proc/thread-self/stat")
+                    .map_or(Duration::ZERO, |stat| super::ticks(&stat))
+            };
+            let before = thread_cpu();
+            for burst in 0..writes / FLOOR_BURST {
+                for k in 0..FLOOR_BURST {
+                    let socket = &mut accepted[(burst * FLOOR_BURST + k) % sockets];
+                    std::io::Write::write_all(socket, &chunk)?;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(thread_cpu().saturating_sub(before))
+        })
+        .context("the floor's writer thread")?;
+    let mut readers = Vec::with_capacity(sockets);
+    for _ in 0..sockets {
+        let socket = load
+            .spawn(tokio::net::TcpStream::connect(addr))
+            .await
+            .context("the floor's reader")??;
+        readers.push(load.spawn(async move {
+            let mut socket = socket;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut read = 0;
+            // Reads until the writer's thread closes its side.
+            while let Ok(n @ 1..) = tokio::io::AsyncReadExt::read(&mut socket, &mut buf).await {
+                read += n;
+            }
+            read
+        }));
+    }
+    let spent = tokio::task::spawn_blocking(move || writer.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the floor's writer thread panicked"))??;
+    let mut read = 0;
+    for reader in readers {
+        read += reader.await?;
+    }
+    anyhow::ensure!(
+        read == writes * size,
+        "the floor's readers got {read} bytes of {}",
+        writes * size
+    );
+    Ok(Floor {
+        size,
+        writes,
+        sockets,
+        per_write: spent / u32::try_from(writes).unwrap_or(u32::MAX),
+    })
+}
+
+/// The floor's write size when no stream received anything (`--streams 0`): about a
+/// message event and its notification.
+const FLOOR_MIN_SIZE: usize = 600;
+
+/// Writes the floor makes, and how many at a time (about a commit's deliveries in
+/// this benchmark: five streams for each of five or six messages).
+const FLOOR_WRITES: usize = 50_000;
+const FLOOR_BURST: usize = 25;
 
 /// Runs the benchmark in a temporary state directory.
 pub async fn run(plan: Plan) -> anyhow::Result<Report> {
@@ -240,6 +364,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
         // counts against them).
         let received = Arc::new(AtomicUsize::new(0));
         let chunks = Arc::new(AtomicUsize::new(0));
+        let bytes = Arc::new(AtomicUsize::new(0));
         let open = || async {
             let mut readers = Vec::with_capacity(plan.streams);
             for user in 0..plan.streams {
@@ -260,13 +385,14 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
                     "stream {user}: {}",
                     response.status()
                 );
-                let (received, chunks) = (received.clone(), chunks.clone());
+                let (received, chunks, bytes) = (received.clone(), chunks.clone(), bytes.clone());
                 readers.push(load.spawn(async move {
                     let mut response = response;
                     while let Ok(Some(chunk)) = response.chunk().await {
                         let events = chunk.windows(7).filter(|w| w == b"event: ").count();
                         received.fetch_add(events, Ordering::Relaxed);
                         chunks.fetch_add(1, Ordering::Relaxed);
+                        bytes.fetch_add(chunk.len(), Ordering::Relaxed);
                     }
                 }));
             }
@@ -308,7 +434,8 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
         const WITH: [&str; ROUNDS_WITH] = ["open1", "open2", "open3"];
         let mut rounds = vec![round(WITHOUT[0]).await?];
         let mut first = None;
-        let (mut events_received, mut chunks_received, mut audience_reads) = (0, 0, 0.0);
+        let (mut events_received, mut chunks_received, mut bytes_received, mut audience_reads) =
+            (0, 0, 0, 0.0);
         for (k, tag) in WITH.into_iter().enumerate() {
             let readers = open().await?;
             if k == 0 {
@@ -323,15 +450,22 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
             }
             received.store(0, Ordering::Relaxed);
             chunks.store(0, Ordering::Relaxed);
+            bytes.store(0, Ordering::Relaxed);
             let audience = metric("caremsg_event_audience_reads_total");
             rounds.push(round(tag).await?);
             audience_reads += metric("caremsg_event_audience_reads_total") - audience;
             close(readers).await?;
             events_received += received.load(Ordering::Relaxed);
             chunks_received += chunks.load(Ordering::Relaxed);
+            bytes_received += bytes.load(Ordering::Relaxed);
             rounds.push(round(WITHOUT[k + 1]).await?);
         }
         let (first, first_audience_reads) = first.context("no round with streams")?;
+        // The floor, once the daemon is idle, with writes the size of the streams'.
+        super::Cpu::settle().await;
+        let size = bytes_received / chunks_received.max(1);
+        let floor =
+            loopback_floor(&load, plan.streams, size.max(FLOOR_MIN_SIZE), FLOOR_WRITES).await?;
         let of = |prefix: &str| {
             let kind: Vec<Round> = rounds
                 .iter()
@@ -350,6 +484,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
             events_received,
             chunks_received,
             audience_reads,
+            floor,
         })
     }
     .await;
@@ -477,6 +612,15 @@ mod tests {
         // Two patients: the first's team (users 0-4) has streams, the second's (5-9)
         // has none.
         assert_eq!(events_expected(plan(10, 5, 4)), 20);
+    }
+
+    #[tokio::test]
+    async fn the_floor_writes_every_byte_to_its_readers() {
+        let load = crate::bench::load_runtime(1).unwrap();
+        let floor = loopback_floor(load.handle(), 3, 700, 60).await.unwrap();
+        // Whole bursts: 60 writes round up to three bursts of 25.
+        assert_eq!((floor.writes, floor.sockets, floor.size), (75, 3, 700));
+        load.shutdown_background();
     }
 
     #[tokio::test]
