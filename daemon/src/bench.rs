@@ -113,9 +113,15 @@ pub enum Which {
         /// Portal messages per measured round.
         #[arg(long, default_value_t = 5_000)]
         messages: usize,
-        /// Concurrent senders.
+        /// Concurrent senders of the warm-up round, which finds the rate the measured
+        /// rounds are sent at (and of every round with `--rate 0`).
         #[arg(long, default_value_t = 16)]
         clients: usize,
+        /// Messages per second in the measured rounds, each sent when it falls due (an
+        /// open loop, as patients send). Default: half the rate the warm-up round
+        /// reached. 0: every round a closed loop of `--clients` senders.
+        #[arg(long)]
+        rate: Option<f64>,
         /// The streams' `events.coalesce`, in milliseconds (default: the daemon's
         /// default).
         #[arg(long)]
@@ -251,13 +257,19 @@ pub async fn run(which: Which) -> anyhow::Result<()> {
             streams,
             messages,
             clients,
+            rate,
             coalesce_ms,
         } => {
+            anyhow::ensure!(
+                rate.is_none_or(|r| r.is_finite() && r >= 0.0),
+                "--rate must be a number of messages per second, at least 0"
+            );
             let plan = events::Plan {
                 users,
                 streams,
                 messages,
                 clients,
+                rate,
                 coalesce: coalesce(coalesce_ms),
             };
             println!("{}", events::run(plan).await?);

@@ -11,6 +11,13 @@
 //! the mean of the steady rounds, streams that stay open all day. Every round is
 //! printed with the writer's units per commit: the CPU a message costs depends on
 //! how many messages share a commit, and that varies from round to round.
+//!
+//! The measured rounds are an open loop: messages are sent as they fall due, at a
+//! fixed rate (by default half what the warm-up round's closed loop reached), so both
+//! kinds of round carry the same traffic. In a closed loop (`--rate 0`) the daemon
+//! runs at saturation, the streams' own CPU slows the senders, and the rounds with
+//! streams carry less traffic in smaller commits than those without: that compares
+//! two loads, not two costs of one message.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,8 +34,13 @@ pub struct Plan {
     pub streams: usize,
     /// Portal messages per round.
     pub messages: usize,
-    /// Concurrent senders.
+    /// Concurrent senders in the warm-up round (and in every round, closed loop, when
+    /// `rate` is `Some(0.0)`).
     pub clients: usize,
+    /// Messages per second in the measured rounds, sent as they fall due (an open
+    /// loop); `None`: [`DEFAULT_LOAD`] of the rate the warm-up round reached;
+    /// `Some(0.0)`: a closed loop of `clients` senders, as before the open loop.
+    pub rate: Option<f64>,
     /// The streams' `events.coalesce`.
     pub coalesce: Duration,
 }
@@ -78,6 +90,9 @@ pub struct Report {
     first: Round,
     with: Round,
     first_audience_reads: f64,
+    // The warm-up round's closed-loop rate, and the measured rounds' rate (0: closed).
+    warm_rate: f64,
+    rate: f64,
     events_received: usize,
     chunks_received: usize,
     audience_reads: f64,
@@ -99,13 +114,20 @@ impl std::fmt::Display for Report {
                 round.reader_statements_per_message
             )
         };
+        let load = if self.rate > 0.0 {
+            format!(
+                "sent at {:.0} messages/s as they fall due (an open loop; at most {MAX_IN_FLIGHT} in flight; the warm-up round's {} closed-loop clients reached {:.0}/s)",
+                self.rate, self.plan.clients, self.warm_rate
+            )
+        } else {
+            format!("from {} closed-loop clients", self.plan.clients)
+        };
         writeln!(
             f,
-            "events benchmark: SQLite, {} staff users, {} patients with care teams of 5, {} portal messages per round from {} clients, {} streams (events.coalesce {} ms)",
+            "events benchmark: SQLite, {} staff users, {} patients with care teams of 5, {} portal messages per round {load}, {} streams (events.coalesce {} ms)",
             self.plan.users,
             patients_of(self.plan.users),
             self.plan.messages,
-            self.plan.clients,
             self.plan.streams,
             self.plan.coalesce.as_millis()
         )?;
@@ -163,15 +185,26 @@ impl std::fmt::Display for Report {
         let added = us(self.with.cpu_per_message) - us(self.without.cpu_per_message);
         let allowed = per_write(0.10 * us(self.without.cpu_per_message));
         let floor = us(self.floor.per_write);
+        if self.chunks_received == 0 {
+            writeln!(f, "  per write to a stream: no stream was written to")?;
+        } else {
+            writeln!(
+                f,
+                "  per write to a stream ({writes_per_message:.2} per message): the streams add {:.1} µs; the target allows {allowed:.1} µs",
+                per_write(added),
+            )?;
+        }
         write!(
             f,
-            "  per write to a stream ({writes_per_message:.2} per message): the streams add {:.1} µs; the target allows {allowed:.1} µs\n  \
-             the floor: one bare loopback TCP write of {} bytes to a waiting reader, {} writes over {} sockets, costs its writer {floor:.1} µs ({:.2}x the target's allowance)",
-            per_write(added),
+            "  the floor: one bare loopback TCP write of {} bytes to a waiting reader, {} writes over {} sockets, costs its writer {floor:.1} µs{}",
             self.floor.size,
             self.floor.writes,
             self.floor.sockets,
-            floor / allowed.max(f64::MIN_POSITIVE),
+            if self.chunks_received == 0 {
+                String::new()
+            } else {
+                format!(" ({:.2}x the target's allowance)", floor / allowed)
+            }
         )
     }
 }
@@ -302,7 +335,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
     settings.server.max_connections = settings
         .server
         .max_connections
-        .max(plan.streams + plan.clients + 64);
+        .max(plan.streams + plan.clients.max(MAX_IN_FLIGHT) + 64);
     let running = crate::start(settings, crate::Options::default())
         .await
         .context("starting the daemon")?;
@@ -327,7 +360,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
                 })
                 .unwrap_or(0.0)
         };
-        let round = |tag: &'static str| {
+        let round = |tag: &'static str, rate: f64| {
             let (client, base, load) = (client.clone(), base.clone(), load.clone());
             async move {
                 // Each round starts on an idle daemon and counts the work it leaves
@@ -338,7 +371,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
                 let units = metric("caremsg_writer_batch_units_sum");
                 let cpu = super::Cpu::read();
                 let started = Instant::now();
-                load.spawn(async move { send(&client, &base, plan, patients, tag).await })
+                load.spawn(async move { send(&client, &base, plan, patients, tag, rate).await })
                     .await
                     .context("the senders")??;
                 let took = started.elapsed();
@@ -356,8 +389,10 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
                 })
             }
         };
-        // A warm-up round, so every measured round finds the actors and caches warm.
-        round("warm").await?;
+        // A warm-up round, so every measured round finds the actors and caches warm; its
+        // closed loop also finds the rate the measured rounds are sent at.
+        let warm = round("warm", 0.0).await?;
+        let rate = plan.rate.unwrap_or(DEFAULT_LOAD * warm.per_second);
         // The rounds without streams come before, between and after the rounds with
         // them: the database grows by every round, so the two kinds are compared at
         // the same mean position (the rounds with streams sit a little later, which
@@ -432,7 +467,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
         // begins with its kind (`none`, `open`), the means below select by it.
         const WITHOUT: [&str; ROUNDS_WITH + 1] = ["none1", "none2", "none3", "none4"];
         const WITH: [&str; ROUNDS_WITH] = ["open1", "open2", "open3"];
-        let mut rounds = vec![round(WITHOUT[0]).await?];
+        let mut rounds = vec![round(WITHOUT[0], rate).await?];
         let mut first = None;
         let (mut events_received, mut chunks_received, mut bytes_received, mut audience_reads) =
             (0, 0, 0, 0.0);
@@ -440,7 +475,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
             let readers = open().await?;
             if k == 0 {
                 let audience = metric("caremsg_event_audience_reads_total");
-                let round = round("first").await?;
+                let round = round("first", rate).await?;
                 first = Some((
                     round,
                     metric("caremsg_event_audience_reads_total") - audience,
@@ -452,13 +487,13 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
             chunks.store(0, Ordering::Relaxed);
             bytes.store(0, Ordering::Relaxed);
             let audience = metric("caremsg_event_audience_reads_total");
-            rounds.push(round(tag).await?);
+            rounds.push(round(tag, rate).await?);
             audience_reads += metric("caremsg_event_audience_reads_total") - audience;
             close(readers).await?;
             events_received += received.load(Ordering::Relaxed);
             chunks_received += chunks.load(Ordering::Relaxed);
             bytes_received += bytes.load(Ordering::Relaxed);
-            rounds.push(round(WITHOUT[k + 1]).await?);
+            rounds.push(round(WITHOUT[k + 1], rate).await?);
         }
         let (first, first_audience_reads) = first.context("no round with streams")?;
         // The floor, once the daemon is idle, with writes the size of the streams'.
@@ -481,6 +516,8 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
             first,
             rounds,
             first_audience_reads,
+            warm_rate: warm.per_second,
+            rate,
             events_received,
             chunks_received,
             audience_reads,
@@ -553,40 +590,85 @@ async fn seed(client: &reqwest::Client, base: &str, users: usize) -> anyhow::Res
     Ok(patients)
 }
 
-/// `plan.messages` portal messages spread over the patients, from `plan.clients`
-/// concurrent senders.
+/// `plan.messages` portal messages spread over the patients: at `rate` a second, each
+/// sent when it falls due whatever the others' answers (an open loop, as patients send;
+/// at most [`MAX_IN_FLIGHT`] at once, so a daemon that cannot keep up slows the round
+/// instead of piling up requests), or from `plan.clients` closed-loop senders when
+/// `rate` is 0.
 async fn send(
     client: &reqwest::Client,
     base: &str,
     plan: Plan,
     patients: usize,
     tag: &'static str,
+    rate: f64,
 ) -> anyhow::Result<()> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..plan.clients {
-        let (client, base, next) = (client.clone(), base.to_owned(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= plan.messages {
-                    return Ok::<_, anyhow::Error>(());
-                }
-                let response = client
-                    .post(format!("{base}/v1/portal/patients/bp{}/messages", i % patients))
-                    .bearer_auth("dev-portal-token")
-                    .json(&serde_json::json!({"body": "A question about my medication.", "client_txn_id": format!("{tag}{i}")}))
-                    .send()
-                    .await?;
-                anyhow::ensure!(response.status() == reqwest::StatusCode::CREATED, "send: {}", response.status());
+    let mut tasks = tokio::task::JoinSet::new();
+    if rate > 0.0 {
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+        let start = tokio::time::Instant::now();
+        for i in 0..plan.messages {
+            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+            let permit = in_flight.clone().acquire_owned().await?;
+            let (client, base) = (client.clone(), base.to_owned());
+            tasks.spawn(async move {
+                let _permit = permit;
+                send_one(&client, &base, patients, tag, i).await
+            });
+            while let Some(sent) = tasks.try_join_next() {
+                sent??;
             }
-        }));
+        }
+    } else {
+        let next = Arc::new(AtomicUsize::new(0));
+        for _ in 0..plan.clients {
+            let (client, base, next) = (client.clone(), base.to_owned(), next.clone());
+            tasks.spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= plan.messages {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    send_one(&client, &base, patients, tag, i).await?;
+                }
+            });
+        }
     }
-    for task in tasks {
-        task.await??;
+    while let Some(sent) = tasks.join_next().await {
+        sent??;
     }
     Ok(())
 }
+
+/// Portal message `i` of round `tag`, to patient `i % patients`.
+async fn send_one(
+    client: &reqwest::Client,
+    base: &str,
+    patients: usize,
+    tag: &str,
+    i: usize,
+) -> anyhow::Result<()> {
+    let response = client
+        .post(format!("{base}/v1/portal/patients/bp{}/messages", i % patients))
+        .bearer_auth("dev-portal-token")
+        .json(&serde_json::json!({"body": "A question about my medication.", "client_txn_id": format!("{tag}{i}")}))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status() == reqwest::StatusCode::CREATED,
+        "send: {}",
+        response.status()
+    );
+    Ok(())
+}
+
+/// The measured rounds' default rate, as a share of the warm-up round's closed-loop
+/// rate: room for the streams' own CPU on the same cores, so that both kinds of round
+/// carry the same traffic and the writer commits the same batches.
+const DEFAULT_LOAD: f64 = 0.5;
+
+/// Requests an open-loop round has in flight at most.
+const MAX_IN_FLIGHT: usize = 256;
 
 #[cfg(test)]
 mod tests {
@@ -600,6 +682,7 @@ mod tests {
             streams,
             messages,
             clients: 1,
+            rate: None,
             coalesce: Duration::ZERO,
         }
     }
