@@ -507,10 +507,12 @@ pub(crate) fn load_runtime(threads: usize) -> anyhow::Result<tokio::runtime::Run
         .context("starting the load generator's runtime")
 }
 
-/// CPU time of this process and of the load generator's threads.
+/// CPU time of this process, of the load generator's threads, and of the daemon's
+/// writer thread.
 pub(crate) struct Cpu {
     process: Duration,
     load: Duration,
+    writer: Duration,
 }
 
 impl Cpu {
@@ -518,18 +520,30 @@ impl Cpu {
         let process = std::fs::read_to_string("/proc/self/stat")
             .ok()
             .map_or(Duration::ZERO, |s| ticks(&s));
-        let mut load = Duration::ZERO;
+        let (mut load, mut writer) = (Duration::ZERO, Duration::ZERO);
         if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
             for task in tasks.flatten() {
                 let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-                if comm.trim() == LOAD_THREAD
-                    && let Ok(stat) = std::fs::read_to_string(task.path().join("stat"))
-                {
-                    load += ticks(&stat);
+                let sum = match comm.trim() {
+                    LOAD_THREAD => &mut load,
+                    crate::writer::THREAD_NAME => &mut writer,
+                    _ => continue,
+                };
+                if let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) {
+                    *sum += ticks(&stat);
                 }
             }
         }
-        Self { process, load }
+        Self {
+            process,
+            load,
+            writer,
+        }
+    }
+
+    /// The daemon's writer thread's CPU.
+    pub(crate) fn writer(&self) -> Duration {
+        self.writer
     }
 
     pub(crate) fn daemon(&self) -> Duration {

@@ -47,6 +47,9 @@ mod sqlite;
 
 pub use sqlite::SqliteStore;
 
+/// The name of the writer's thread (benchmarks tell its CPU from the rest's).
+pub const THREAD_NAME: &str = "caremsg-writer";
+
 /// Most bind parameters one merged statement may carry (SQLite allows 32,766,
 /// PostgreSQL 65,535).
 const MAX_PARAMS_PER_STATEMENT: usize = 30_000;
@@ -545,7 +548,7 @@ impl Writer {
         // stay with the runtime (`Handle::block_on`).
         let runtime = tokio::runtime::Handle::current();
         std::thread::Builder::new()
-            .name("caremsg-writer".into())
+            .name(THREAD_NAME.into())
             .spawn(move || {
                 // Made on this thread: the SQLite connection it borrows stays here.
                 runtime.block_on(run(batcher, rx, max, stop, gate));

@@ -17,7 +17,10 @@
 //! kinds of round carry the same traffic. In a closed loop (`--rate 0`) the daemon
 //! runs at saturation, the streams' own CPU slows the senders, and the rounds with
 //! streams carry less traffic in smaller commits than those without: that compares
-//! two loads, not two costs of one message.
+//! two loads, not two costs of one message. Even in the open loop the two kinds commit
+//! different batches, so the target is judged on the streams' own CPU: what they add
+//! outside the writer's thread (it does no stream work), as a share of a message's
+//! whole CPU without streams.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,6 +56,8 @@ const ROUNDS_WITH: usize = 3;
 struct Round {
     tag: &'static str,
     cpu_per_message: Duration,
+    // Of which the writer's thread: it follows the batches the writer commits.
+    writer_cpu_per_message: Duration,
     per_second: f64,
     reader_statements_per_message: f64,
     units_per_commit: f64,
@@ -62,13 +67,11 @@ impl Round {
     /// The mean of `rounds` (at least one).
     fn mean(rounds: &[Round]) -> Round {
         let n = rounds.len().max(1) as f64;
+        let mean = |of: fn(&Round) -> Duration| rounds.iter().map(of).sum::<Duration>().div_f64(n);
         Round {
             tag: "mean",
-            cpu_per_message: rounds
-                .iter()
-                .map(|r| r.cpu_per_message)
-                .sum::<Duration>()
-                .div_f64(n),
+            cpu_per_message: mean(|r| r.cpu_per_message),
+            writer_cpu_per_message: mean(|r| r.writer_cpu_per_message),
             per_second: rounds.iter().map(|r| r.per_second).sum::<f64>() / n,
             reader_statements_per_message: rounds
                 .iter()
@@ -151,17 +154,40 @@ impl std::fmt::Display for Report {
         };
         line(f, "mean, no stream open", self.without)?;
         line(f, "mean, streams open", self.with)?;
+        // The writer's thread apart: its CPU per message follows its batches, which
+        // differ between the two kinds of round whatever the streams cost (larger with
+        // streams in an open loop, smaller in a closed one), and it does no stream work.
+        // The target is judged on the rest: the streams' own CPU.
+        let outside = |round: Round| {
+            us(round
+                .cpu_per_message
+                .saturating_sub(round.writer_cpu_per_message))
+        };
+        let own = (outside(self.with) - outside(self.without))
+            / us(self.without.cpu_per_message).max(f64::MIN_POSITIVE);
         writeln!(
             f,
-            "  {} streams add {:+.1}% CPU per message, steady state (mean of {} rounds; each round against the mean without: {})   ({})",
+            "  {} streams add {:+.1}% CPU per message, steady state (mean of {} rounds; each round against the mean without: {}); the writer's thread {:.0} -> {:.0} µs per message at {:.1} -> {:.1} units per commit",
             self.plan.streams,
             added(self.with) * 100.0,
             ROUNDS_WITH,
             spread("open"),
+            us(self.without.writer_cpu_per_message),
+            us(self.with.writer_cpu_per_message),
+            self.without.units_per_commit,
+            self.with.units_per_commit,
+        )?;
+        writeln!(
+            f,
+            "  the streams' own CPU, outside the writer's thread: {:+.0} µs per message ({:.0} -> {:.0}), {:+.1}% of a message's CPU without streams   ({})",
+            outside(self.with) - outside(self.without),
+            outside(self.without),
+            outside(self.with),
+            own * 100.0,
             if self.plan.streams == 0 {
                 "a control: no stream was open; the figure is the method's own noise".to_owned()
             } else {
-                format!("target < 10%: {}", super::verdict(added(self.with) < 0.10))
+                format!("target < 10%: {}", super::verdict(own < 0.10))
             },
         )?;
         writeln!(
@@ -182,7 +208,7 @@ impl std::fmt::Display for Report {
         let writes_per_message =
             self.chunks_received as f64 / (ROUNDS_WITH * self.plan.messages).max(1) as f64;
         let per_write = |d: f64| d / writes_per_message.max(f64::MIN_POSITIVE);
-        let added = us(self.with.cpu_per_message) - us(self.without.cpu_per_message);
+        let added = outside(self.with) - outside(self.without);
         let allowed = per_write(0.10 * us(self.without.cpu_per_message));
         let floor = us(self.floor.per_write);
         if self.chunks_received == 0 {
@@ -190,7 +216,7 @@ impl std::fmt::Display for Report {
         } else {
             writeln!(
                 f,
-                "  per write to a stream ({writes_per_message:.2} per message): the streams add {:.1} µs; the target allows {allowed:.1} µs",
+                "  per write to a stream ({writes_per_message:.2} per message): the streams' own CPU {:.1} µs; the target allows {allowed:.1} µs",
                 per_write(added),
             )?;
         }
@@ -377,13 +403,16 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
                 let took = started.elapsed();
                 super::Cpu::settle().await;
                 let statements = metric("caremsg_db_reader_statements_total") - statements;
-                let cpu = super::Cpu::read().daemon().saturating_sub(cpu.daemon());
+                let after = super::Cpu::read();
+                let writer = after.writer().saturating_sub(cpu.writer());
+                let cpu = after.daemon().saturating_sub(cpu.daemon());
                 let commits = metric("caremsg_writer_batch_units_count") - commits;
                 let units = metric("caremsg_writer_batch_units_sum") - units;
                 Ok::<_, anyhow::Error>(Round {
                     tag,
                     units_per_commit: units / commits.max(1.0),
                     cpu_per_message: cpu / plan.messages as u32,
+                    writer_cpu_per_message: writer / plan.messages as u32,
                     per_second: plan.messages as f64 / took.as_secs_f64(),
                     reader_statements_per_message: statements / plan.messages as f64,
                 })
