@@ -67,18 +67,16 @@ impl Round {
     /// The mean of `rounds` (at least one).
     fn mean(rounds: &[Round]) -> Round {
         let n = rounds.len().max(1) as f64;
-        let mean = |of: fn(&Round) -> Duration| rounds.iter().map(of).sum::<Duration>().div_f64(n);
+        let mean = |of: fn(&Round) -> f64| rounds.iter().map(of).sum::<f64>() / n;
+        let mean_time =
+            |of: fn(&Round) -> Duration| rounds.iter().map(of).sum::<Duration>().div_f64(n);
         Round {
             tag: "mean",
-            cpu_per_message: mean(|r| r.cpu_per_message),
-            writer_cpu_per_message: mean(|r| r.writer_cpu_per_message),
-            per_second: rounds.iter().map(|r| r.per_second).sum::<f64>() / n,
-            reader_statements_per_message: rounds
-                .iter()
-                .map(|r| r.reader_statements_per_message)
-                .sum::<f64>()
-                / n,
-            units_per_commit: rounds.iter().map(|r| r.units_per_commit).sum::<f64>() / n,
+            cpu_per_message: mean_time(|r| r.cpu_per_message),
+            writer_cpu_per_message: mean_time(|r| r.writer_cpu_per_message),
+            per_second: mean(|r| r.per_second),
+            reader_statements_per_message: mean(|r| r.reader_statements_per_message),
+            units_per_commit: mean(|r| r.units_per_commit),
         }
     }
 }
@@ -163,8 +161,9 @@ impl std::fmt::Display for Report {
                 .cpu_per_message
                 .saturating_sub(round.writer_cpu_per_message))
         };
-        let own = (outside(self.with) - outside(self.without))
-            / us(self.without.cpu_per_message).max(f64::MIN_POSITIVE);
+        // The streams' own CPU per message, and as a share of a message's CPU.
+        let own_us = outside(self.with) - outside(self.without);
+        let own = own_us / us(self.without.cpu_per_message).max(f64::MIN_POSITIVE);
         writeln!(
             f,
             "  {} streams add {:+.1}% CPU per message, steady state (mean of {} rounds; each round against the mean without: {}); the writer's thread {:.0} -> {:.0} µs per message at {:.1} -> {:.1} units per commit",
@@ -179,8 +178,7 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  the streams' own CPU, outside the writer's thread: {:+.0} µs per message ({:.0} -> {:.0}), {:+.1}% of a message's CPU without streams   ({})",
-            outside(self.with) - outside(self.without),
+            "  the streams' own CPU, outside the writer's thread: {own_us:+.0} µs per message ({:.0} -> {:.0}), {:+.1}% of a message's CPU without streams   ({})",
             outside(self.without),
             outside(self.with),
             own * 100.0,
@@ -208,7 +206,6 @@ impl std::fmt::Display for Report {
         let writes_per_message =
             self.chunks_received as f64 / (ROUNDS_WITH * self.plan.messages).max(1) as f64;
         let per_write = |d: f64| d / writes_per_message.max(f64::MIN_POSITIVE);
-        let added = outside(self.with) - outside(self.without);
         let allowed = per_write(0.10 * us(self.without.cpu_per_message));
         let floor = us(self.floor.per_write);
         if self.chunks_received == 0 {
@@ -217,7 +214,7 @@ impl std::fmt::Display for Report {
             writeln!(
                 f,
                 "  per write to a stream ({writes_per_message:.2} per message): the streams' own CPU {:.1} µs; the target allows {allowed:.1} µs",
-                per_write(added),
+                per_write(own_us),
             )?;
         }
         write!(
