@@ -119,7 +119,7 @@ pub enum Which {
         clients: usize,
         /// Messages per second in the measured rounds, each sent when it falls due (an
         /// open loop, as patients send). Default: half the rate the warm-up round
-        /// reached. 0: every round a closed loop of `--clients` senders.
+        /// reached; at least 1. 0: every round a closed loop of `--clients` senders.
         #[arg(long)]
         rate: Option<f64>,
         /// The streams' `events.coalesce`, in milliseconds (default: the daemon's
@@ -260,10 +260,6 @@ pub async fn run(which: Which) -> anyhow::Result<()> {
             rate,
             coalesce_ms,
         } => {
-            anyhow::ensure!(
-                rate.is_none_or(|r| r.is_finite() && r >= 0.0),
-                "--rate must be a number of messages per second, at least 0"
-            );
             let plan = events::Plan {
                 users,
                 streams,

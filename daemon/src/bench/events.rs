@@ -341,6 +341,13 @@ const FLOOR_BURST: usize = 25;
 /// Runs the benchmark in a temporary state directory.
 pub async fn run(plan: Plan) -> anyhow::Result<Report> {
     anyhow::ensure!(plan.users > 0, "--users must be at least 1");
+    // Every figure is per message.
+    anyhow::ensure!(plan.messages > 0, "--messages must be at least 1");
+    anyhow::ensure!(
+        plan.rate
+            .is_none_or(|r| r == 0.0 || (r.is_finite() && r >= 1.0)),
+        "--rate must be 0 (a closed loop) or at least 1 message per second"
+    );
     anyhow::ensure!(
         plan.streams <= plan.users,
         "--streams ({}) cannot exceed --users ({}): one stream per user",
@@ -634,7 +641,9 @@ async fn send(
         let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
         let start = tokio::time::Instant::now();
         for i in 0..plan.messages {
-            tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+            let due = Duration::try_from_secs_f64(i as f64 / rate)
+                .context("a message falls due past the end of time")?;
+            tokio::time::sleep_until(start + due).await;
             let permit = in_flight.clone().acquire_owned().await?;
             let (client, base) = (client.clone(), base.to_owned());
             tasks.spawn(async move {
@@ -730,6 +739,21 @@ mod tests {
         // Whole bursts: 60 writes round up to three bursts of 25.
         assert_eq!((floor.writes, floor.sockets, floor.size), (75, 3, 700));
         load.shutdown_background();
+    }
+
+    #[tokio::test]
+    async fn no_messages_and_rates_that_are_not_rates_are_refused() {
+        let err = run(plan(10, 5, 0)).await.unwrap_err();
+        assert!(err.to_string().contains("--messages"), "{err}");
+        for rate in [-1.0, 0.5, 1e-300, f64::NAN, f64::INFINITY] {
+            let err = run(Plan {
+                rate: Some(rate),
+                ..plan(10, 5, 10)
+            })
+            .await
+            .unwrap_err();
+            assert!(err.to_string().contains("--rate"), "{rate}: {err}");
+        }
     }
 
     #[tokio::test]
