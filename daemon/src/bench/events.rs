@@ -331,7 +331,7 @@ async fn loopback_floor(
 
 /// The floor's write size when no stream received anything (`--streams 0`): about a
 /// message event and its notification.
-const FLOOR_MIN_SIZE: usize = 600;
+const FLOOR_SIZE_WITHOUT_STREAMS: usize = 600;
 
 /// Writes the floor makes, and how many at a time (about a commit's deliveries in
 /// this benchmark: five streams for each of five or six messages).
@@ -531,9 +531,10 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
         let (first, first_audience_reads) = first.context("no round with streams")?;
         // The floor, once the daemon is idle, with writes the size of the streams'.
         super::Cpu::settle().await;
-        let size = bytes_received / chunks_received.max(1);
-        let floor =
-            loopback_floor(&load, plan.streams, size.max(FLOOR_MIN_SIZE), FLOOR_WRITES).await?;
+        let size = bytes_received
+            .checked_div(chunks_received)
+            .unwrap_or(FLOOR_SIZE_WITHOUT_STREAMS);
+        let floor = loopback_floor(&load, plan.streams, size, FLOOR_WRITES).await?;
         let of = |prefix: &str| {
             let kind: Vec<Round> = rounds
                 .iter()
