@@ -59,11 +59,13 @@ pub struct MessageOut {
     /// The text.
     pub body: String,
     /// When it was stored.
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub created_at: DateTime<Utc>,
     /// One per channel the message goes out on.
     pub deliveries: Vec<DeliveryOut>,
     /// For staff messages: when the patient marked the conversation read past it.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(serialize_with = "super::timestamp::option::serialize")]
     pub read_by_patient_at: Option<DateTime<Utc>>,
     /// The patient's text mentions an opt-out word without being the keyword.
     pub possible_opt_out: bool,

@@ -81,10 +81,13 @@ pub struct DeliveryOut {
     /// The same, for a person.
     pub error_reason: Option<String>,
     /// When it was last claimed for sending.
+    #[serde(serialize_with = "super::timestamp::option::serialize")]
     pub claimed_at: Option<DateTime<Utc>>,
     /// When it was stored.
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub created_at: DateTime<Utc>,
     /// When it last changed.
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub updated_at: DateTime<Utc>,
 }
 

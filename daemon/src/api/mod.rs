@@ -16,6 +16,7 @@ pub mod portal;
 pub mod sms;
 pub mod staff;
 pub mod standby;
+pub mod timestamp;
 
 use std::time::Instant;
 

@@ -245,9 +245,11 @@ pub struct NotificationOut {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sms_status: Option<String>,
     /// When it was created.
+    #[serde(serialize_with = "super::timestamp::serialize")]
     pub created_at: DateTime<Utc>,
     /// When I marked it read; null while unread. (A notification whose channels are
     /// email only is stored already read.)
+    #[serde(serialize_with = "super::timestamp::option::serialize")]
     pub read_at: Option<DateTime<Utc>>,
 }
 

@@ -90,6 +90,7 @@ pub struct ListedPatient {
     /// The red '!': a message I have not viewed, other than my own and system events.
     pub has_unread: bool,
     /// The newest message's time.
+    #[serde(serialize_with = "super::timestamp::option::serialize")]
     pub last_message_at: Option<DateTime<Utc>>,
     /// SMS authentication status.
     pub sms_status: String,
