@@ -438,6 +438,27 @@ pub(crate) fn scratch_settings_with_gateways(
     Ok(settings)
 }
 
+/// The HTTP client of a benchmark's load: at most `max_idle` pooled connections, each
+/// let go once it has been unused for half the daemon's `server.idle_timeout`. The
+/// daemon closes a connection idle that long; a request sent on it at that moment is
+/// lost ("connection closed before message completed"), and a benchmark stops on its
+/// first lost request. reqwest's own default keeps connections 90 s, longer than the
+/// daemon's 60: a run slowed down (a profiler, a loaded machine) failed that way.
+pub(crate) fn http_client(
+    server: &caremsg_config::Server,
+    max_idle: usize,
+) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(max_idle)
+        .pool_idle_timeout(client_idle(server))
+        .build()
+}
+
+/// How long [`http_client`] keeps an unused connection.
+fn client_idle(server: &caremsg_config::Server) -> Duration {
+    server.idle_timeout / 2
+}
+
 /// "N batches, M units/batch, T ms/commit" from the writer's histograms.
 pub(crate) fn writer_summary(metrics: &str) -> String {
     let value = |name: &str| {
@@ -782,5 +803,18 @@ mod cpu_tests {
     fn cpu_ticks_are_read_after_the_command_name() {
         let stat = "42 (bench load) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0";
         assert_eq!(ticks(stat), Duration::from_millis(3000));
+    }
+
+    #[test]
+    fn the_load_lets_go_of_a_connection_well_before_the_daemon_would() {
+        let settings = caremsg_config::from_toml_str(caremsg_config::EMBEDDED_DEFAULT).unwrap();
+        for idle in [1, 60, 3_600] {
+            let server = caremsg_config::Server {
+                idle_timeout: Duration::from_secs(idle),
+                ..settings.server.clone()
+            };
+            assert!(client_idle(&server) * 2 <= server.idle_timeout, "{idle} s");
+            assert!(http_client(&server, 4).is_ok());
+        }
     }
 }

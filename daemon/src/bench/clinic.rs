@@ -371,13 +371,14 @@ async fn measure(
         gateway.library = library.clone();
         gateway.config = serde_json::json!({ "outbox": dir.join("loopback-outbox.jsonl") });
     }
+    let server = settings.server.clone();
     let running = crate::start(settings, crate::Options::default())
         .await
         .context("starting the daemon")?;
     let load = super::load_runtime(plan.load_threads)?;
     let base = format!("http://{}", running.local_addr());
     let result = async {
-        let clinic = Arc::new(Clinic::new(&plan));
+        let clinic = Arc::new(Clinic::new(&plan, &server));
         let started = Instant::now();
         {
             let (clinic, base) = (clinic.clone(), base.clone());
@@ -462,16 +463,13 @@ struct Clinic {
 }
 
 impl Clinic {
-    fn new(plan: &Plan) -> Self {
+    fn new(plan: &Plan, server: &caremsg_config::Server) -> Self {
         Self {
             patients: plan.patients,
             users: plan.users,
             team: plan.team,
             big_team: plan.big_team,
-            client: reqwest::Client::builder()
-                .pool_max_idle_per_host(plan.clients + plan.streams)
-                .build()
-                .unwrap_or_default(),
+            client: super::http_client(server, plan.clients + plan.streams).unwrap_or_default(),
             next_id: AtomicU64::new(0),
             answered: Mutex::new(None),
         }

@@ -106,13 +106,14 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
         .conversations
         .max_live
         .max(plan.patients + plan.actors + 1);
+    let server = settings.server.clone();
     let running = crate::start(settings, crate::Options::default())
         .await
         .context("starting the daemon")?;
     let result = async {
         seed(&running.state().db, plan.patients + plan.actors).await?;
         let base = format!("http://{}", running.local_addr());
-        let client = reqwest::Client::builder().pool_max_idle_per_host(plan.clients).build()?;
+        let client = super::http_client(&server, plan.clients)?;
         let next = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
         let mut tasks = Vec::new();

@@ -366,6 +366,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
         .server
         .max_connections
         .max(plan.streams + plan.clients.max(MAX_IN_FLIGHT) + 64);
+    let server = settings.server.clone();
     let running = crate::start(settings, crate::Options::default())
         .await
         .context("starting the daemon")?;
@@ -373,7 +374,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
     let load_runtime = super::load_runtime(1)?;
     let load = load_runtime.handle().clone();
     let result = async {
-        let client = reqwest::Client::builder().build()?;
+        let client = super::http_client(&server, MAX_IN_FLIGHT)?;
         // The clinic does not depend on the streams: with `--streams 0` the same rounds
         // run on the same care teams, a control whose two kinds should agree.
         let patients = seed(&client, &base, plan.users).await?;
