@@ -22,6 +22,7 @@ pub mod phi;
 pub mod phone;
 pub mod prune;
 pub mod reload;
+pub mod rfc3339;
 pub mod sms;
 pub mod sql;
 pub mod sqlite_tuning;

@@ -378,7 +378,7 @@ async fn measure(
     let load = super::load_runtime(plan.load_threads)?;
     let base = format!("http://{}", running.local_addr());
     let result = async {
-        let clinic = Arc::new(Clinic::new(&plan, &server));
+        let clinic = Arc::new(Clinic::new(&plan, &server)?);
         let started = Instant::now();
         {
             let (clinic, base) = (clinic.clone(), base.clone());
@@ -463,16 +463,16 @@ struct Clinic {
 }
 
 impl Clinic {
-    fn new(plan: &Plan, server: &caremsg_config::Server) -> Self {
-        Self {
+    fn new(plan: &Plan, server: &caremsg_config::Server) -> reqwest::Result<Self> {
+        Ok(Self {
             patients: plan.patients,
             users: plan.users,
             team: plan.team,
             big_team: plan.big_team,
-            client: super::http_client(server, plan.clients + plan.streams).unwrap_or_default(),
+            client: super::http_client(server, plan.clients + plan.streams)?,
             next_id: AtomicU64::new(0),
             answered: Mutex::new(None),
-        }
+        })
     }
 
     /// The care team of patient `p`: `team` consecutive users starting at `p`.

@@ -20,7 +20,8 @@
 //!
 //! Values are bound exactly as sqlx binds them for SQLite (the readers compare what
 //! this writes with values sqlx binds): booleans and integers as integers, text as
-//! text, a `DateTime` as RFC 3339 text (`to_rfc3339_opts(AutoSi, false)`), a date
+//! text, a `DateTime` as RFC 3339 text (`to_rfc3339_opts(AutoSi, false)`; a UTC one
+//! through [`crate::rfc3339`], which writes the same text without `core::fmt`), a date
 //! as `%F`, JSON as its text.
 
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ use sea_orm::{DbBackend, Value};
 
 use super::{Exec, WriteError};
 use crate::db::Fault;
+use crate::rfc3339::Zone;
 
 /// Prepared statements kept per connection: the writer's statement shapes (each
 /// merged insert's row count is a shape of its own).
@@ -291,7 +293,7 @@ fn bind(value: &Value) -> Result<Sql, WriteError> {
         Value::ChronoDate(v) => v.map(|d| text(d.format("%F").to_string())),
         Value::ChronoTime(v) => v.map(|t| text(t.format("%T%.f").to_string())),
         Value::ChronoDateTime(v) => v.map(|t| text(t.format("%F %T%.f").to_string())),
-        Value::ChronoDateTimeUtc(v) => v.map(|t| text(rfc3339(&t))),
+        Value::ChronoDateTimeUtc(v) => v.map(|t| text(crate::rfc3339::to_string(&t, Zone::Offset))),
         Value::ChronoDateTimeLocal(v) => v.map(|t| text(rfc3339(&t))),
         Value::ChronoDateTimeWithTimeZone(v) => v.map(|t| text(rfc3339(&t))),
         #[allow(unreachable_patterns)] // Which others exist depends on sea-query's features.
