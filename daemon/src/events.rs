@@ -37,6 +37,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use crate::direct::{Direct, Wrote};
 use crate::phi::Body;
 
 /// A new message in a conversation.
@@ -96,7 +97,7 @@ pub struct Published {
 }
 
 impl Published {
-    fn new(event: Event) -> Arc<Self> {
+    pub(crate) fn new(event: Event) -> Arc<Self> {
         Arc::new(Self {
             event,
             wire: OnceLock::new(),
@@ -245,8 +246,11 @@ pub struct EventMetrics {
     pub refused: Family<ReasonLabels, Counter>,
     /// Streams the daemon ended, by reason.
     pub ended: Family<ReasonLabels, Counter>,
-    /// Events put into stream channels.
+    /// Events delivered to streams: put into their channels or written directly.
     pub delivered: Counter,
+    /// Of those, events the publisher wrote to a quiet stream's socket itself
+    /// ([`crate::direct`]).
+    pub written_directly: Counter,
     /// Database reads computing an event's audience (cache misses).
     pub audience_reads: Counter,
 }
@@ -301,10 +305,14 @@ struct Sub {
     cancel: CancellationToken,
     // Why it was ended, first reason wins.
     reason: OnceLock<EndReason>,
+    // Its connection's direct writes, when its body is chunked.
+    direct: OnceLock<Arc<Direct>>,
 }
 
 impl Sub {
     fn end(&self, reason: EndReason, metrics: &EventMetrics) {
+        // No direct write of the hub's goes out after the end.
+        let _held = self.direct.get().map(|direct| direct.hold());
         if self.reason.set(reason).is_ok() {
             EventMetrics::reason(&metrics.ended, reason.as_str());
             self.cancel.cancel();
@@ -449,6 +457,7 @@ impl Events {
             tx,
             cancel: CancellationToken::new(),
             reason: OnceLock::new(),
+            direct: OnceLock::new(),
         });
         streams.total += 1;
         *streams.counted.entry(who.clone()).or_default() += 1;
@@ -500,8 +509,9 @@ impl Events {
         if let Event::Notification { user_id, .. } = &event.event
             && let Some(subs) = streams.staff.get(user_id)
         {
+            let now = tokio::time::Instant::now();
             for sub in subs {
-                self.offer(sub, &event);
+                self.deliver(sub, std::iter::once(&event), now);
             }
         }
     }
@@ -547,8 +557,38 @@ impl Events {
             pairs.extend(lists.into_iter().flatten().flatten().map(|sub| (sub, i)));
         }
         pairs.sort_by_key(|(sub, _)| sub.id);
-        for (sub, i) in pairs {
-            self.offer(sub, &published[i]);
+        let now = tokio::time::Instant::now();
+        let mut rest = &pairs[..];
+        while let Some((sub, _)) = rest.first() {
+            let n = rest.iter().take_while(|(s, _)| s.id == sub.id).count();
+            let (theirs, after) = rest.split_at(n);
+            self.deliver(sub, theirs.iter().map(|(_, i)| &published[*i]), now);
+            rest = after;
+        }
+    }
+
+    /// Delivers one commit's `events` for `sub`: written to its socket by this
+    /// publisher when the stream is quiet ([`crate::direct`]), else put into its
+    /// channel.
+    fn deliver<'e>(
+        &self,
+        sub: &Sub,
+        events: impl Iterator<Item = &'e Arc<Published>> + Clone,
+        now: tokio::time::Instant,
+    ) {
+        if let Some(direct) = sub.direct.get() {
+            // Its channel is empty (no permit taken) and it was not ended: checked
+            // under the lock that ending a stream takes.
+            let quiet = || sub.reason.get().is_none() && sub.tx.capacity() == sub.tx.max_capacity();
+            if let Wrote::Events(n) = direct.try_write(quiet, events.clone(), now) {
+                let n = n as u64;
+                self.inner.metrics.delivered.inc_by(n);
+                self.inner.metrics.written_directly.inc_by(n);
+                return;
+            }
+        }
+        for event in events {
+            self.offer(sub, event);
         }
     }
 
@@ -796,10 +836,19 @@ impl Subscription {
     pub fn is_ended(&self) -> bool {
         self.sub.cancel.is_cancelled()
     }
+
+    /// Lets the hub write this stream's events to its connection itself when the
+    /// stream is quiet ([`crate::direct`]); the stream's body arms `direct`.
+    pub fn write_directly(&self, direct: Arc<Direct>) {
+        let _ = self.sub.direct.set(direct);
+    }
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        if let Some(direct) = self.sub.direct.get() {
+            direct.disarm();
+        }
         let mut streams = lock(&self.hub.streams);
         streams.unlist(&self.sub);
         streams.total = streams.total.saturating_sub(1);

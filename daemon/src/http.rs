@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -43,6 +43,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+
+use crate::direct::Direct;
 
 /// What a connection is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,10 +142,18 @@ impl Drop for RequestGuard {
     }
 }
 
-/// The TCP stream, telling its connection when bytes arrive.
+/// The TCP stream, telling its connection when bytes arrive, and sharing its writes
+/// with the hub's direct writes to an event stream served on it ([`Direct`]).
 struct Watched {
     stream: TcpStream,
     conn: Arc<Conn>,
+    direct: Arc<Direct>,
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.direct.close();
+    }
 }
 
 impl AsyncRead for Watched {
@@ -161,29 +171,52 @@ impl AsyncRead for Watched {
     }
 }
 
+impl Watched {
+    /// Before any write of hyper's: what a direct write left goes first.
+    fn poll_before_write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.direct.engaged() {
+            self.direct
+                .poll_before_write(Pin::new(&mut self.stream), cx)
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    }
+}
+
 impl AsyncWrite for Watched {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        ready!(this.poll_before_write(cx))?;
+        Pin::new(&mut this.stream).poll_write(cx, buf)
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        // hyper flushes its IO only when its own buffer is empty.
+        if this.direct.engaged() {
+            ready!(this.direct.poll_flushed(Pin::new(&mut this.stream), cx))?;
+        }
+        Pin::new(&mut this.stream).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_before_write(cx))?;
+        Pin::new(&mut this.stream).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        ready!(this.poll_before_write(cx))?;
+        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -323,12 +356,15 @@ async fn serve_connection(
     settings: Arc<ArcSwap<Settings>>,
     stop: CancellationToken,
 ) {
+    let direct = Arc::new(Direct::default());
     let service = {
         let conn = conn.clone();
+        let direct = direct.clone();
         hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             conn.request_started();
             let guard = RequestGuard(conn.clone());
             request.extensions_mut().insert(ConnectInfo(peer));
+            request.extensions_mut().insert(direct.clone());
             let app = app.clone();
             async move {
                 let response = app.oneshot(request.map(Body::new)).await?;
@@ -344,6 +380,7 @@ async fn serve_connection(
     let io = TokioIo::new(Watched {
         stream,
         conn: conn.clone(),
+        direct,
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.header_read_timeout(None).keep_alive(true);

@@ -11,6 +11,7 @@ pub mod audit;
 pub mod bench;
 pub mod clock;
 pub mod db;
+pub mod direct;
 pub mod events;
 pub mod gateways;
 pub mod ha;

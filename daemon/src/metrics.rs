@@ -347,8 +347,13 @@ impl Metrics {
         );
         registry.register(
             "events_delivered",
-            "Events put into event stream channels",
+            "Events delivered to event streams (put into their channels or written directly)",
             events.delivered.clone(),
+        );
+        registry.register(
+            "events_written_directly",
+            "Events the publisher wrote to a quiet event stream's socket itself",
+            events.written_directly.clone(),
         );
         registry.register(
             "event_audience_reads",

@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{ApiError, ApiResult};
 use super::extract::Caller;
 use crate::actors::conversation::{SendError, Stored};
+use crate::direct::{Armed, Direct};
 use crate::events::{ApiClientRef, EndReason, Event, Limits, Refused, Subscriber, Subscription};
 use crate::sql::statement;
 use crate::state::Shared;
@@ -508,9 +509,19 @@ const STREAM_RETRY_AFTER_SECS: &str = "30";
 /// written together, in one chunk: a message and its notification, published
 /// together, cost the stream one socket write, not two. An event that arrives within
 /// `events.coalesce` of the stream's last write of events waits for the end of that
-/// spell and goes out with whatever else arrived in it ([`EventChunks`]).
-pub fn stream(state: &Shared, subscription: Subscription, shows: fn(&Event) -> bool) -> Response {
+/// spell and goes out with whatever else arrived in it ([`EventChunks`]). With
+/// `direct` (the response is chunked), the hub writes the events of a quiet stream
+/// to its connection itself ([`crate::direct`]).
+pub fn stream(
+    state: &Shared,
+    subscription: Subscription,
+    shows: fn(&Event) -> bool,
+    direct: Option<Arc<Direct>>,
+) -> Response {
     let settings = state.settings.load();
+    if let Some(direct) = &direct {
+        subscription.write_directly(direct.clone());
+    }
     let chunks = EventChunks::new(
         subscription,
         shows,
@@ -520,6 +531,7 @@ pub fn stream(state: &Shared, subscription: Subscription, shows: fn(&Event) -> b
             keepalive: settings.server.sse_keepalive,
             coalesce: settings.events.coalesce,
         },
+        direct,
     );
     (
         [
@@ -575,6 +587,9 @@ struct EventChunks {
     // The channel said the hub is gone: write what is pending, then end.
     hub_gone: bool,
     done: bool,
+    // Direct writes of the hub to this stream's connection (armed at the first poll).
+    direct: Option<Arc<Direct>>,
+    armed: bool,
 }
 
 impl EventChunks {
@@ -583,6 +598,7 @@ impl EventChunks {
         shows: fn(&Event) -> bool,
         shutdown: CancellationToken,
         timing: Timing,
+        direct: Option<Arc<Direct>>,
     ) -> Self {
         let now = Instant::now();
         Self {
@@ -601,6 +617,46 @@ impl EventChunks {
             pending: BytesMut::new(),
             hub_gone: false,
             done: false,
+            direct,
+            armed: false,
+        }
+    }
+
+    /// Before a poll: arms the direct writes at the first, and counts the hub's last
+    /// direct write as a write of this stream's (its keep-alive and idle end).
+    fn polling(&mut self) {
+        let Some(direct) = self.direct.as_ref().filter(|_| !self.done) else {
+            return;
+        };
+        if !self.armed {
+            self.armed = true;
+            direct.arm(
+                Armed {
+                    shows: self.shows,
+                    render: wire,
+                    coalesce: self.timing.coalesce,
+                },
+                self.last_events_write,
+            );
+        }
+        if let Some(at) = direct.polling()
+            && at > self.last_events_write
+        {
+            self.last_events_write = at;
+            self.last_event = self.last_event.max(at);
+            self.last_write = self.last_write.max(at);
+        }
+    }
+
+    /// After a poll: tells the direct writes what the stream did.
+    fn polled(&self, polled: &Poll<Option<Result<Bytes, Infallible>>>, cx: &Context<'_>) {
+        let Some(direct) = &self.direct else {
+            return;
+        };
+        match polled {
+            _ if self.done => direct.disarm(),
+            Poll::Pending => direct.parked(self.pending.is_empty() && !self.hub_gone, cx.waker()),
+            Poll::Ready(_) => direct.handing(self.last_events_write),
         }
     }
 
@@ -628,6 +684,16 @@ impl futures::Stream for EventChunks {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        this.polling();
+        let polled = this.poll_chunk(cx);
+        this.polled(&polled, cx);
+        polled
+    }
+}
+
+impl EventChunks {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Infallible>>> {
+        let this = self;
         if this.done || this.shutdown.as_mut().poll(cx).is_ready() {
             this.done = true;
             return Poll::Ready(None);
@@ -722,6 +788,15 @@ mod tests {
     }
 
     fn open_with(events: &Events, user: &str, buffer: usize) -> EventChunks {
+        open_on(events, user, buffer, None)
+    }
+
+    fn open_on(
+        events: &Events,
+        user: &str,
+        buffer: usize,
+        direct: Option<Arc<Direct>>,
+    ) -> EventChunks {
         let subscription = events
             .open(
                 Subscriber::Staff {
@@ -739,6 +814,9 @@ mod tests {
                 },
             )
             .unwrap();
+        if let Some(direct) = &direct {
+            subscription.write_directly(direct.clone());
+        }
         EventChunks::new(
             subscription,
             |_| true,
@@ -748,6 +826,7 @@ mod tests {
                 keepalive: KEEPALIVE,
                 coalesce: COALESCE,
             },
+            direct,
         )
     }
 
@@ -932,6 +1011,57 @@ mod tests {
         assert_eq!(count(&last, "event: end"), 1);
         assert_eq!(count(&last, "\"reason\":\"idle\""), 0);
         assert!(chunks.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_hubs_direct_writes_count_for_the_keep_alive_and_the_idle_end() {
+        use crate::direct::tests::{hyper_flushes, read_now, socket_pair};
+        let metrics = EventMetrics::default();
+        let events = Events::new(None, metrics.clone(), 16);
+        let (mut io, mut client) = socket_pair().await;
+        let direct = Arc::new(Direct::default());
+        let mut chunks = open_on(&events, "a", 8, Some(direct.clone()));
+        let start = Instant::now();
+        // hyper polls the body (which arms the direct writes) and flushes the head.
+        assert!(futures::poll!(chunks.next()).is_pending());
+        assert!(hyper_flushes(&direct, &mut io).is_ready());
+
+        // An event at 5 s goes out from the hub; the stream's task is not woken.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        events.publish_all(vec![notification("a")]).await;
+        assert_eq!(metrics.written_directly.get(), 1);
+        let wrote = read_now(&mut client);
+        assert_eq!(count(&Bytes::from(wrote), "event: notification"), 1);
+        // Its next write is a keep-alive a full period after that event.
+        let chunk = chunks.next().await.unwrap().unwrap();
+        assert_eq!(&chunk[..], KEEP_ALIVE);
+        assert_eq!(start.elapsed(), Duration::from_secs(5) + KEEPALIVE);
+        assert!(futures::poll!(chunks.next()).is_pending());
+        assert!(hyper_flushes(&direct, &mut io).is_ready());
+
+        // Another at 50 s, while the task sleeps: the stream ends idle `IDLE` after
+        // it, not after the first, with keep-alives a period apart from it.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        events.publish_all(vec![notification("a")]).await;
+        assert_eq!(metrics.written_directly.get(), 2);
+        let wrote = read_now(&mut client);
+        assert_eq!(count(&Bytes::from(wrote), "event: notification"), 1);
+        let last_event = start.elapsed();
+        let mut keep_alives = Vec::new();
+        let last = loop {
+            let chunk = chunks.next().await.unwrap().unwrap();
+            if &chunk[..] != KEEP_ALIVE {
+                break chunk;
+            }
+            keep_alives.push(start.elapsed() - last_event);
+        };
+        assert_eq!(keep_alives, [KEEPALIVE, KEEPALIVE * 2, KEEPALIVE * 3]);
+        assert_eq!(start.elapsed(), last_event + IDLE);
+        assert_eq!(count(&last, "\"reason\":\"idle\""), 1);
+        // Nothing more from the hub once it ended.
+        events.publish_all(vec![notification("a")]).await;
+        assert_eq!(metrics.written_directly.get(), 2);
+        assert!(read_now(&mut client).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

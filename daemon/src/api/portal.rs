@@ -18,6 +18,7 @@ use super::staff::ReadOut;
 use crate::access::patient_for_portal;
 use crate::actors::conversation::{Author, MarkRead, Reader, Rows, SendMessage};
 use crate::audit::AuditEntry;
+use crate::direct::StreamSocket;
 use crate::events::{Event, Subscriber};
 use crate::phi::Phi;
 use crate::state::Shared;
@@ -170,6 +171,7 @@ pub async fn events(
     State(state): State<Shared>,
     Portal(caller): Portal,
     ApiPath(patient_id): ApiPath<String>,
+    StreamSocket(direct): StreamSocket,
 ) -> Response {
     let (patient, practice) = match portal_patient(&state, &caller, &patient_id).await {
         Ok(found) => found,
@@ -187,7 +189,7 @@ pub async fn events(
     if let Err(err) = portal_patient(&state, &caller, &patient.id).await {
         return err.into_response();
     }
-    conv::stream(&state, subscription, portal_event)
+    conv::stream(&state, subscription, portal_event, direct)
 }
 
 /// Whether a portal stream shows an event: its patient's messages (the hub sends it

@@ -28,6 +28,7 @@ use crate::access::{
 };
 use crate::actors::conversation::{Author, MarkRead, Reader, SendMessage};
 use crate::audit::AuditEntry;
+use crate::direct::StreamSocket;
 use crate::events::{AccessChange, Event, Subscriber};
 use crate::phi::Phi;
 use crate::sql::{like_escape, statement};
@@ -760,7 +761,11 @@ pub async fn stop_notifying_me(
     security(("bearer" = [])))]
 /// Server-sent events for me: new messages and SMS status changes of patients on my
 /// list that I may access, and my notifications. The stream ends when I lose access.
-pub async fn events(State(state): State<Shared>, staff: Staff) -> Response {
+pub async fn events(
+    State(state): State<Shared>,
+    staff: Staff,
+    StreamSocket(direct): StreamSocket,
+) -> Response {
     let who = Subscriber::Staff {
         user_id: staff.user.id.clone(),
         practice_id: staff.user.practice_id.clone(),
@@ -779,7 +784,7 @@ pub async fn events(State(state): State<Shared>, staff: Staff) -> Response {
         }
         Err(err) => return ApiError::from(err).into_response(),
     }
-    conv::stream(&state, subscription, staff_event)
+    conv::stream(&state, subscription, staff_event, direct)
 }
 
 /// A staff stream shows every event the hub gives it (messages and status changes
