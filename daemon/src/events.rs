@@ -505,14 +505,17 @@ impl Events {
         };
         let _ = self.inner.wake.send(event.clone());
         let event = Published::new(event);
-        let streams = lock(&self.inner.streams);
-        if let Event::Notification { user_id, .. } = &event.event
-            && let Some(subs) = streams.staff.get(user_id)
-        {
-            let now = tokio::time::Instant::now();
-            for sub in subs {
-                self.deliver(sub, std::iter::once(&event), now);
-            }
+        let subs: Vec<Arc<Sub>> = match &event.event {
+            Event::Notification { user_id, .. } => lock(&self.inner.streams)
+                .staff
+                .get(user_id)
+                .cloned()
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let now = tokio::time::Instant::now();
+        for sub in &subs {
+            self.deliver(sub, std::iter::once(&event), now);
         }
     }
 
@@ -542,8 +545,9 @@ impl Events {
             audiences.push(audience);
         }
         let streams = lock(&self.inner.streams);
-        // (stream, event) pairs, then grouped by stream keeping each one's order.
-        let mut pairs: Vec<(&Arc<Sub>, usize)> = Vec::new();
+        // (stream, event) pairs, then grouped by stream keeping each one's order. The
+        // lock is not held while they are delivered (a delivery may be a write).
+        let mut pairs: Vec<(Arc<Sub>, usize)> = Vec::new();
         for (i, (event, audience)) in published.iter().zip(&audiences).enumerate() {
             let staff = audience.iter().flat_map(|a| a.iter());
             let lists: Vec<Option<&Vec<Arc<Sub>>>> = match &event.event {
@@ -554,8 +558,15 @@ impl Events {
                     .collect(),
                 Event::SmsStatus(_) => staff.map(|user_id| streams.staff.get(user_id)).collect(),
             };
-            pairs.extend(lists.into_iter().flatten().flatten().map(|sub| (sub, i)));
+            pairs.extend(
+                lists
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|sub| (sub.clone(), i)),
+            );
         }
+        drop(streams);
         pairs.sort_by_key(|(sub, _)| sub.id);
         let now = tokio::time::Instant::now();
         let mut rest = &pairs[..];

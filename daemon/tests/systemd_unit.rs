@@ -149,11 +149,14 @@ fn the_open_file_limit_leaves_room_for_the_connection_cap() {
     let settings = caremsg_config::Settings::default();
     // The cap, plus the one connection the accept loop holds while it makes room.
     let connections = settings.server.max_connections as u64 + 1;
+    // An event stream's connection holds a second descriptor, the duplicate its
+    // direct writes go through (daemon/src/direct.rs).
+    let streams = (settings.events.max_streams as u64).min(connections);
     let database = u64::from(settings.database.max_connections) + 1;
     assert!(
-        connections + database + OTHER_FILES <= limit,
+        connections + streams + database + OTHER_FILES <= limit,
         "LimitNOFILE={limit} is too small for server.max_connections={} \
-         (+ {database} database connections + {OTHER_FILES} other files)",
+         (+ {streams} streams' duplicates + {database} database connections + {OTHER_FILES} other files)",
         settings.server.max_connections
     );
 }

@@ -97,6 +97,8 @@ pub struct Report {
     events_received: usize,
     chunks_received: usize,
     audience_reads: f64,
+    // Events the hub wrote to a quiet stream's socket itself, in the steady rounds.
+    written_directly: f64,
     floor: Floor,
 }
 
@@ -196,10 +198,12 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  events received on the streams in the steady rounds {} in {} reads ({:.2} events per read); audience reads {}",
+            "  events received on the streams in the steady rounds {} in {} reads ({:.2} events per read), {} of them ({:.1}%) written by their publisher straight to a quiet stream's socket; audience reads {}",
             self.events_received,
             self.chunks_received,
             self.events_received as f64 / self.chunks_received.max(1) as f64,
+            self.written_directly,
+            100.0 * self.written_directly / self.events_received.max(1) as f64,
             self.audience_reads
         )?;
         // The streams' cost per write, what the target allows a write, and the floor.
@@ -505,6 +509,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
         let mut first = None;
         let (mut events_received, mut chunks_received, mut bytes_received, mut audience_reads) =
             (0, 0, 0, 0.0);
+        let mut written_directly = 0.0;
         for (k, tag) in WITH.into_iter().enumerate() {
             let readers = open().await?;
             if k == 0 {
@@ -521,8 +526,10 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
             chunks.store(0, Ordering::Relaxed);
             bytes.store(0, Ordering::Relaxed);
             let audience = metric("caremsg_event_audience_reads_total");
+            let direct = metric("caremsg_events_written_directly_total");
             rounds.push(round(tag, rate).await?);
             audience_reads += metric("caremsg_event_audience_reads_total") - audience;
+            written_directly += metric("caremsg_events_written_directly_total") - direct;
             close(readers).await?;
             events_received += received.load(Ordering::Relaxed);
             chunks_received += chunks.load(Ordering::Relaxed);
@@ -556,6 +563,7 @@ async fn measure(plan: Plan, dir: &std::path::Path) -> anyhow::Result<Report> {
             events_received,
             chunks_received,
             audience_reads,
+            written_directly,
             floor,
         })
     }
