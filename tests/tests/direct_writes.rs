@@ -106,6 +106,48 @@ async fn open(d: &TestDaemon) -> (TcpStream, Vec<u8>) {
     (stream, rest)
 }
 
+/// Ends `u1`'s streams as the admin API does when it deactivates `u1` (the user stays
+/// active in the database, so the next stream opens).
+fn revoke_u1(d: &TestDaemon) {
+    d.daemon()
+        .state()
+        .events
+        .access_changed(AccessChange::User {
+            id: "u1",
+            active: false,
+        });
+}
+
+/// Opens `u1`'s stream and reads its first event (number 0): the stream is open and
+/// armed.
+async fn open_and_read_one(d: &TestDaemon) -> (TcpStream, Chunked) {
+    let (mut stream, rest) = open(d).await;
+    let mut chunked = Chunked::new(rest);
+    publish(d, "u1", 0, 10);
+    chunked
+        .read_until(&mut stream, |c| !c.numbers().is_empty())
+        .await;
+    (stream, chunked)
+}
+
+/// Publishes notifications 1, 2, ... for `u1` from a thread of its own until told to
+/// stop (or `most` were published).
+fn publishing(d: &TestDaemon, most: usize) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = std::thread::spawn({
+        let events = d.daemon().state().events.clone();
+        let stop = stop.clone();
+        move || {
+            let mut n = 1;
+            while !stop.load(Ordering::Relaxed) && n < most {
+                events.notify("u1".into(), note("u1", n, 10));
+                n += 1;
+            }
+        }
+    });
+    (stop, publisher)
+}
+
 /// A strict reader of a chunked body: `size-in-hex CRLF bytes CRLF`, ending with a
 /// zero-size chunk.
 struct Chunked {
@@ -240,13 +282,7 @@ async fn a_quiet_stream_gets_each_event_from_its_publisher_in_whole_chunks() {
     eprintln!("{direct} of 50 events written directly");
     // The stream goes on after direct writes: its task still writes keep-alives and
     // its end.
-    d.daemon()
-        .state()
-        .events
-        .access_changed(AccessChange::User {
-            id: "u1",
-            active: false,
-        });
+    revoke_u1(&d);
     chunked.read_until(&mut stream, |_| false).await;
     assert_prefix_then_end(&chunked, "access_revoked");
     d.stop().await.unwrap();
@@ -292,36 +328,13 @@ async fn a_reader_that_stops_reading_gets_every_byte_in_order_then_its_end() {
 async fn an_end_racing_the_publisher_leaves_nothing_after_the_end_event() {
     let d = daemon("coalesce = \"0s\"").await;
     for round in 0..20 {
-        let (mut stream, rest) = open(&d).await;
-        let mut chunked = Chunked::new(rest);
-        // The first event is read, so the stream is open and armed.
-        publish(&d, "u1", 0, 10);
-        chunked
-            .read_until(&mut stream, |c| !c.numbers().is_empty())
-            .await;
-        let stop = Arc::new(AtomicBool::new(false));
-        let publisher = std::thread::spawn({
-            let events = d.daemon().state().events.clone();
-            let stop = stop.clone();
-            move || {
-                let mut n = 1;
-                while !stop.load(Ordering::Relaxed) && n < 100_000 {
-                    events.notify("u1".into(), note("u1", n, 10));
-                    n += 1;
-                }
-            }
-        });
+        let (mut stream, mut chunked) = open_and_read_one(&d).await;
+        let (stop, publisher) = publishing(&d, 100_000);
         // End it while the publisher runs (after a round-dependent number of events).
         chunked
             .read_until(&mut stream, |c| c.numbers().len() > round * 5)
             .await;
-        d.daemon()
-            .state()
-            .events
-            .access_changed(AccessChange::User {
-                id: "u1",
-                active: false,
-            });
+        revoke_u1(&d);
         chunked.read_until(&mut stream, |_| false).await;
         stop.store(true, Ordering::Relaxed);
         publisher.join().unwrap();
@@ -367,24 +380,8 @@ async fn an_http10_stream_is_not_chunked_and_never_written_directly() {
 #[tokio::test]
 async fn a_daemon_stopping_mid_stream_ends_it_with_whole_chunks() {
     let d = daemon("coalesce = \"0s\"").await;
-    let (mut stream, rest) = open(&d).await;
-    let mut chunked = Chunked::new(rest);
-    publish(&d, "u1", 0, 10);
-    chunked
-        .read_until(&mut stream, |c| !c.numbers().is_empty())
-        .await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let publisher = std::thread::spawn({
-        let events = d.daemon().state().events.clone();
-        let stop = stop.clone();
-        move || {
-            let mut n = 1;
-            while !stop.load(Ordering::Relaxed) && n < 1_000_000 {
-                events.notify("u1".into(), note("u1", n, 10));
-                n += 1;
-            }
-        }
-    });
+    let (mut stream, mut chunked) = open_and_read_one(&d).await;
+    let (stop, publisher) = publishing(&d, 1_000_000);
     let reader = tokio::spawn(async move {
         chunked.read_until(&mut stream, |_| false).await;
         chunked
