@@ -97,6 +97,7 @@ fn full_settings() -> Settings {
             buffer: 256,
             idle_timeout: Duration::from_secs(1800),
             coalesce: Duration::from_millis(100),
+            direct_writes: true,
         },
         gateways: vec![Gateway {
             name: "g".to_owned(),

@@ -186,6 +186,7 @@ fn diff_events(d: &mut Diff, old: &Events, new: &Events) {
         buffer,
         idle_timeout,
         coalesce,
+        direct_writes,
     } = new;
     d.reloadable("events.max_streams", &old.max_streams, max_streams);
     d.reloadable(
@@ -196,6 +197,7 @@ fn diff_events(d: &mut Diff, old: &Events, new: &Events) {
     d.reloadable("events.buffer", &old.buffer, buffer);
     d.reloadable("events.idle_timeout", &old.idle_timeout, idle_timeout);
     d.reloadable("events.coalesce", &old.coalesce, coalesce);
+    d.reloadable("events.direct_writes", &old.direct_writes, direct_writes);
 }
 
 fn diff_writer(d: &mut Diff, old: &Writer, new: &Writer) -> Result<(), ReloadRefused> {

@@ -214,6 +214,12 @@ pub struct Events {
     /// Default: "100ms". Reloadable: yes (applies to streams opened after the reload).
     #[serde(with = "humantime_serde")]
     pub coalesce: Duration,
+    /// Whether the daemon writes an event to a quiet stream's connection as it
+    /// publishes it (one socket write, no task woken) rather than handing it to the
+    /// stream's task. The bytes a client reads are the same either way; `false`
+    /// takes every event through the stream's task, as before this setting existed.
+    /// Default: true. Reloadable: yes (applies to streams opened after the reload).
+    pub direct_writes: bool,
 }
 
 impl Default for Events {
@@ -224,6 +230,7 @@ impl Default for Events {
             buffer: 256,
             idle_timeout: Duration::from_secs(30 * 60),
             coalesce: Duration::from_millis(100),
+            direct_writes: true,
         }
     }
 }

@@ -344,6 +344,22 @@ async fn an_end_racing_the_publisher_leaves_nothing_after_the_end_event() {
 }
 
 #[tokio::test]
+async fn with_direct_writes_off_every_event_takes_the_streams_task() {
+    let d = daemon("coalesce = \"0s\"\ndirect_writes = false").await;
+    let (mut stream, rest) = open(&d).await;
+    let mut chunked = Chunked::new(rest);
+    for n in 0..10 {
+        publish(&d, "u1", n, 10);
+        chunked
+            .read_until(&mut stream, |c| c.numbers().len() > n)
+            .await;
+    }
+    assert_eq!(chunked.numbers(), (0..10).collect::<Vec<_>>());
+    assert_eq!(written_directly(&d), 0);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn an_http10_stream_is_not_chunked_and_never_written_directly() {
     let d = daemon("coalesce = \"0s\"").await;
     let mut stream = TcpStream::connect(d.daemon().local_addr()).await.unwrap();

@@ -519,6 +519,7 @@ pub fn stream(
     direct: Option<Arc<Direct>>,
 ) -> Response {
     let settings = state.settings.load();
+    let direct = direct.filter(|_| settings.events.direct_writes);
     if let Some(direct) = &direct {
         subscription.write_directly(direct.clone());
     }
