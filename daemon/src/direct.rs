@@ -37,6 +37,7 @@
 //! bytes with whole chunks of the hub's inserted between hyper's writes, never within
 //! one, and none after the stream ended.
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::pin::Pin;
@@ -228,14 +229,13 @@ impl Direct {
         now: Instant,
     ) -> Wrote {
         let mut state = self.lock();
-        let Some(armed) = state.stream else {
+        let (Some(armed), Some(_)) = (state.stream, &state.sock) else {
             return Wrote::NotQuiet;
         };
         let in_spell = state
             .last_events_write
             .is_some_and(|at| now < at + armed.coalesce);
-        if state.sock.is_none()
-            || !state.hyper_idle
+        if !state.hyper_idle
             || !state.task_idle
             || !state.backlog.is_empty()
             || in_spell
@@ -251,10 +251,11 @@ impl Direct {
             return Wrote::NotQuiet;
         }
         let chunk = chunk(&wires, len);
-        let Some(sock) = &state.sock else {
-            return Wrote::NotQuiet;
+        let result = match &state.sock {
+            Some(sock) => (&*sock).write(&chunk),
+            None => return Wrote::NotQuiet,
         };
-        let written = match (&*sock).write(&chunk) {
+        let written = match result {
             Ok(n) => n,
             Err(e)
                 if matches!(
@@ -305,11 +306,8 @@ impl State {
 /// CRLF.
 fn chunk(wires: &[Bytes], len: usize) -> Bytes {
     let mut chunk = BytesMut::with_capacity(len + 20);
-    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1);
-    for shift in (0..digits).rev() {
-        chunk.put_u8(b"0123456789ABCDEF"[(len >> (shift * 4)) & 0xF]);
-    }
-    chunk.put_slice(b"\r\n");
+    // Writing to a BytesMut cannot fail.
+    let _ = write!(chunk, "{len:X}\r\n");
     for wire in wires {
         chunk.put_slice(wire);
     }
