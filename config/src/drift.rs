@@ -39,6 +39,7 @@ fn full_settings() -> Settings {
             sse_keepalive: Duration::from_secs(15),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(30),
             max_connections: 1024,
         },
         database: Database {

@@ -106,6 +106,7 @@ fn diff_server(d: &mut Diff, old: &Server, new: &Server) -> Result<(), ReloadRef
         sse_keepalive,
         header_read_timeout,
         idle_timeout,
+        send_timeout,
         max_connections,
     } = new;
     d.fixed("server.listen", &old.listen, listen)?;
@@ -128,6 +129,7 @@ fn diff_server(d: &mut Diff, old: &Server, new: &Server) -> Result<(), ReloadRef
         header_read_timeout,
     );
     d.reloadable("server.idle_timeout", &old.idle_timeout, idle_timeout);
+    d.reloadable("server.send_timeout", &old.send_timeout, send_timeout);
     d.reloadable(
         "server.max_connections",
         &old.max_connections,

@@ -155,6 +155,13 @@ pub struct Server {
     /// Default: "60s". Reloadable: yes.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// How long a response may wait for its client to read it: when the daemon can
+    /// write none of a response's bytes (or an event stream's) for this long because
+    /// the client stopped reading, the connection is closed. Bounds the connections
+    /// held by clients that never read what they asked for.
+    /// Default: "30s". Reloadable: yes.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
     /// Most client connections open at once (event streams included). A connection
     /// past the cap closes the longest-idle connection without a request in progress;
     /// when every connection is busy it waits, in the listen backlog, until one ends.
@@ -175,6 +182,7 @@ impl Default for Server {
             sse_keepalive: Duration::from_secs(15),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(30),
             max_connections: 1024,
         }
     }

@@ -242,6 +242,7 @@ impl Settings {
         p.positive_duration("server.sse_keepalive", server.sse_keepalive);
         p.positive_duration("server.header_read_timeout", server.header_read_timeout);
         p.positive_duration("server.idle_timeout", server.idle_timeout);
+        p.positive_duration("server.send_timeout", server.send_timeout);
         p.at_least_one("server.max_connections", u64_of(server.max_connections));
 
         // database

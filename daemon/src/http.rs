@@ -5,6 +5,10 @@
 //!   request arrives, its head (request line and headers) must be complete within it.
 //! - **Idle timeout** (`server.idle_timeout`): a connection with no request in
 //!   progress — new and silent, or kept alive between requests — is closed after it.
+//! - **Send timeout** (`server.send_timeout`): a connection whose client stopped
+//!   reading — none of a response's or an event stream's bytes could be written for
+//!   that long, the socket's buffer full — is closed, whatever the request. So a
+//!   client that never reads what it asked for does not hold a connection forever.
 //! - **Connection cap** (`server.max_connections`): a connection accepted past the cap
 //!   closes the longest-idle connection that has no request in progress; when every
 //!   connection is busy, the next `accept` waits until one ends (new connections wait
@@ -12,9 +16,10 @@
 //!
 //! A request is "in progress" from the moment its head is parsed until its response
 //! body has been sent (an event stream is in progress as long as it is open), so
-//! neither timeout ever cuts a request or a stream; `server.request_timeout` bounds
-//! handlers. All three settings are read at each use: a reload applies to open
-//! connections too.
+//! neither the header-read nor the idle timeout ever cuts a request or a stream;
+//! `server.request_timeout` bounds handlers, the send timeout a client that does not
+//! read. Every setting is read at each use: a reload applies to open connections too.
+//! `caremsg_http_connections_closed_total` counts the connections each bound closed.
 //!
 //! **Architecture Invariant:** the number of open client connections never exceeds
 //! `server.max_connections` + 1 (the one just accepted, while the loop makes room).
@@ -23,7 +28,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -36,6 +41,8 @@ use caremsg_config::Settings;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -45,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::direct::Direct;
+use crate::metrics::CloseLabels;
 
 /// What a connection is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,11 +65,36 @@ enum Phase {
     Busy = 2,
 }
 
+/// Why the server closed a connection (the `reason` of
+/// `caremsg_http_connections_closed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closed {
+    HeaderRead,
+    Idle,
+    Send,
+    Evicted,
+}
+
+impl Closed {
+    fn as_str(self) -> &'static str {
+        match self {
+            Closed::HeaderRead => "header_read_timeout",
+            Closed::Idle => "idle_timeout",
+            Closed::Send => "send_timeout",
+            Closed::Evicted => "evicted",
+        }
+    }
+}
+
 /// The shared state of one connection: what it is doing and since when.
 struct Conn {
     phase: AtomicU8,
     requests: AtomicUsize,
     since: Mutex<Instant>,
+    // Since when no byte could be written (the client not reading); the flag spares
+    // every write that goes out the lock.
+    stalled: AtomicBool,
+    stalled_since: Mutex<Option<Instant>>,
     changed: Notify,
     evict: CancellationToken,
 }
@@ -72,6 +105,8 @@ impl Conn {
             phase: AtomicU8::new(Phase::Idle as u8),
             requests: AtomicUsize::new(0),
             since: Mutex::new(Instant::now()),
+            stalled: AtomicBool::new(false),
+            stalled_since: Mutex::new(None),
             changed: Notify::new(),
             evict: CancellationToken::new(),
         }
@@ -124,11 +159,49 @@ impl Conn {
     }
 
     /// When this connection is to be closed, if nothing happens before.
-    fn deadline(&self, settings: &Settings) -> Option<Instant> {
-        match self.phase() {
-            Phase::Idle => Some(self.since() + settings.server.idle_timeout),
-            Phase::Head => Some(self.since() + settings.server.header_read_timeout),
+    fn deadline(&self, settings: &Settings) -> Option<(Instant, Closed)> {
+        let server = &settings.server;
+        let phase = match self.phase() {
+            Phase::Idle => Some((self.since() + server.idle_timeout, Closed::Idle)),
+            Phase::Head => Some((
+                self.since() + server.header_read_timeout,
+                Closed::HeaderRead,
+            )),
             Phase::Busy => None,
+        };
+        let stalled = self
+            .stalled_since()
+            .map(|since| (since + server.send_timeout, Closed::Send));
+        match (phase, stalled) {
+            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn stalled_since(&self) -> Option<Instant> {
+        if !self.stalled.load(Ordering::Acquire) {
+            return None;
+        }
+        *self.stalled_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// After each write (or flush, or shutdown) of the connection: `Pending` means the
+    /// socket is full, the client not reading; anything else, that it moves.
+    fn wrote<T>(&self, poll: &Poll<T>) {
+        match poll {
+            Poll::Pending => {
+                if !self.stalled.load(Ordering::Acquire) {
+                    *self.stalled_since.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Instant::now());
+                    self.stalled.store(true, Ordering::Release);
+                    self.changed.notify_one();
+                }
+            }
+            Poll::Ready(_) => {
+                if self.stalled.load(Ordering::Acquire) {
+                    self.stalled.store(false, Ordering::Release);
+                }
+            }
         }
     }
 }
@@ -172,14 +245,19 @@ impl AsyncRead for Watched {
 }
 
 impl Watched {
-    /// Before any write of hyper's: what a direct write left goes first.
-    fn poll_before_write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    /// One write of hyper's: what a direct write left goes first.
+    fn write_with<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        write: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
         if self.direct.engaged() {
-            self.direct
-                .poll_before_write(Pin::new(&mut self.stream), cx)
-        } else {
-            Poll::Ready(Ok(()))
+            ready!(
+                self.direct
+                    .poll_before_write(Pin::new(&mut self.stream), cx)
+            )?;
         }
+        write(Pin::new(&mut self.stream), cx)
     }
 }
 
@@ -190,23 +268,32 @@ impl AsyncWrite for Watched {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        ready!(this.poll_before_write(cx))?;
-        Pin::new(&mut this.stream).poll_write(cx, buf)
+        let poll = this.write_with(cx, |stream, cx| stream.poll_write(cx, buf));
+        this.conn.wrote(&poll);
+        poll
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         // hyper flushes its IO only when its own buffer is empty.
-        if this.direct.engaged() {
-            ready!(this.direct.poll_flushed(Pin::new(&mut this.stream), cx))?;
-        }
-        Pin::new(&mut this.stream).poll_flush(cx)
+        let poll = if this.direct.engaged() {
+            this.direct.poll_flushed(Pin::new(&mut this.stream), cx)
+        } else {
+            Poll::Ready(Ok(()))
+        };
+        let poll = match poll {
+            Poll::Ready(Ok(())) => Pin::new(&mut this.stream).poll_flush(cx),
+            other => other,
+        };
+        this.conn.wrote(&poll);
+        poll
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_before_write(cx))?;
-        Pin::new(&mut this.stream).poll_shutdown(cx)
+        let poll = this.write_with(cx, |stream, cx| stream.poll_shutdown(cx));
+        this.conn.wrote(&poll);
+        poll
     }
 
     fn poll_write_vectored(
@@ -215,8 +302,9 @@ impl AsyncWrite for Watched {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        ready!(this.poll_before_write(cx))?;
-        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
+        let poll = this.write_with(cx, |stream, cx| stream.poll_write_vectored(cx, bufs));
+        this.conn.wrote(&poll);
+        poll
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -276,6 +364,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     settings: Arc<ArcSwap<Settings>>,
+    closed: Family<CloseLabels, Counter>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let registry = Arc::new(Registry::default());
@@ -333,6 +422,7 @@ pub async fn serve(
             app.clone(),
             conn,
             settings.clone(),
+            closed.clone(),
             stop.clone(),
         );
         let registry = registry.clone();
@@ -354,8 +444,16 @@ async fn serve_connection(
     app: Router,
     conn: Arc<Conn>,
     settings: Arc<ArcSwap<Settings>>,
+    closed: Family<CloseLabels, Counter>,
     stop: CancellationToken,
 ) {
+    let count = |why: Closed| {
+        closed
+            .get_or_create(&CloseLabels {
+                reason: why.as_str().to_owned(),
+            })
+            .inc();
+    };
     let direct = Arc::new(Direct::default());
     let service = {
         let conn = conn.clone();
@@ -395,7 +493,7 @@ async fn serve_connection(
         };
         let expired = async {
             match deadline {
-                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                Some((deadline, _)) => tokio::time::sleep_until(deadline).await,
                 None => std::future::pending().await,
             }
         };
@@ -410,16 +508,81 @@ async fn serve_connection(
             () = expired => {
                 // Still the same phase since the deadline was computed (else
                 // `changed` would have fired first, or the new deadline is later).
-                if conn.deadline(&settings.load()).is_some_and(|d| d <= Instant::now()) {
-                    tracing::debug!(phase = ?conn.phase(), "A connection timed out and was closed.");
+                if let Some((_, why)) = conn
+                    .deadline(&settings.load())
+                    .filter(|(at, _)| *at <= Instant::now())
+                {
+                    tracing::debug!(phase = ?conn.phase(), reason = why.as_str(), "A connection timed out and was closed.");
+                    count(why);
                     return;
                 }
             }
-            () = conn.evict.cancelled() => return,
+            () = conn.evict.cancelled() => {
+                count(Closed::Evicted);
+                return;
+            }
             () = stop.cancelled(), if !stopping => {
                 stopping = true;
                 connection.as_mut().graceful_shutdown();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(idle: u64, send: u64) -> Settings {
+        let mut settings = Settings::default();
+        settings.server.idle_timeout = Duration::from_secs(idle);
+        settings.server.send_timeout = Duration::from_secs(send);
+        settings
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_connection_has_a_deadline_only_while_its_writes_are_stalled() {
+        let conn = Conn::new();
+        let settings = settings(60, 30);
+        conn.request_started();
+        assert_eq!(conn.deadline(&settings), None, "a request in progress");
+        // A write that went out: still none.
+        conn.wrote(&Poll::Ready(()));
+        assert_eq!(conn.deadline(&settings), None);
+        // The socket is full: the send timeout counts from the first refused write.
+        let stalled = Instant::now();
+        conn.wrote(&Poll::<()>::Pending);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        conn.wrote(&Poll::<()>::Pending);
+        assert_eq!(
+            conn.deadline(&settings),
+            Some((stalled + Duration::from_secs(30), Closed::Send))
+        );
+        // A byte goes out: the count starts again at the next stall.
+        conn.wrote(&Poll::Ready(()));
+        assert_eq!(conn.deadline(&settings), None);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let again = Instant::now();
+        conn.wrote(&Poll::<()>::Pending);
+        assert_eq!(
+            conn.deadline(&settings),
+            Some((again + Duration::from_secs(30), Closed::Send))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_that_is_stalled_too_closes_at_the_sooner_bound() {
+        let conn = Conn::new();
+        let idle_since = Instant::now();
+        // Its last response's bytes do not go out.
+        conn.wrote(&Poll::<()>::Pending);
+        assert_eq!(
+            conn.deadline(&settings(60, 30)),
+            Some((idle_since + Duration::from_secs(30), Closed::Send))
+        );
+        assert_eq!(
+            conn.deadline(&settings(10, 30)),
+            Some((idle_since + Duration::from_secs(10), Closed::Idle))
+        );
     }
 }

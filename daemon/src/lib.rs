@@ -282,6 +282,7 @@ fn serve(
         listener,
         app,
         state.settings.clone(),
+        state.metrics.http_connections_closed.clone(),
         stop.clone(),
     ))
 }

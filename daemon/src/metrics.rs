@@ -19,6 +19,14 @@ pub struct HttpLabels {
     pub status: String,
 }
 
+/// Labels of a connection the server closed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    /// The bound that closed it: `header_read_timeout`, `idle_timeout`,
+    /// `send_timeout`, or `evicted` (to make room past `server.max_connections`).
+    pub reason: String,
+}
+
 /// Labels of a configuration reload.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
@@ -96,6 +104,8 @@ pub struct Metrics {
     registry: Registry,
     /// Responses by method and status class.
     pub http_responses: Family<HttpLabels, Counter>,
+    /// Client connections the server closed, by the bound that closed them.
+    pub http_connections_closed: Family<CloseLabels, Counter>,
     /// Requests being handled now.
     pub http_in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Write units per committed batch.
@@ -203,6 +213,12 @@ impl Metrics {
             "writer_heartbeat_seconds",
             "Seconds a watchdog heartbeat took through the writer's queue and commit",
             writer_heartbeat_seconds.clone(),
+        );
+        let http_connections_closed = Family::<CloseLabels, Counter>::default();
+        registry.register(
+            "http_connections_closed",
+            "Client connections the server closed, by the bound that closed them (a timeout, or making room past the connection cap)",
+            http_connections_closed.clone(),
         );
         let watchdog_stalls = Counter::default();
         registry.register(
@@ -397,6 +413,7 @@ impl Metrics {
             registry,
             http_responses,
             http_in_flight,
+            http_connections_closed,
             writer_batch_units,
             writer_commit_seconds,
             writer_units,

@@ -2,7 +2,8 @@
 //! head is closed after `server.header_read_timeout`, one with no request in progress
 //! after `server.idle_timeout`, and past `server.max_connections` the longest-idle
 //! connection makes room, so `/healthz` still answers; an event stream, a request in
-//! progress, is cut by neither timeout.
+//! progress, is cut by neither timeout. A client that stops reading its answers is
+//! disconnected after `server.send_timeout`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests: a panic is a failed test.
 
@@ -11,14 +12,23 @@ use std::time::{Duration, Instant};
 use caremsg_tests::{STAFF_TOKEN, TestDaemon};
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// The longest any step here may take before the test fails.
 const BOUND: Duration = Duration::from_secs(10);
 
 async fn daemon(header_read: &str, idle: &str, max_connections: usize) -> TestDaemon {
+    daemon_sending(header_read, idle, "30s", max_connections).await
+}
+
+async fn daemon_sending(
+    header_read: &str,
+    idle: &str,
+    send: &str,
+    max_connections: usize,
+) -> TestDaemon {
     let settings = format!(
-        "listen = \"127.0.0.1:0\"\nheader_read_timeout = \"{header_read}\"\nidle_timeout = \"{idle}\"\nmax_connections = {max_connections}\nsse_keepalive = \"100ms\""
+        "listen = \"127.0.0.1:0\"\nheader_read_timeout = \"{header_read}\"\nidle_timeout = \"{idle}\"\nsend_timeout = \"{send}\"\nmax_connections = {max_connections}\nsse_keepalive = \"100ms\""
     );
     TestDaemon::start_with(|text| text.replace("listen = \"127.0.0.1:0\"", &settings))
         .await
@@ -215,5 +225,71 @@ async fn past_the_cap_idle_connections_make_room_and_busy_ones_make_new_ones_wai
         .unwrap();
     assert_eq!(status, StatusCode::OK);
     drop(streams);
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_its_answers_is_disconnected_after_the_send_timeout() {
+    let d = daemon_sending("60s", "60s", "300ms", 64).await;
+    let closed = || {
+        d.daemon()
+            .state()
+            .metrics
+            .http_connections_closed
+            .get_or_create(&caremsgd::metrics::CloseLabels {
+                reason: "send_timeout".into(),
+            })
+            .get()
+    };
+    // A small receive window, and requests pipelined without reading an answer: the
+    // answers fill the daemon's socket and its writes stall.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(d.daemon().local_addr()).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let requests = b"GET /healthz HTTP/1.1\r\nHost: caremsg\r\n\r\n".repeat(100);
+        let mut sent = 0;
+        while sent < 2_000 && write.write_all(&requests).await.is_ok() {
+            sent += 1;
+        }
+        sent * 100
+    });
+    let deadline = Instant::now() + BOUND;
+    while closed() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "not disconnected after {BOUND:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The writer stops: its requests are refused once the connection is gone.
+    let sent = tokio::time::timeout(BOUND, writer)
+        .await
+        .expect("the pipelining client stopped in time")
+        .unwrap();
+    // What the client then reads ends (a close or a reset) short of every answer.
+    let mut answers = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut tail = Vec::new();
+    loop {
+        match tokio::time::timeout(BOUND, read.read(&mut buf))
+            .await
+            .expect("the connection ended in time")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                tail.extend_from_slice(&buf[..n]);
+                answers += tail.windows(12).filter(|w| w == b"HTTP/1.1 200").count();
+                let keep = tail.len().saturating_sub(11);
+                tail.drain(..keep);
+            }
+        }
+    }
+    assert!(answers < sent, "{answers} answers of {sent} requests");
+    assert_eq!(closed(), 1);
+    // Other clients are served as before.
+    let mut other = connect(&d).await;
+    healthz_on(&mut other).await;
     d.stop().await.unwrap();
 }

@@ -21,10 +21,19 @@ use tokio::net::{TcpSocket, TcpStream};
 /// The longest any step here may take before the test fails.
 const BOUND: Duration = Duration::from_secs(20);
 
-/// A daemon with `[events]` as given (and keep-alives every 100 ms).
+/// A daemon with `[events]` as given.
 async fn daemon(events: &str) -> TestDaemon {
+    daemon_with("", events).await
+}
+
+/// A daemon with `server` added to `[server]` and `[events]` as given.
+async fn daemon_with(server: &str, events: &str) -> TestDaemon {
     let d = TestDaemon::start_with(|text| {
-        text.replace("[sms_auth]", &format!("[events]\n{events}\n\n[sms_auth]"))
+        text.replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:0\"\n{server}"),
+        )
+        .replace("[sms_auth]", &format!("[events]\n{events}\n\n[sms_auth]"))
     })
     .await
     .unwrap();
@@ -64,6 +73,19 @@ fn ended_slow(d: &TestDaemon) -> u64 {
         .ended
         .get_or_create(&ReasonLabels {
             reason: "slow_consumer".into(),
+        })
+        .get()
+}
+
+/// Connections the daemon closed because their client read nothing for
+/// `server.send_timeout`.
+fn closed_for_not_reading(d: &TestDaemon) -> u64 {
+    d.daemon()
+        .state()
+        .metrics
+        .http_connections_closed
+        .get_or_create(&caremsgd::metrics::CloseLabels {
+            reason: "send_timeout".into(),
         })
         .get()
 }
@@ -321,6 +343,56 @@ async fn a_reader_that_stops_reading_gets_every_byte_in_order_then_its_end() {
         "{k} received, {direct} written directly"
     );
     eprintln!("{published} published, {direct} written directly, {k} received");
+    d.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_reader_that_never_reads_again_is_disconnected_after_the_send_timeout() {
+    let d = daemon_with("send_timeout = \"300ms\"", "buffer = 8\ncoalesce = \"0s\"").await;
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(d.daemon().local_addr()).await.unwrap();
+    let (head, rest) = open_on(&mut stream, "HTTP/1.1").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(d.daemon().state().events.open_streams(), 1);
+    // Direct writes fill the socket, then the stream is ended as a slow consumer; its
+    // `end` cannot be written either while the reader does not read.
+    let mut published = 0;
+    while ended_slow(&d) == 0 {
+        assert!(published < 200_000, "never ended as a slow consumer");
+        publish(&d, "u1", published, 1_000);
+        published += 1;
+        if published % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    // Without the send timeout the connection (one of `server.max_connections`) would
+    // stay until the reader reads again.
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while closed_for_not_reading(&d) == 0 || d.daemon().state().events.open_streams() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still open after {BOUND:?}: {} closed for not reading, {} streams open",
+            closed_for_not_reading(&d),
+            d.daemon().state().events.open_streams()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(closed_for_not_reading(&d), 1);
+    // What the socket held arrives, in order and in whole chunks, then the connection
+    // ends without the body's last chunk: the client learns it was cut off.
+    let mut chunked = Chunked::new(rest);
+    chunked.read_until(&mut stream, |_| false).await;
+    let numbers = chunked.numbers();
+    assert_eq!(numbers, (0..numbers.len()).collect::<Vec<_>>());
+    assert!(!chunked.finished, "a body cut off is not finished");
+    // The cap is free again: the same user opens a new stream.
+    let (mut again, rest) = open(&d).await;
+    let mut chunked = Chunked::new(rest);
+    publish(&d, "u1", 0, 10);
+    chunked
+        .read_until(&mut again, |c| !c.numbers().is_empty())
+        .await;
     d.stop().await.unwrap();
 }
 
