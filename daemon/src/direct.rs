@@ -585,4 +585,31 @@ pub(crate) mod tests {
         let two = chunk(&[Bytes::from_static(b"ab"), Bytes::from_static(b"c")], 3);
         assert_eq!(&two[..], b"3\r\nabc\r\n");
     }
+
+    #[tokio::test]
+    async fn a_connection_reset_by_its_client_disarms_the_stream() {
+        let (mut io, client) = socket_pair().await;
+        let wakes = Arc::new(Wakes::default());
+        let direct = quiet(&mut io, &wakes);
+        // The client goes away with a reset (a crashed app, a killed proxy).
+        let client = TcpStream::from_std(client).unwrap();
+        client.set_zero_linger().unwrap();
+        drop(client);
+        let e = event(3);
+        let now = Instant::now();
+        // The write fails (a reset, or a broken pipe): the events go to the stream's
+        // channel, where its task and hyper meet the error and end the connection.
+        assert_eq!(
+            direct.try_write(|| true, std::iter::once(&e), now),
+            Wrote::NotQuiet
+        );
+        // Disarmed: no further write is tried, and nothing waits to be written.
+        assert_eq!(
+            direct.try_write(|| true, std::iter::once(&e), now + Duration::from_secs(1)),
+            Wrote::NotQuiet
+        );
+        assert!(direct.lock().backlog.is_empty());
+        assert!(direct.lock().stream.is_none() && direct.lock().sock.is_none());
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+    }
 }
