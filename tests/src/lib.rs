@@ -213,6 +213,32 @@ impl TestDaemon {
         self.running.as_ref().expect("the daemon is running")
     }
 
+    /// Client connections the daemon closed for `reason`
+    /// (`caremsg_http_connections_closed_total`).
+    pub fn connections_closed(&self, reason: &str) -> u64 {
+        self.daemon()
+            .state()
+            .metrics
+            .http_connections_closed
+            .get_or_create(&caremsgd::metrics::CloseLabels {
+                reason: reason.to_owned(),
+            })
+            .get()
+    }
+
+    /// A connection to the daemon with a 4 KiB receive buffer: a client that does not
+    /// read soon fills the daemon's side.
+    pub async fn connect_with_small_window(&self) -> tokio::net::TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket
+            .set_recv_buffer_size(4096)
+            .expect("a small receive buffer");
+        socket
+            .connect(self.daemon().local_addr())
+            .await
+            .expect("connected")
+    }
+
     /// Stops the daemon and drops a PostgreSQL test database.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(running) = self.running.take() {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use caremsg_tests::{STAFF_TOKEN, TestDaemon};
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// The longest any step here may take before the test fails.
 const BOUND: Duration = Duration::from_secs(10);
@@ -231,22 +231,10 @@ async fn past_the_cap_idle_connections_make_room_and_busy_ones_make_new_ones_wai
 #[tokio::test]
 async fn a_client_that_never_reads_its_answers_is_disconnected_after_the_send_timeout() {
     let d = daemon_sending("60s", "60s", "300ms", 64).await;
-    let closed = || {
-        d.daemon()
-            .state()
-            .metrics
-            .http_connections_closed
-            .get_or_create(&caremsgd::metrics::CloseLabels {
-                reason: "send_timeout".into(),
-            })
-            .get()
-    };
+    let closed = || d.connections_closed("send_timeout");
     // A small receive window, and requests pipelined without reading an answer: the
     // answers fill the daemon's socket and its writes stall.
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(d.daemon().local_addr()).await.unwrap();
-    let (mut read, mut write) = stream.into_split();
+    let (mut read, mut write) = d.connect_with_small_window().await.into_split();
     let writer = tokio::spawn(async move {
         let requests = b"GET /healthz HTTP/1.1\r\nHost: caremsg\r\n\r\n".repeat(100);
         let mut sent = 0;

@@ -16,7 +16,7 @@ use caremsg_entities::{NotificationKind, notification};
 use caremsg_tests::{STAFF_TOKEN, TestDaemon};
 use caremsgd::events::{AccessChange, ReasonLabels};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// The longest any step here may take before the test fails.
 const BOUND: Duration = Duration::from_secs(20);
@@ -80,14 +80,23 @@ fn ended_slow(d: &TestDaemon) -> u64 {
 /// Connections the daemon closed because their client read nothing for
 /// `server.send_timeout`.
 fn closed_for_not_reading(d: &TestDaemon) -> u64 {
-    d.daemon()
-        .state()
-        .metrics
-        .http_connections_closed
-        .get_or_create(&caremsgd::metrics::CloseLabels {
-            reason: "send_timeout".into(),
-        })
-        .get()
+    d.connections_closed("send_timeout")
+}
+
+/// Publishes to `u1` without reading until its stream is ended as a slow consumer:
+/// direct writes fill the socket, the last one in part, then hyper's buffer, then the
+/// channel. Returns the events published.
+async fn publish_until_ended_slow(d: &TestDaemon) -> usize {
+    let mut published = 0;
+    while ended_slow(d) == 0 {
+        assert!(published < 200_000, "never ended as a slow consumer");
+        publish(d, "u1", published, 1_000);
+        published += 1;
+        if published % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    published
 }
 
 fn written_directly(d: &TestDaemon) -> u64 {
@@ -314,24 +323,11 @@ async fn a_quiet_stream_gets_each_event_from_its_publisher_in_whole_chunks() {
 async fn a_reader_that_stops_reading_gets_every_byte_in_order_then_its_end() {
     let d = daemon("buffer = 8\ncoalesce = \"0s\"").await;
     // A small receive window, so that the daemon's socket fills soon.
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(d.daemon().local_addr()).await.unwrap();
+    let mut stream = d.connect_with_small_window().await;
     let (head, rest) = open_on(&mut stream, "HTTP/1.1").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let before = written_directly(&d);
-    // Publish without reading until the stream is ended as a slow consumer: direct
-    // writes fill the socket, the last one in part, then hyper's buffer, then the
-    // channel.
-    let mut published = 0;
-    while ended_slow(&d) == 0 {
-        assert!(published < 200_000, "never ended as a slow consumer");
-        publish(&d, "u1", published, 1_000);
-        published += 1;
-        if published % 64 == 0 {
-            tokio::task::yield_now().await;
-        }
-    }
+    let published = publish_until_ended_slow(&d).await;
     let direct = written_directly(&d) - before;
     assert!(direct >= 1, "no event was written directly");
     // Now read it all: whole chunks, the events a prefix in order, then the end.
@@ -349,23 +345,13 @@ async fn a_reader_that_stops_reading_gets_every_byte_in_order_then_its_end() {
 #[tokio::test]
 async fn a_reader_that_never_reads_again_is_disconnected_after_the_send_timeout() {
     let d = daemon_with("send_timeout = \"300ms\"", "buffer = 8\ncoalesce = \"0s\"").await;
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(d.daemon().local_addr()).await.unwrap();
+    let mut stream = d.connect_with_small_window().await;
     let (head, rest) = open_on(&mut stream, "HTTP/1.1").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(d.daemon().state().events.open_streams(), 1);
-    // Direct writes fill the socket, then the stream is ended as a slow consumer; its
-    // `end` cannot be written either while the reader does not read.
-    let mut published = 0;
-    while ended_slow(&d) == 0 {
-        assert!(published < 200_000, "never ended as a slow consumer");
-        publish(&d, "u1", published, 1_000);
-        published += 1;
-        if published % 64 == 0 {
-            tokio::task::yield_now().await;
-        }
-    }
+    // The stream is ended as a slow consumer; its `end` cannot be written either while
+    // the reader does not read.
+    publish_until_ended_slow(&d).await;
     // Without the send timeout the connection (one of `server.max_connections`) would
     // stay until the reader reads again.
     let deadline = tokio::time::Instant::now() + BOUND;
