@@ -151,7 +151,7 @@ impl Direct {
         let mut state = self.lock();
         ready!(state.poll_backlog(io.as_mut(), cx))?;
         if state.stream.is_some() && state.sock.is_none() {
-            match io.as_fd().try_clone_to_owned() {
+            match duplicate(io.as_fd()) {
                 Ok(fd) => state.sock = Some(std::net::TcpStream::from(fd)),
                 // Out of descriptors, say: this stream keeps the task path.
                 Err(error) => {
@@ -300,6 +300,26 @@ impl State {
         }
         Poll::Ready(Ok(()))
     }
+}
+
+/// A second descriptor of the stream's socket, for the hub.
+#[cfg(not(test))]
+fn duplicate(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<std::os::fd::OwnedFd> {
+    fd.try_clone_to_owned()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: duplicating fails as it does when the process is out of descriptors.
+    static OUT_OF_DESCRIPTORS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cfg(test)]
+fn duplicate(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<std::os::fd::OwnedFd> {
+    if OUT_OF_DESCRIPTORS.get() {
+        return Err(std::io::Error::from_raw_os_error(24)); // EMFILE
+    }
+    fd.try_clone_to_owned()
 }
 
 /// `wires` (`len` bytes in all) as one HTTP/1.1 chunk: size in hex, CRLF, the bytes,
@@ -611,5 +631,29 @@ pub(crate) mod tests {
         assert!(direct.lock().backlog.is_empty());
         assert!(direct.lock().stream.is_none() && direct.lock().sock.is_none());
         assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_socket_cannot_be_duplicated_keeps_the_task_path() {
+        let (mut io, mut client) = socket_pair().await;
+        let wakes = Arc::new(Wakes::default());
+        let direct = Direct::default();
+        direct.arm(ARMED, Instant::now() - Duration::from_secs(1));
+        direct.parked(true, &Waker::from(wakes.clone()));
+        // Out of descriptors at hyper's first flush after arming.
+        OUT_OF_DESCRIPTORS.set(true);
+        let flushed = hyper_flushes(&direct, &mut io);
+        OUT_OF_DESCRIPTORS.set(false);
+        // hyper's flush itself succeeds: the connection goes on, on the task path.
+        assert!(matches!(flushed, Poll::Ready(Ok(()))));
+        let e = event(3);
+        assert_eq!(
+            direct.try_write(|| true, std::iter::once(&e), Instant::now()),
+            Wrote::NotQuiet
+        );
+        // Disarmed for good: a later flush does not duplicate and arm it again.
+        assert!(hyper_flushes(&direct, &mut io).is_ready());
+        assert!(direct.lock().stream.is_none() && direct.lock().sock.is_none());
+        assert!(read_now(&mut client).is_empty(), "nothing written directly");
     }
 }
