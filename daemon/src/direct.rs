@@ -229,7 +229,7 @@ impl Direct {
         now: Instant,
     ) -> Wrote {
         let mut state = self.lock();
-        let (Some(armed), Some(_)) = (state.stream, &state.sock) else {
+        let (Some(armed), Some(sock)) = (state.stream, &state.sock) else {
             return Wrote::NotQuiet;
         };
         let in_spell = state
@@ -251,11 +251,7 @@ impl Direct {
             return Wrote::NotQuiet;
         }
         let chunk = chunk(&wires, len);
-        let result = match &state.sock {
-            Some(sock) => (&*sock).write(&chunk),
-            None => return Wrote::NotQuiet,
-        };
-        let written = match result {
+        let written = match (&*sock).write(&chunk) {
             Ok(n) => n,
             Err(e)
                 if matches!(
@@ -303,20 +299,9 @@ impl State {
 }
 
 /// A second descriptor of the stream's socket, for the hub.
-#[cfg(not(test))]
 fn duplicate(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<std::os::fd::OwnedFd> {
-    fd.try_clone_to_owned()
-}
-
-#[cfg(test)]
-thread_local! {
-    /// Tests: duplicating fails as it does when the process is out of descriptors.
-    static OUT_OF_DESCRIPTORS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-#[cfg(test)]
-fn duplicate(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<std::os::fd::OwnedFd> {
-    if OUT_OF_DESCRIPTORS.get() {
+    #[cfg(test)]
+    if tests::OUT_OF_DESCRIPTORS.get() {
         return Err(std::io::Error::from_raw_os_error(24)); // EMFILE
     }
     fd.try_clone_to_owned()
@@ -364,6 +349,12 @@ pub(crate) mod tests {
     use std::task::Wake;
 
     use super::*;
+
+    thread_local! {
+        /// Duplicating a socket fails, as when the process is out of descriptors.
+        pub(super) static OUT_OF_DESCRIPTORS: std::cell::Cell<bool> =
+            const { std::cell::Cell::new(false) };
+    }
 
     /// A connected pair of loopback sockets: the daemon's side (as hyper's IO has it)
     /// and a client's, which reads without blocking.

@@ -499,20 +499,18 @@ impl Events {
 
     /// Publishes a notification to its user's streams (no audience to compute).
     pub fn notify(&self, user_id: String, notification: Arc<notification::Model>) {
+        // Not held while they are delivered (a delivery may be a write).
+        let subs: Vec<Arc<Sub>> = lock(&self.inner.streams)
+            .staff
+            .get(&user_id)
+            .cloned()
+            .unwrap_or_default();
         let event = Event::Notification {
             user_id,
             notification,
         };
         let _ = self.inner.wake.send(event.clone());
         let event = Published::new(event);
-        let subs: Vec<Arc<Sub>> = match &event.event {
-            Event::Notification { user_id, .. } => lock(&self.inner.streams)
-                .staff
-                .get(user_id)
-                .cloned()
-                .unwrap_or_default(),
-            _ => Vec::new(),
-        };
         let now = tokio::time::Instant::now();
         for sub in &subs {
             self.deliver(sub, std::iter::once(&event), now);

@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -91,10 +91,10 @@ struct Conn {
     phase: AtomicU8,
     requests: AtomicUsize,
     since: Mutex<Instant>,
-    // Since when no byte could be written (the client not reading); the flag spares
-    // every write that goes out the lock.
-    stalled: AtomicBool,
-    stalled_since: Mutex<Option<Instant>>,
+    // When the connection was opened, and since when (nanoseconds after that, plus
+    // one; 0: not stalled) no byte could be written, the client not reading.
+    opened: Instant,
+    stalled: AtomicU64,
     changed: Notify,
     evict: CancellationToken,
 }
@@ -105,8 +105,8 @@ impl Conn {
             phase: AtomicU8::new(Phase::Idle as u8),
             requests: AtomicUsize::new(0),
             since: Mutex::new(Instant::now()),
-            stalled: AtomicBool::new(false),
-            stalled_since: Mutex::new(None),
+            opened: Instant::now(),
+            stalled: AtomicU64::new(0),
             changed: Notify::new(),
             evict: CancellationToken::new(),
         }
@@ -169,40 +169,36 @@ impl Conn {
             )),
             Phase::Busy => None,
         };
-        let stalled = self
-            .stalled_since()
-            .map(|since| (since + server.send_timeout, Closed::Send));
-        match (phase, stalled) {
-            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
-            (a, b) => a.or(b),
-        }
+        let stalled = match self.stalled.load(Ordering::Acquire) {
+            0 => None,
+            at => Some((
+                self.opened + Duration::from_nanos(at - 1) + server.send_timeout,
+                Closed::Send,
+            )),
+        };
+        [phase, stalled]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(at, _)| *at)
     }
 
-    fn stalled_since(&self) -> Option<Instant> {
-        if !self.stalled.load(Ordering::Acquire) {
-            return None;
-        }
-        *self.stalled_since.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// After each write (or flush, or shutdown) of the connection: `Pending` means the
-    /// socket is full, the client not reading; anything else, that it moves.
-    fn wrote<T>(&self, poll: &Poll<T>) {
-        match poll {
-            Poll::Pending => {
-                if !self.stalled.load(Ordering::Acquire) {
-                    *self.stalled_since.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(Instant::now());
-                    self.stalled.store(true, Ordering::Release);
-                    self.changed.notify_one();
-                }
+    /// Passes on the outcome of a write (or flush, or shutdown) of the connection,
+    /// noting it: `Pending` means the socket is full, the client not reading; anything
+    /// else, that it moves. Only the connection's own task writes, so the load and
+    /// the store below do not race.
+    fn wrote<T>(&self, poll: Poll<T>) -> Poll<T> {
+        let stalled = self.stalled.load(Ordering::Acquire);
+        match (&poll, stalled) {
+            (Poll::Pending, 0) => {
+                let at = Instant::now().saturating_duration_since(self.opened);
+                let at = u64::try_from(at.as_nanos()).unwrap_or(u64::MAX - 1);
+                self.stalled.store(at + 1, Ordering::Release);
+                self.changed.notify_one();
             }
-            Poll::Ready(_) => {
-                if self.stalled.load(Ordering::Acquire) {
-                    self.stalled.store(false, Ordering::Release);
-                }
-            }
+            (Poll::Ready(_), 1..) => self.stalled.store(0, Ordering::Release),
+            _ => {}
         }
+        poll
     }
 }
 
@@ -245,19 +241,34 @@ impl AsyncRead for Watched {
 }
 
 impl Watched {
-    /// One write of hyper's: what a direct write left goes first.
+    /// One write of hyper's: what a direct write left goes first. Each write and flush
+    /// is noted by the connection ([`Conn::wrote`]).
     fn write_with<T>(
         &mut self,
         cx: &mut Context<'_>,
         write: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<std::io::Result<T>>,
     ) -> Poll<std::io::Result<T>> {
-        if self.direct.engaged() {
-            ready!(
-                self.direct
-                    .poll_before_write(Pin::new(&mut self.stream), cx)
-            )?;
-        }
-        write(Pin::new(&mut self.stream), cx)
+        let poll = (|| {
+            if self.direct.engaged() {
+                ready!(
+                    self.direct
+                        .poll_before_write(Pin::new(&mut self.stream), cx)
+                )?;
+            }
+            write(Pin::new(&mut self.stream), cx)
+        })();
+        self.conn.wrote(poll)
+    }
+
+    /// hyper flushes (its buffer is empty): what a direct write left goes out.
+    fn flush(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = (|| {
+            if self.direct.engaged() {
+                ready!(self.direct.poll_flushed(Pin::new(&mut self.stream), cx))?;
+            }
+            Pin::new(&mut self.stream).poll_flush(cx)
+        })();
+        self.conn.wrote(poll)
     }
 }
 
@@ -267,33 +278,18 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let poll = this.write_with(cx, |stream, cx| stream.poll_write(cx, buf));
-        this.conn.wrote(&poll);
-        poll
+        self.get_mut()
+            .write_with(cx, |stream, cx| stream.poll_write(cx, buf))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
         // hyper flushes its IO only when its own buffer is empty.
-        let poll = if this.direct.engaged() {
-            this.direct.poll_flushed(Pin::new(&mut this.stream), cx)
-        } else {
-            Poll::Ready(Ok(()))
-        };
-        let poll = match poll {
-            Poll::Ready(Ok(())) => Pin::new(&mut this.stream).poll_flush(cx),
-            other => other,
-        };
-        this.conn.wrote(&poll);
-        poll
+        self.get_mut().flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let poll = this.write_with(cx, |stream, cx| stream.poll_shutdown(cx));
-        this.conn.wrote(&poll);
-        poll
+        self.get_mut()
+            .write_with(cx, |stream, cx| stream.poll_shutdown(cx))
     }
 
     fn poll_write_vectored(
@@ -301,10 +297,8 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let poll = this.write_with(cx, |stream, cx| stream.poll_write_vectored(cx, bufs));
-        this.conn.wrote(&poll);
-        poll
+        self.get_mut()
+            .write_with(cx, |stream, cx| stream.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -547,23 +541,23 @@ mod tests {
         conn.request_started();
         assert_eq!(conn.deadline(&settings), None, "a request in progress");
         // A write that went out: still none.
-        conn.wrote(&Poll::Ready(()));
+        let _ = conn.wrote(Poll::Ready(()));
         assert_eq!(conn.deadline(&settings), None);
         // The socket is full: the send timeout counts from the first refused write.
         let stalled = Instant::now();
-        conn.wrote(&Poll::<()>::Pending);
+        let _ = conn.wrote(Poll::<()>::Pending);
         tokio::time::advance(Duration::from_secs(10)).await;
-        conn.wrote(&Poll::<()>::Pending);
+        let _ = conn.wrote(Poll::<()>::Pending);
         assert_eq!(
             conn.deadline(&settings),
             Some((stalled + Duration::from_secs(30), Closed::Send))
         );
         // A byte goes out: the count starts again at the next stall.
-        conn.wrote(&Poll::Ready(()));
+        let _ = conn.wrote(Poll::Ready(()));
         assert_eq!(conn.deadline(&settings), None);
         tokio::time::advance(Duration::from_secs(5)).await;
         let again = Instant::now();
-        conn.wrote(&Poll::<()>::Pending);
+        let _ = conn.wrote(Poll::<()>::Pending);
         assert_eq!(
             conn.deadline(&settings),
             Some((again + Duration::from_secs(30), Closed::Send))
@@ -575,7 +569,7 @@ mod tests {
         let conn = Conn::new();
         let idle_since = Instant::now();
         // Its last response's bytes do not go out.
-        conn.wrote(&Poll::<()>::Pending);
+        let _ = conn.wrote(Poll::<()>::Pending);
         assert_eq!(
             conn.deadline(&settings(60, 30)),
             Some((idle_since + Duration::from_secs(30), Closed::Send))

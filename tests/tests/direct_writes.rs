@@ -274,6 +274,21 @@ impl Chunked {
     }
 }
 
+/// Publishes notifications `0..count` to `u1` one at a time, each once the one
+/// before was read, and asserts that they all arrived in order.
+async fn publish_and_read_each(
+    d: &TestDaemon,
+    stream: &mut TcpStream,
+    chunked: &mut Chunked,
+    count: usize,
+) {
+    for n in 0..count {
+        publish(d, "u1", n, 10);
+        chunked.read_until(stream, |c| c.numbers().len() > n).await;
+    }
+    assert_eq!(chunked.numbers(), (0..count).collect::<Vec<_>>());
+}
+
 /// Asserts that `chunked` holds notifications `0..k` for some k, in order, then one
 /// `end` event with `reason`, and that the body then ended.
 fn assert_prefix_then_end(chunked: &Chunked, reason: &str) -> usize {
@@ -299,13 +314,7 @@ async fn a_quiet_stream_gets_each_event_from_its_publisher_in_whole_chunks() {
     let (mut stream, rest) = open(&d).await;
     let mut chunked = Chunked::new(rest);
     let before = written_directly(&d);
-    for n in 0..50 {
-        publish(&d, "u1", n, 10);
-        chunked
-            .read_until(&mut stream, |c| c.numbers().len() > n)
-            .await;
-    }
-    assert_eq!(chunked.numbers(), (0..50).collect::<Vec<_>>());
+    publish_and_read_each(&d, &mut stream, &mut chunked, 50).await;
     let direct = written_directly(&d) - before;
     // Each event is published once the last one was read: the stream is quiet
     // unless its task and hyper are still finishing their last write.
@@ -406,13 +415,7 @@ async fn with_direct_writes_off_every_event_takes_the_streams_task() {
     let d = daemon("coalesce = \"0s\"\ndirect_writes = false").await;
     let (mut stream, rest) = open(&d).await;
     let mut chunked = Chunked::new(rest);
-    for n in 0..10 {
-        publish(&d, "u1", n, 10);
-        chunked
-            .read_until(&mut stream, |c| c.numbers().len() > n)
-            .await;
-    }
-    assert_eq!(chunked.numbers(), (0..10).collect::<Vec<_>>());
+    publish_and_read_each(&d, &mut stream, &mut chunked, 10).await;
     assert_eq!(written_directly(&d), 0);
     d.stop().await.unwrap();
 }
